@@ -1,0 +1,175 @@
+//! The symbolized profile model: what every exporter reads.
+//!
+//! A [`Profile`] is one recording window of one kind of value (on-CPU
+//! samples, off-CPU nanoseconds, ...). Frames are interned in a table so
+//! stacks are short index lists; the exporters (folded, pprof, SVG, OTLP)
+//! each turn this into their own format and never look at BPF or
+//! symbolization internals.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+/// What a frame is, which decides how exporters mark it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FrameKind {
+    /// A user-space function (the outermost of an inline chain, or not inlined).
+    User,
+    /// A function inlined into the next frame out; folded output marks it `_[i]`.
+    Inlined,
+    /// A kernel function; folded output marks it `_[k]`.
+    Kernel,
+}
+
+/// The binary (or kernel) a frame's address belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Module {
+    /// Path of the file as mapped (`/usr/lib/x86_64-linux-gnu/libc.so.6`), or `[kernel.kallsyms]`.
+    pub path: String,
+    /// GNU build id as lowercase hex, when the ELF has one.
+    pub build_id: Option<String>,
+}
+
+/// One symbolized frame.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Frame {
+    /// Function name, demangled. For unsymbolized frames this is
+    /// `module+0xOFFSET`, or `[unknown]` when even the mapping is unknown.
+    pub function: String,
+    /// Source file, when debug info had it.
+    pub file: Option<String>,
+    /// Source line, when debug info had it.
+    pub line: Option<u32>,
+    /// Index into [`Profile::modules`], when the mapping is known.
+    pub module: Option<usize>,
+    /// Address relative to the module (file offset for user code, kernel
+    /// address for the kernel); 0 when unknown.
+    pub address: u64,
+    pub kind: FrameKind,
+    /// No symbol was found for this address.
+    pub unsymbolized: bool,
+}
+
+/// One unique stack of one thread, with its aggregated value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// Process id.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Process name: comm of the thread-group leader.
+    pub process_name: String,
+    /// Thread name (comm of the thread).
+    pub thread_name: String,
+    /// Indices into [`Profile::frames`], innermost (leaf) first.
+    pub frames: Vec<usize>,
+    /// Number of samples (on-CPU) or nanoseconds (off-CPU), per [`Profile::value_type`].
+    pub value: u64,
+}
+
+/// A (type, unit) pair as pprof and OTLP name them, e.g. `samples`/`count`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValueType {
+    pub kind: String,
+    pub unit: String,
+}
+
+impl ValueType {
+    pub fn new(kind: &str, unit: &str) -> Self {
+        Self { kind: kind.to_owned(), unit: unit.to_owned() }
+    }
+}
+
+/// A symbolized profile for one window.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    /// What [`Sample::value`] counts.
+    pub value_type: ValueType,
+    /// For sampled profiles, what one sample stands for (`cpu`/`nanoseconds`)
+    /// and how much (`period`, 1e9/Hz). `None` for exactly measured values.
+    pub period_type: Option<ValueType>,
+    pub period: u64,
+    /// Start of the window.
+    pub start: SystemTime,
+    /// Length of the window in nanoseconds.
+    pub duration_ns: u64,
+    pub modules: Vec<Module>,
+    pub frames: Vec<Frame>,
+    pub samples: Vec<Sample>,
+}
+
+impl Profile {
+    /// An empty profile of the given value type.
+    pub fn new(value_type: ValueType, period_type: Option<ValueType>, period: u64, start: SystemTime) -> Self {
+        Self {
+            value_type,
+            period_type,
+            period,
+            start,
+            duration_ns: 0,
+            modules: Vec::new(),
+            frames: Vec::new(),
+            samples: Vec::new(),
+        }
+    }
+
+    /// Sum of all sample values.
+    pub fn total(&self) -> u64 {
+        self.samples.iter().map(|s| s.value).sum()
+    }
+}
+
+/// Interns modules and frames while a profile is being built.
+#[derive(Default)]
+pub struct ProfileBuilder {
+    modules: HashMap<Module, usize>,
+    frames: HashMap<Frame, usize>,
+}
+
+impl ProfileBuilder {
+    /// The index of `module` in `profile.modules`, adding it if new.
+    pub fn module(&mut self, profile: &mut Profile, module: Module) -> usize {
+        *self.modules.entry(module.clone()).or_insert_with(|| {
+            profile.modules.push(module);
+            profile.modules.len() - 1
+        })
+    }
+
+    /// The index of `frame` in `profile.frames`, adding it if new.
+    pub fn frame(&mut self, profile: &mut Profile, frame: Frame) -> usize {
+        *self.frames.entry(frame.clone()).or_insert_with(|| {
+            profile.frames.push(frame);
+            profile.frames.len() - 1
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(name: &str) -> Frame {
+        Frame {
+            function: name.into(),
+            file: None,
+            line: None,
+            module: None,
+            address: 0,
+            kind: FrameKind::User,
+            unsymbolized: false,
+        }
+    }
+
+    #[test]
+    fn builder_interns_frames_and_modules_once() {
+        let mut p = Profile::new(ValueType::new("samples", "count"), None, 0, SystemTime::UNIX_EPOCH);
+        let mut b = ProfileBuilder::default();
+        let a = b.frame(&mut p, frame("a"));
+        let c = b.frame(&mut p, frame("c"));
+        assert_eq!(b.frame(&mut p, frame("a")), a);
+        assert_ne!(a, c);
+        assert_eq!(p.frames.len(), 2);
+        let m = Module { path: "/bin/x".into(), build_id: None };
+        assert_eq!(b.module(&mut p, m.clone()), b.module(&mut p, m));
+        assert_eq!(p.modules.len(), 1);
+    }
+}

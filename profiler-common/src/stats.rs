@@ -1,0 +1,71 @@
+//! Indices of the per-CPU statistics array. Every early exit of a program
+//! increments one of these, so nothing is dropped silently.
+
+/// One counter in the `STATS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// perf event program invocations.
+    SampleEvents = 0,
+    /// Samples written to the ring buffer.
+    SamplesSent = 1,
+    /// Samples skipped because the process is not in the `--pid` set.
+    SamplesFiltered = 2,
+    /// Samples lost because the ring buffer was full (user space too slow).
+    RingBufferFull = 3,
+    /// `bpf_get_stack` failed for the kernel stack; the sample was kept without it.
+    KernelStackError = 4,
+    /// `bpf_get_stack` failed for the user stack; the sample was kept without it.
+    UserStackError = 5,
+    /// The user stack filled all `MAX_STACK_DEPTH` slots and may be truncated.
+    UserStackTruncated = 6,
+    /// The kernel stack filled all `MAX_STACK_DEPTH` slots and may be truncated.
+    KernelStackTruncated = 7,
+    /// Samples taken while the CPU ran the idle task (pid 0); not recorded.
+    SamplesIdle = 8,
+}
+
+/// Number of counters; the size of the `STATS` array.
+pub const STAT_COUNT: u32 = 9;
+
+impl Stat {
+    /// Every counter, in index order.
+    pub const ALL: [Stat; STAT_COUNT as usize] = [
+        Stat::SampleEvents,
+        Stat::SamplesSent,
+        Stat::SamplesFiltered,
+        Stat::RingBufferFull,
+        Stat::KernelStackError,
+        Stat::UserStackError,
+        Stat::UserStackTruncated,
+        Stat::KernelStackTruncated,
+        Stat::SamplesIdle,
+    ];
+
+    /// A stable snake_case name, used in summaries and metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::SampleEvents => "sample_events",
+            Stat::SamplesSent => "samples_sent",
+            Stat::SamplesFiltered => "filtered_by_pid",
+            Stat::RingBufferFull => "ring_buffer_full",
+            Stat::KernelStackError => "kernel_stack_error",
+            Stat::UserStackError => "user_stack_error",
+            Stat::UserStackTruncated => "user_stack_truncated",
+            Stat::KernelStackTruncated => "kernel_stack_truncated",
+            Stat::SamplesIdle => "idle",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_index_order() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*s as u32, i as u32);
+        }
+    }
+}

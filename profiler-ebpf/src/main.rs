@@ -1,0 +1,20 @@
+//! The profiler's kernel programs. One module per program family; shared
+//! maps live in `maps.rs`.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod oncpu;
+mod stack;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects programs that can reach a panic, so this is never
+    // executed; it only satisfies `no_std`.
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";
