@@ -1,5 +1,14 @@
 //! The profiler agent as a library: the binary in `main.rs` only parses the
 //! command line and hands over to [`app`].
+//!
+//! Data flows down the module list: [`bpf`] delivers raw samples,
+//! [`process`] knows the mappings they point into, [`aggregate`] counts
+//! unique stacks, [`symbolize`] turns them into a [`profile::Profile`], and
+//! [`export`] writes that out.
 
+pub mod aggregate;
+pub mod bpf;
 pub mod export;
+pub mod process;
 pub mod profile;
+pub mod symbolize;

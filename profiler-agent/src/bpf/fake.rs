@@ -1,0 +1,53 @@
+//! An in-memory [`SampleSource`] for tests: samples are queued by the test and
+//! handed out in batches, and the counters are whatever the test sets.
+
+use std::{collections::VecDeque, time::Duration};
+
+use profiler_common::{Sample, Stat};
+
+use super::{BpfError, KernelStats, SampleSource};
+
+/// A fake source that replays queued samples.
+#[derive(Default)]
+pub struct FakeSource {
+    pub queue: VecDeque<Sample>,
+    pub stats: KernelStats,
+    /// At most this many samples per `poll`; 0 means all.
+    pub batch: usize,
+}
+
+impl FakeSource {
+    /// Queues a sample and counts it as sent, as the kernel would.
+    pub fn push(&mut self, sample: Sample) {
+        self.stats.counts[Stat::SampleEvents as usize] += 1;
+        self.stats.counts[Stat::SamplesSent as usize] += 1;
+        self.queue.push_back(sample);
+    }
+}
+
+impl SampleSource for FakeSource {
+    fn poll(&mut self, out: &mut Vec<Sample>, _timeout: Duration) -> Result<usize, BpfError> {
+        let n = if self.batch == 0 { self.queue.len() } else { self.batch.min(self.queue.len()) };
+        out.extend(self.queue.drain(..n));
+        Ok(n)
+    }
+
+    fn stats(&self) -> Result<KernelStats, BpfError> {
+        Ok(self.stats)
+    }
+}
+
+/// Builds a [`Sample`] from stacks given innermost first.
+pub fn sample(tgid: u32, tid: u32, comm: &str, kernel: &[u64], user: &[u64]) -> Sample {
+    // SAFETY: Sample is plain old data; all-zero is a valid value.
+    let mut s: Sample = unsafe { std::mem::zeroed() };
+    s.tgid = tgid;
+    s.tid = tid;
+    let n = comm.len().min(s.comm.len());
+    s.comm[..n].copy_from_slice(&comm.as_bytes()[..n]);
+    s.kernel[..kernel.len()].copy_from_slice(kernel);
+    s.kernel_len = kernel.len() as u32;
+    s.user[..user.len()].copy_from_slice(user);
+    s.user_len = user.len() as u32;
+    s
+}

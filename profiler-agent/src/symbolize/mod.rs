@@ -1,0 +1,241 @@
+//! Aggregated address-level stacks -> the symbolized [`Profile`].
+//!
+//! User addresses are translated to (file, file offset) through the mappings
+//! captured on first sight of each process, looked up in a bounded cache, and
+//! the misses of each file resolved in one batch. Kernel addresses are looked
+//! up in kallsyms. What cannot be resolved is named `module+0xOFFSET`, or
+//! `[unknown]` without even a mapping, and counted.
+
+pub mod cache;
+pub mod elf;
+pub mod kallsyms;
+
+use std::{collections::HashMap, num::NonZeroUsize, sync::Arc};
+
+use crate::{
+    aggregate::Aggregate,
+    process::{ModuleInfo, ProcessTable},
+    profile::{Frame, FrameKind, Module, Profile, ProfileBuilder, Sample},
+};
+use cache::{CacheStats, Resolved, SymbolCache};
+use elf::FileResolver;
+use kallsyms::KernelSymbols;
+
+/// Frame counters across the agent's life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SymbolizeStats {
+    /// Frames emitted (after inline expansion).
+    pub frames: u64,
+    /// Frames with no symbol (named `module+0x..` or `[unknown]`).
+    pub unsymbolized: u64,
+    /// Of those, frames without even a known mapping.
+    pub unknown_mapping: u64,
+}
+
+/// Turns aggregates into profiles.
+pub struct Symbolizer<R: FileResolver> {
+    resolver: R,
+    cache: SymbolCache,
+    kernel: KernelSymbols,
+    stats: SymbolizeStats,
+}
+
+/// Where a user address points once translated.
+enum Target {
+    File { module: Arc<ModuleInfo>, offset: u64 },
+    /// An executable mapping with no file behind it (`[vdso]`, JIT code).
+    Anon { name: String, offset: u64 },
+    Unknown,
+}
+
+impl<R: FileResolver> Symbolizer<R> {
+    /// `cache_capacity` bounds the number of cached addresses.
+    pub fn new(resolver: R, kernel: KernelSymbols, cache_capacity: NonZeroUsize) -> Self {
+        Self { resolver, cache: SymbolCache::new(cache_capacity), kernel, stats: SymbolizeStats::default() }
+    }
+
+    pub fn stats(&self) -> SymbolizeStats {
+        self.stats
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    pub fn resolver(&self) -> &R {
+        &self.resolver
+    }
+
+    /// Adds every stack of `agg` to `profile`, symbolized.
+    pub fn symbolize(&mut self, agg: &Aggregate, procs: &mut ProcessTable, profile: &mut Profile) {
+        // Pass 1: translate every user address; collect cache misses per file.
+        let mut targets: HashMap<(u32, u64), Target> = HashMap::new();
+        let mut refreshed: Vec<u32> = Vec::new();
+        for key in agg.stacks.keys() {
+            for (i, &addr) in key.user.iter().enumerate() {
+                let lookup = lookup_addr(i, addr);
+                if targets.contains_key(&(key.pid, lookup)) {
+                    continue;
+                }
+                let target = self.translate(procs, &mut refreshed, key.pid, &key.thread_name(), lookup);
+                targets.insert((key.pid, lookup), target);
+            }
+        }
+        let resolved = self.resolve_all(&targets);
+
+        // Pass 2: build the samples.
+        let mut b = ProfileBuilder::default();
+        let kernel_module = b.module(profile, Module { path: "[kernel.kallsyms]".into(), build_id: None });
+        for (key, &value) in &agg.stacks {
+            let process = procs.observe(key.pid, &key.thread_name());
+            let mut frames = Vec::with_capacity(key.kernel.len() + key.user.len());
+            for (i, &addr) in key.kernel.iter().enumerate() {
+                let frame = self.kernel_frame(lookup_addr(i, addr), kernel_module);
+                frames.push(b.frame(profile, frame));
+            }
+            for (i, &addr) in key.user.iter().enumerate() {
+                let lookup = lookup_addr(i, addr);
+                for frame in self.user_frames(&targets[&(key.pid, lookup)], &resolved, &mut b, profile) {
+                    frames.push(b.frame(profile, frame));
+                }
+            }
+            profile.samples.push(Sample {
+                pid: key.pid,
+                tid: key.tid,
+                process_name: process.name.clone(),
+                thread_name: key.thread_name(),
+                frames,
+                value,
+            });
+        }
+    }
+
+    fn translate(&mut self, procs: &mut ProcessTable, refreshed: &mut Vec<u32>, pid: u32, name: &str, addr: u64) -> Target {
+        let mut process = procs.observe(pid, name);
+        if process.mapping(addr).is_none() && !refreshed.contains(&pid) {
+            // Mapped after first sight (dlopen) or the process exec'd: re-read
+            // once per pass; a dead process keeps what we had.
+            refreshed.push(pid);
+            if let Some(p) = procs.refresh(pid) {
+                process = p;
+            }
+        }
+        match process.mapping(addr) {
+            Some(m) => {
+                let offset = m.entry.file_offset(addr);
+                match &m.module {
+                    Some(module) => Target::File { module: module.clone(), offset },
+                    None => Target::Anon { name: m.entry.path.clone(), offset: addr - m.entry.start },
+                }
+            }
+            None => Target::Unknown,
+        }
+    }
+
+    /// Resolves every file target through the cache, batching misses per file.
+    fn resolve_all(&mut self, targets: &HashMap<(u32, u64), Target>) -> HashMap<(*const ModuleInfo, u64), Resolved> {
+        let mut out = HashMap::new();
+        let mut misses: HashMap<*const ModuleInfo, (Arc<ModuleInfo>, Vec<u64>)> = HashMap::new();
+        for t in targets.values() {
+            let Target::File { module, offset } = t else { continue };
+            let id = (Arc::as_ptr(module), *offset);
+            if out.contains_key(&id) || misses.get(&id.0).is_some_and(|(_, v)| v.contains(offset)) {
+                continue;
+            }
+            match self.cache.get(&module.key, *offset) {
+                Some(r) => {
+                    out.insert(id, r);
+                }
+                None => misses.entry(id.0).or_insert_with(|| (module.clone(), Vec::new())).1.push(*offset),
+            }
+        }
+        for (ptr, (module, offsets)) in misses {
+            let results = match &module.open_path {
+                Some(path) => self.resolver.resolve(path, &offsets),
+                None => offsets.iter().map(|_| Resolved::from(Vec::new())).collect(),
+            };
+            for (offset, r) in offsets.into_iter().zip(results) {
+                self.cache.insert(module.key.clone(), offset, r.clone());
+                out.insert((ptr, offset), r);
+            }
+        }
+        out
+    }
+
+    fn kernel_frame(&mut self, addr: u64, module: usize) -> Frame {
+        self.stats.frames += 1;
+        let (function, unsymbolized) = match self.kernel.lookup(addr) {
+            Some(name) => (name.to_owned(), false),
+            None => {
+                self.stats.unsymbolized += 1;
+                (format!("[kernel.kallsyms]+0x{addr:x}"), true)
+            }
+        };
+        Frame { function, file: None, line: None, module: Some(module), address: addr, kind: FrameKind::Kernel, unsymbolized }
+    }
+
+    fn user_frames(
+        &mut self,
+        target: &Target,
+        resolved: &HashMap<(*const ModuleInfo, u64), Resolved>,
+        b: &mut ProfileBuilder,
+        profile: &mut Profile,
+    ) -> Vec<Frame> {
+        let unknown = |function: String, module, address| Frame {
+            function,
+            file: None,
+            line: None,
+            module,
+            address,
+            kind: FrameKind::User,
+            unsymbolized: true,
+        };
+        let frames = match target {
+            Target::File { module, offset } => {
+                let m = b.module(profile, Module { path: module.path.clone(), build_id: module.build_id_hex() });
+                let syms = &resolved[&(Arc::as_ptr(module), *offset)];
+                if syms.is_empty() {
+                    vec![unknown(format!("{}+0x{offset:x}", module.file_name()), Some(m), *offset)]
+                } else {
+                    syms.iter()
+                        .map(|s| Frame {
+                            function: s.name.clone(),
+                            file: s.file.clone(),
+                            line: s.line,
+                            module: Some(m),
+                            address: *offset,
+                            kind: if s.inlined { FrameKind::Inlined } else { FrameKind::User },
+                            unsymbolized: false,
+                        })
+                        .collect()
+                }
+            }
+            Target::Anon { name, offset } => {
+                let label = if name.is_empty() { "[anon]" } else { name.as_str() };
+                vec![unknown(format!("{label}+0x{offset:x}"), None, *offset)]
+            }
+            Target::Unknown => {
+                self.stats.unknown_mapping += 1;
+                vec![unknown("[unknown]".into(), None, 0)]
+            }
+        };
+        self.stats.frames += frames.len() as u64;
+        self.stats.unsymbolized += frames.iter().filter(|f| f.unsymbolized).count() as u64;
+        frames
+    }
+}
+
+/// Return addresses point after the call; step back one byte so the lookup
+/// lands in the calling instruction (and in the right function and inline
+/// scope when the call is a function's last instruction). Index 0 is the
+/// sampled instruction pointer itself.
+fn lookup_addr(index: usize, addr: u64) -> u64 {
+    if index == 0 {
+        addr
+    } else {
+        addr.saturating_sub(1)
+    }
+}
+
+#[cfg(test)]
+mod tests;
