@@ -7,7 +7,10 @@
 //! [`export`] writes that out.
 
 pub mod aggregate;
+pub mod app;
 pub mod bpf;
+pub mod cli;
+pub mod duration;
 pub mod export;
 pub mod process;
 pub mod profile;

@@ -46,6 +46,9 @@ impl EbpfSource {
     /// Loads the programs, fills the pid filter, and attaches the sampler to
     /// the software cpu-clock event of every online CPU.
     pub fn load(opts: &LoadOptions) -> Result<Self, BpfError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(BpfError::NotBuilt);
+        }
         let filter: u32 = u32::from(!opts.pids.is_empty());
         let mut ebpf = EbpfLoader::new().override_global("FILTER_PIDS", &filter, true).load(EBPF_OBJECT)?;
         // The programs do not log today; keep the logger when the object has

@@ -1,0 +1,70 @@
+//! The sampling loop: drains the BPF source into the aggregator until told
+//! to stop, noting each new process on first sight so its mappings are known
+//! even if it exits before the profile is symbolized.
+
+use std::{
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Duration,
+};
+
+use crate::{
+    aggregate::Aggregator,
+    bpf::{BpfError, SampleSource},
+    process::ProcessTable,
+};
+
+/// How long one poll waits for samples. Short enough that stopping is
+/// prompt, long enough that an idle agent wakes only 10 times a second.
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Drains `source` into `agg`, until `stop` is set and the source is empty.
+/// `progress` receives the number of samples aggregated so far.
+pub fn collect<S: SampleSource>(
+    source: &mut S,
+    agg: &mut Aggregator,
+    procs: &mut ProcessTable,
+    stop: &AtomicBool,
+    progress: &AtomicU64,
+) -> Result<(), BpfError> {
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        batch.clear();
+        source.poll(&mut batch, if stopping { Duration::ZERO } else { POLL_TIMEOUT })?;
+        for s in &batch {
+            let comm = String::from_utf8_lossy(s.comm_bytes());
+            procs.observe(s.tgid, &comm);
+            agg.add(s);
+        }
+        progress.store(agg.samples(), Ordering::Relaxed);
+        if stopping && batch.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::fake::{sample, FakeSource};
+    use std::num::NonZeroUsize;
+
+    #[test]
+    fn drains_everything_queued_before_stopping() {
+        let mut src = FakeSource { batch: 3, ..Default::default() };
+        for i in 0..10 {
+            src.push(sample(1, 1, "a", &[], &[0x1000 + i]));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut procs = ProcessTable::new(dir.path(), NonZeroUsize::new(4).unwrap());
+        let mut agg = Aggregator::new(100);
+        let stop = AtomicBool::new(true);
+        let progress = AtomicU64::new(0);
+        collect(&mut src, &mut agg, &mut procs, &stop, &progress).unwrap();
+        assert_eq!(progress.load(Ordering::Relaxed), 10);
+        assert_eq!(agg.len(), 10);
+        assert!(src.queue.is_empty());
+        // The process was looked up on first sight (it had already gone).
+        assert_eq!(procs.stats().vanished, 1);
+    }
+}

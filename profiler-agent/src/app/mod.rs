@@ -1,0 +1,16 @@
+//! Wires the stages together for each command. `anyhow` lives here and in
+//! `main`; the stages below report typed errors.
+
+mod collect;
+mod preflight;
+mod record;
+mod summary;
+
+use crate::cli::{Cli, Command};
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Record(args) => record::record(args).await,
+    }
+}

@@ -1,0 +1,114 @@
+//! Command-line interface. Runtime choices are flags; anything that would
+//! make a config file (exporters, retention) belongs to the daemon's config.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::duration::parse_duration;
+
+/// Continuous profiler for Linux: samples on-CPU stacks of every process
+/// with eBPF and writes flame-graph-ready profiles.
+#[derive(Debug, Parser)]
+#[command(name = "profiler-agent", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log level for the agent's own diagnostics (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "warn", env = "PROFILER_LOG")]
+    pub log_level: log::LevelFilter,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Record on-CPU stacks for a while, then write folded, pprof and SVG files.
+    ///
+    /// Examples:
+    ///   profiler-agent record --duration 10                 # whole system, 10 s
+    ///   profiler-agent record --pid 1234 --frequency 499    # one process until Ctrl-C
+    ///   profiler-agent record -d 30s --format folded -o /tmp/prof
+    ///
+    /// Needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_PTRACE to read
+    /// other users' processes' mappings).
+    #[command(verbatim_doc_comment)]
+    Record(RecordArgs),
+}
+
+/// Output formats of `record`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
+pub enum Format {
+    /// `cpu.folded`: one line per unique stack, `process;outer;...;leaf COUNT`.
+    Folded,
+    /// `cpu.pb.gz`: gzip pprof, for `go tool pprof`, Pyroscope, speedscope.
+    Pprof,
+    /// `cpu.svg`: interactive flame graph.
+    Svg,
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// How long to record: seconds (`10`), or with a unit (`10s`, `500ms`, `2m`).
+    /// Without it, records until Ctrl-C or SIGTERM.
+    #[arg(short, long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Only sample this process (repeatable). Other processes cost no unwinding.
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Samples per second per CPU. Odd primes (99, 499) avoid lock-step with periodic work.
+    #[arg(short = 'F', long, default_value_t = 99, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub frequency: u64,
+    /// Where to write the files [default: ./profile-<YYYYMMDD-HHMMSS>].
+    #[arg(short, long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Comma-separated output formats.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST", default_value = "folded,pprof,svg")]
+    pub format: Vec<Format>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<RecordArgs, clap::Error> {
+        let mut argv = vec!["profiler-agent", "record"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|c| match c.command {
+            Command::Record(r) => r,
+        })
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let r = parse(&[]).unwrap();
+        assert_eq!(r.frequency, 99);
+        assert_eq!(r.duration, None);
+        assert_eq!(r.format, [Format::Folded, Format::Pprof, Format::Svg]);
+        assert!(r.pids.is_empty());
+    }
+
+    #[test]
+    fn parses_the_contract() {
+        let r = parse(&["--duration", "10s", "--pid", "1", "--pid", "2", "--frequency", "19", "--format", "svg,folded"]).unwrap();
+        assert_eq!(r.duration, Some(Duration::from_secs(10)));
+        assert_eq!(r.pids, [1, 2]);
+        assert_eq!(r.frequency, 19);
+        assert_eq!(r.format, [Format::Svg, Format::Folded]);
+        assert_eq!(parse(&["--duration", "7"]).unwrap().duration, Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn rejects_bad_values_naming_them() {
+        let e = parse(&["--format", "folded,bogus"]).unwrap_err().to_string();
+        assert!(e.contains("bogus") && e.contains("pprof"), "{e}");
+        let e = parse(&["--duration", "abc"]).unwrap_err().to_string();
+        assert!(e.contains("abc"), "{e}");
+        assert!(parse(&["--frequency", "0"]).is_err());
+        assert!(parse(&["--pid", "-3"]).is_err());
+    }
+}

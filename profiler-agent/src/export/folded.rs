@@ -1,0 +1,180 @@
+//! Folded ("collapsed") stacks: one line per unique stack,
+//! `process;outermost;...;leaf VALUE`.
+//!
+//! This is the format of Brendan Gregg's `stackcollapse-*` scripts, read by
+//! `flamegraph.pl`, inferno, speedscope and friends. Kernel frames carry the
+//! `_[k]` suffix and inlined frames `_[i]`, which those tools colour
+//! differently.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::profile::{Frame, FrameKind, Profile};
+
+/// Stand-in for names that are empty or frame indices that point nowhere:
+/// an empty field would make the line ambiguous for some parsers, and an
+/// exporter should degrade rather than panic on a malformed profile.
+const UNKNOWN: &str = "[unknown]";
+
+/// Encodes `profile` as folded stacks, one `\n`-terminated line per unique
+/// `(process name, frame names)` stack.
+///
+/// Samples of different pids/tids with the same process name collapse onto
+/// one line, with values summed. Zero-value samples are skipped. Lines are
+/// sorted, so equal profiles encode to identical text.
+pub fn encode(profile: &Profile) -> String {
+    let mut stacks: BTreeMap<String, u64> = BTreeMap::new();
+    let mut key = String::new();
+    for sample in profile.samples.iter().filter(|s| s.value > 0) {
+        key.clear();
+        push_name(&mut key, &sample.process_name);
+        for &index in sample.frames.iter().rev() {
+            key.push(';');
+            match profile.frames.get(index) {
+                Some(frame) => push_frame(&mut key, frame),
+                None => key.push_str(UNKNOWN),
+            }
+        }
+        // Look up by &str first so the common case (stack already seen)
+        // does not allocate a new key.
+        match stacks.get_mut(key.as_str()) {
+            Some(total) => *total = total.saturating_add(sample.value),
+            None => {
+                stacks.insert(key.clone(), sample.value);
+            }
+        }
+    }
+
+    let mut out = String::new();
+    for (stack, value) in &stacks {
+        // Writing into a String cannot fail.
+        let _ = writeln!(out, "{stack} {value}");
+    }
+    out
+}
+
+/// Appends the folded name of `frame`: its function name plus the kind
+/// suffix.
+fn push_frame(out: &mut String, frame: &Frame) {
+    push_name(out, &frame.function);
+    match frame.kind {
+        FrameKind::Kernel => out.push_str("_[k]"),
+        FrameKind::Inlined => out.push_str("_[i]"),
+        FrameKind::User => {}
+    }
+}
+
+/// Appends `name` with the characters that would break the line structure
+/// replaced: `;` separates frames and a newline ends the record. Other
+/// whitespace (tabs, `\r`) becomes a plain space so the value stays the
+/// token after the last space. Spaces are kept; C++ and Rust names have them.
+fn push_name(out: &mut String, name: &str) {
+    if name.is_empty() {
+        out.push_str(UNKNOWN);
+        return;
+    }
+    out.extend(name.chars().map(|c| match c {
+        ';' => ':',
+        c if c.is_whitespace() => ' ',
+        c => c,
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::export::testutil::{frame, on_cpu_profile, sample};
+    use crate::profile::ValueType;
+
+    fn empty() -> Profile {
+        Profile::new(
+            ValueType::new("samples", "count"),
+            None,
+            0,
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+
+    #[test]
+    fn fixture_encodes_outermost_first_with_suffixes_and_sorted() {
+        let (p, _) = on_cpu_profile();
+        assert_eq!(
+            encode(&p),
+            "app;main;[unknown] 1\n\
+             app;main;outer;mid_inline_[i];inner_inline_[i] 3\n\
+             app;main;worker_loop;libc.so.6+0x1234;do_syscall_64_[k] 2\n"
+        );
+    }
+
+    #[test]
+    fn same_process_name_merges_across_pids_and_tids() {
+        let mut p = empty();
+        p.frames = vec![
+            frame("a", FrameKind::User, None, 0),
+            frame("b", FrameKind::User, None, 0),
+        ];
+        p.samples = vec![
+            sample(1, 1, "nginx", "nginx", vec![1, 0], 2),
+            sample(1, 2, "nginx", "worker", vec![1, 0], 3),
+            sample(7, 7, "nginx", "nginx", vec![1, 0], 5),
+            sample(8, 8, "curl", "curl", vec![1, 0], 1),
+            sample(8, 8, "curl", "curl", vec![0], 4),
+        ];
+        assert_eq!(encode(&p), "curl;a 4\ncurl;a;b 1\nnginx;a;b 10\n");
+    }
+
+    #[test]
+    fn identical_names_from_distinct_frames_merge() {
+        // Two interned frames that differ only in address fold to the same
+        // name, so their stacks are one line.
+        let mut p = empty();
+        p.frames = vec![
+            frame("f", FrameKind::User, None, 1),
+            frame("f", FrameKind::User, None, 2),
+        ];
+        p.samples = vec![
+            sample(1, 1, "p", "p", vec![0], 1),
+            sample(1, 1, "p", "p", vec![1], 1),
+        ];
+        assert_eq!(encode(&p), "p;f 2\n");
+    }
+
+    #[test]
+    fn names_are_sanitized_so_every_line_parses() {
+        let mut p = empty();
+        p.frames = vec![
+            frame("core::ptr::drop<[u8; 8]>", FrameKind::User, None, 0),
+            frame("evil\nname\twith\r\nbreaks", FrameKind::Inlined, None, 0),
+            frame("", FrameKind::User, None, 0),
+        ];
+        p.samples = vec![sample(1, 1, "my proc;x", "t", vec![1, 0, 2, 99], 7)];
+        let text = encode(&p);
+        assert_eq!(
+            text,
+            "my proc:x;[unknown];[unknown];core::ptr::drop<[u8: 8]>;evil name with  breaks_[i] 7\n"
+        );
+        for line in text.lines() {
+            let (stack, value) = line.rsplit_once(' ').expect("value separator");
+            assert_eq!(value.parse::<u64>().expect("numeric value"), 7);
+            assert_eq!(stack.split(';').count(), 5);
+        }
+    }
+
+    #[test]
+    fn zero_values_and_empty_profiles_produce_nothing() {
+        let mut p = empty();
+        assert_eq!(encode(&p), "");
+        p.frames = vec![frame("a", FrameKind::User, None, 0)];
+        p.samples = vec![sample(1, 1, "p", "p", vec![0], 0)];
+        assert_eq!(encode(&p), "");
+    }
+
+    #[test]
+    fn stack_without_frames_is_just_the_process() {
+        let mut p = empty();
+        p.samples = vec![sample(1, 1, "idle", "idle", vec![], 9)];
+        assert_eq!(encode(&p), "idle 9\n");
+    }
+}
