@@ -16,6 +16,10 @@ static FILTER_PIDS: u32 = 0;
 #[map]
 pub static SAMPLES: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
+/// Fill level at which a submit wakes the agent instead of waiting for its
+/// next poll.
+pub const SAMPLES_WAKEUP_BYTES: u64 = 2 * 1024 * 1024;
+
 /// The `--pid` set. Value unused.
 #[map]
 pub static TARGET_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_PIDS, 0);

@@ -131,8 +131,14 @@ impl ProcessTable {
     /// known ones (dlopen, exec). Keeps the old entry if the process is gone.
     pub fn refresh(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
         let old = self.processes.peek(&pid)?.clone();
-        let maps = fs::read_to_string(self.proc_root.join(pid.to_string()).join("maps")).ok()?;
-        let info = Arc::new(ProcessInfo { pid, name: old.name.clone(), mappings: self.mappings(pid, &maps) });
+        let dir = self.proc_root.join(pid.to_string());
+        let maps = fs::read_to_string(dir.join("maps")).ok()?;
+        // An exec also changes the name: a child seen between fork and exec
+        // was first recorded under its parent's name.
+        let name = fs::read_to_string(dir.join("comm"))
+            .map(|s| s.trim_end_matches('\n').to_owned())
+            .unwrap_or_else(|_| old.name.clone());
+        let info = Arc::new(ProcessInfo { pid, name, mappings: self.mappings(pid, &maps) });
         self.processes.put(pid, info.clone());
         Some(info)
     }
@@ -238,6 +244,19 @@ mod tests {
         fs::remove_dir_all(dir.path().join("42")).unwrap();
         assert_eq!(table.observe(42, "thread").mappings.len(), 1);
         assert_eq!(table.stats().vanished, 0);
+    }
+
+    #[test]
+    fn refresh_picks_up_new_mappings_and_the_name_after_exec() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_proc(dir.path(), 5, "sh", "");
+        let mut table = ProcessTable::new(dir.path(), NonZeroUsize::new(8).unwrap());
+        assert!(table.observe(5, "").mappings.is_empty());
+        fake_proc(dir.path(), 5, "rustc", "1000-2000 r-xp 00000000 00:00 0 [vdso]\n");
+        let p = table.refresh(5).unwrap();
+        assert_eq!(p.name, "rustc");
+        assert!(p.mapping(0x1800).is_some());
+        assert_eq!(table.observe(5, "").name, "rustc");
     }
 
     #[test]

@@ -1,0 +1,56 @@
+//! `cargo xtask test [-- ARGS]`: unit tests, then the integration tests, which
+//! load BPF programs (root only) and run one at a time because they measure
+//! CPU sample counts.
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{build, is_root, setup, step};
+
+pub fn run(extra: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the integration tests load BPF programs and attach perf events, so they need root \
+             (CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN, which only root has by default); \
+             run `sudo -E cargo xtask test`"
+        );
+    }
+    let tools = setup::run()?;
+    let agent = build::build_agent(&tools, true)?;
+    let agent = std::path::absolute(&agent).context("cannot make the agent path absolute")?;
+
+    step("test: unit tests");
+    let mut unit = build::cargo(&tools)?;
+    unit.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "profiler-ebpf",
+        "--exclude",
+        "profiler-integration-tests",
+    ]);
+    if !extra.is_empty() {
+        unit.arg("--").args(extra);
+    }
+    build::run_cmd(&mut unit, "unit tests")?;
+
+    step(format!(
+        "test: integration tests, one at a time (PROFILER_AGENT_BIN={})",
+        agent.display()
+    ));
+    let mut integ = build::cargo(&tools)?;
+    integ
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "profiler-integration-tests",
+            "--",
+            "--test-threads=1",
+        ])
+        .args(extra)
+        .env("PROFILER_AGENT_BIN", &agent);
+    build::run_cmd(&mut integ, "integration tests")?;
+
+    step("test: all passed");
+    Ok(())
+}
