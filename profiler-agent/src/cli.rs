@@ -27,6 +27,7 @@ pub enum Command {
     ///   profiler-agent record --duration 10                 # whole system, 10 s
     ///   profiler-agent record --pid 1234 --frequency 499    # one process until Ctrl-C
     ///   profiler-agent record -d 30s --format folded -o /tmp/prof
+    ///   profiler-agent record -d 10 --off-cpu --pid 1234    # plus where it blocks
     ///
     /// Needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_PTRACE to read
     /// other users' processes' mappings).
@@ -63,6 +64,14 @@ pub struct RecordArgs {
     /// Comma-separated output formats.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST", default_value = "folded,pprof,svg")]
     pub format: Vec<Format>,
+    /// Also record off-CPU time: where threads block, in nanoseconds
+    /// (off-cpu.*), a per-thread wall-clock view (wall.*), and run-queue and
+    /// off-CPU latency histograms in the summary.
+    #[arg(long)]
+    pub off_cpu: bool,
+    /// With --off-cpu, ignore blocks shorter than this (`1ms`, `50us`); 0 records every block.
+    #[arg(long, value_parser = parse_duration, default_value = "0", value_name = "DURATION", requires = "off_cpu")]
+    pub off_cpu_min_block: Duration,
 }
 
 #[cfg(test)]
@@ -100,6 +109,11 @@ mod tests {
         assert_eq!(r.frequency, 19);
         assert_eq!(r.format, [Format::Svg, Format::Folded]);
         assert_eq!(parse(&["--duration", "7"]).unwrap().duration, Some(Duration::from_secs(7)));
+        let r = parse(&["--off-cpu", "--off-cpu-min-block", "2ms"]).unwrap();
+        assert!(r.off_cpu);
+        assert_eq!(r.off_cpu_min_block, Duration::from_millis(2));
+        assert!(!parse(&[]).unwrap().off_cpu);
+        assert!(parse(&["--off-cpu-min-block", "2ms"]).is_err(), "needs --off-cpu");
     }
 
     #[test]

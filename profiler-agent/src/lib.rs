@@ -12,6 +12,7 @@ pub mod bpf;
 pub mod cli;
 pub mod duration;
 pub mod export;
+pub mod latency;
 pub mod process;
 pub mod profile;
 pub mod symbolize;

@@ -6,6 +6,7 @@
 //! corrupt every sample. Integers are used instead of `bool` for the same reason.
 #![no_std]
 
+pub mod offcpu;
 pub mod sample;
 pub mod stats;
 

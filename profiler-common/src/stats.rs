@@ -23,10 +23,26 @@ pub enum Stat {
     KernelStackTruncated = 7,
     /// Samples taken while the CPU ran the idle task (pid 0); not recorded.
     SamplesIdle = 8,
+    /// sched_switch events seen (off-CPU programs attached).
+    Switches = 9,
+    /// Blocked switch-outs whose stacks were captured.
+    OffCpuBlocks = 10,
+    /// Blocks shorter than `--off-cpu-min-block`; not recorded.
+    OffCpuShort = 11,
+    /// Blocks lost because the pending-block map was full.
+    OffCpuPendingFull = 12,
+    /// Blocks lost because the off-CPU aggregate map was full.
+    OffCpuAggregateFull = 13,
+    /// Stacks recorded without content because the stack map was full.
+    StackMapFull = 14,
+    /// Run-queue waits not measured because the wakeup map was full.
+    WakeupMapFull = 15,
+    /// Latencies not recorded because the histogram map was full.
+    HistogramMapFull = 16,
 }
 
 /// Number of counters; the size of the `STATS` array.
-pub const STAT_COUNT: u32 = 9;
+pub const STAT_COUNT: u32 = 17;
 
 impl Stat {
     /// Every counter, in index order.
@@ -40,6 +56,14 @@ impl Stat {
         Stat::UserStackTruncated,
         Stat::KernelStackTruncated,
         Stat::SamplesIdle,
+        Stat::Switches,
+        Stat::OffCpuBlocks,
+        Stat::OffCpuShort,
+        Stat::OffCpuPendingFull,
+        Stat::OffCpuAggregateFull,
+        Stat::StackMapFull,
+        Stat::WakeupMapFull,
+        Stat::HistogramMapFull,
     ];
 
     /// A stable snake_case name, used in summaries and metric labels.
@@ -54,6 +78,14 @@ impl Stat {
             Stat::UserStackTruncated => "user_stack_truncated",
             Stat::KernelStackTruncated => "kernel_stack_truncated",
             Stat::SamplesIdle => "idle",
+            Stat::Switches => "switches",
+            Stat::OffCpuBlocks => "off_cpu_blocks",
+            Stat::OffCpuShort => "off_cpu_below_min_block",
+            Stat::OffCpuPendingFull => "off_cpu_pending_map_full",
+            Stat::OffCpuAggregateFull => "off_cpu_aggregate_map_full",
+            Stat::StackMapFull => "stack_map_full",
+            Stat::WakeupMapFull => "wakeup_map_full",
+            Stat::HistogramMapFull => "histogram_map_full",
         }
     }
 }

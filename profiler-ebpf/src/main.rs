@@ -2,8 +2,13 @@
 //! maps live in `maps.rs`.
 #![no_std]
 #![no_main]
+// Atomic adds on shared map values (`offcpu::atomic_add`); the crate is
+// built with nightly anyway (build-std).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod maps;
+mod offcpu;
 mod oncpu;
 mod stack;
 

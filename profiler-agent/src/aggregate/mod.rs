@@ -67,6 +67,17 @@ impl Aggregator {
             kernel: s.kernel_stack().into(),
             user: s.user_stack().into(),
         };
+        self.insert(key, weight);
+    }
+
+    /// Adds an already-keyed stack (e.g. read from an in-kernel aggregate)
+    /// with the given weight; counted as one sample.
+    pub fn add_stack(&mut self, key: StackKey, weight: u64) {
+        self.current.samples += 1;
+        self.insert(key, weight);
+    }
+
+    fn insert(&mut self, key: StackKey, weight: u64) {
         let full = self.current.stacks.len() >= self.capacity;
         match self.current.stacks.get_mut(&key) {
             Some(v) => *v += weight,

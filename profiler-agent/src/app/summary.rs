@@ -5,7 +5,33 @@ use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
 use profiler_common::Stat;
 
-use crate::{bpf::KernelStats, symbolize::SymbolizeStats};
+use crate::{
+    bpf::{KernelStats, ProgramRunTime},
+    latency::{human_ns, Percentiles},
+    symbolize::SymbolizeStats,
+};
+
+/// Latency figures of one process.
+#[derive(Debug, Default)]
+pub struct ProcessLatency {
+    pub pid: u32,
+    pub name: String,
+    pub runq: Percentiles,
+    pub off_cpu: Percentiles,
+}
+
+/// What the scheduler programs saw (with `--off-cpu`).
+#[derive(Debug, Default)]
+pub struct SchedulerSummary {
+    /// The processes with the most scheduling events.
+    pub processes: Vec<ProcessLatency>,
+    /// Off-CPU nanoseconds recorded in total.
+    pub off_cpu_ns: u64,
+    /// Threads still blocked when recording stopped.
+    pub pending_left: usize,
+    /// Threads still waiting on a run queue when recording stopped.
+    pub runq_left: usize,
+}
 
 /// Everything the summary reports.
 #[derive(Debug, Default)]
@@ -23,8 +49,9 @@ pub struct Summary {
     pub symbols: SymbolizeStats,
     /// Processes that exited before their mappings could be read.
     pub vanished_processes: u64,
-    /// BPF run time and run count, when `kernel.bpf_stats_enabled` is on.
-    pub bpf_run: Option<(Duration, u64)>,
+    /// Per-program BPF run time, when `kernel.bpf_stats_enabled` is on.
+    pub run_time: Vec<ProgramRunTime>,
+    pub scheduler: Option<SchedulerSummary>,
     pub files: Vec<PathBuf>,
 }
 
@@ -74,14 +101,17 @@ impl Summary {
             "Frames: {:.1}% of {} unsymbolized ({} outside any known mapping; {} processes exited before they could be inspected).",
             share, self.symbols.frames, self.symbols.unknown_mapping, self.vanished_processes
         );
-        if let Some((time, runs)) = self.bpf_run.filter(|(_, runs)| *runs > 0) {
-            let _ = writeln!(
-                s,
-                "BPF: {:.2} ms in {} runs ({} ns per run).",
-                time.as_secs_f64() * 1e3,
-                runs,
-                time.as_nanos() as u64 / runs
-            );
+        if let Some(sched) = &self.scheduler {
+            self.render_scheduler(&mut s, sched);
+        }
+        let runs: Vec<String> = self
+            .run_time
+            .iter()
+            .filter(|r| r.runs > 0)
+            .map(|r| format!("{} {} ns x {}", r.name, r.time.as_nanos() as u64 / r.runs, r.runs))
+            .collect();
+        if !runs.is_empty() {
+            let _ = writeln!(s, "BPF time per run: {}.", runs.join(", "));
         }
         if self.files.is_empty() {
             let _ = writeln!(s, "No files written.");
@@ -91,6 +121,60 @@ impl Summary {
         }
         s
     }
+
+    fn render_scheduler(&self, s: &mut String, sched: &SchedulerSummary) {
+        let k = |stat| self.kernel.get(stat);
+        let _ = writeln!(
+            s,
+            "Scheduler: {} switches; {} blocks captured ({} shorter than --off-cpu-min-block); {:.3} s off-CPU recorded.",
+            k(Stat::Switches),
+            k(Stat::OffCpuBlocks),
+            k(Stat::OffCpuShort),
+            sched.off_cpu_ns as f64 / 1e9
+        );
+        let lost = [
+            Stat::OffCpuPendingFull,
+            Stat::OffCpuAggregateFull,
+            Stat::StackMapFull,
+            Stat::WakeupMapFull,
+            Stat::HistogramMapFull,
+        ];
+        let total: u64 = lost.iter().map(|&st| k(st)).sum();
+        let detail: Vec<String> = lost.iter().map(|&st| format!("{} {}", st.name(), k(st))).collect();
+        let _ = writeln!(s, "Scheduler events dropped: {total} ({}).", detail.join(", "));
+        if !sched.processes.is_empty() {
+            let _ = writeln!(s, "Latency of the busiest processes (p50 / p95 / p99 / max, count):");
+            for p in &sched.processes {
+                let _ = writeln!(
+                    s,
+                    "  {:<16} {:>7}  run queue {}   off-CPU {}",
+                    p.name,
+                    p.pid,
+                    fmt_percentiles(&p.runq),
+                    fmt_percentiles(&p.off_cpu)
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "Scheduler maps at exit: {} threads still blocked, {} waiting to run.",
+            sched.pending_left, sched.runq_left
+        );
+    }
+}
+
+fn fmt_percentiles(p: &Percentiles) -> String {
+    if p.count == 0 {
+        return "-".into();
+    }
+    format!(
+        "{} / {} / {} / {}, {}",
+        human_ns(p.p50),
+        human_ns(p.p95),
+        human_ns(p.p99),
+        human_ns(p.max as f64),
+        p.count
+    )
 }
 
 #[cfg(test)]
@@ -113,7 +197,7 @@ mod tests {
             unique_stacks: 12,
             processes: 2,
             symbols: SymbolizeStats { frames: 200, unsymbolized: 5, unknown_mapping: 1 },
-            bpf_run: Some((Duration::from_micros(1500), 1000)),
+            run_time: vec![ProgramRunTime { name: "on_cpu_sample".into(), time: Duration::from_micros(1500), runs: 1000 }],
             files: vec!["out/cpu.folded".into()],
             ..Default::default()
         }
@@ -123,15 +207,45 @@ mod tests {
         assert!(s.contains("40 other processes"), "{s}");
         assert!(s.contains("2 user and 0 kernel stacks truncated"), "{s}");
         assert!(s.contains("2.5% of 200 unsymbolized (1 outside"), "{s}");
-        assert!(s.contains("1500 ns per run"), "{s}");
+        assert!(s.contains("on_cpu_sample 1500 ns x 1000"), "{s}");
+        assert!(!s.contains("Scheduler"), "{s}");
         assert!(s.contains("Wrote out/cpu.folded"), "{s}");
+    }
+
+    #[test]
+    fn scheduler_section_lists_latencies_and_drops() {
+        let mut kernel = KernelStats::default();
+        kernel.counts[Stat::Switches as usize] = 5000;
+        kernel.counts[Stat::OffCpuBlocks as usize] = 1200;
+        kernel.counts[Stat::StackMapFull as usize] = 2;
+        let s = Summary {
+            kernel,
+            scheduler: Some(SchedulerSummary {
+                processes: vec![ProcessLatency {
+                    pid: 42,
+                    name: "db".into(),
+                    runq: Percentiles { count: 10, p50: 2_000.0, p95: 3_000_000.0, p99: 3_500_000.0, max: 4_000_000 },
+                    off_cpu: Percentiles::default(),
+                }],
+                off_cpu_ns: 1_500_000_000,
+                pending_left: 3,
+                runq_left: 1,
+            }),
+            ..Default::default()
+        }
+        .render();
+        assert!(s.contains("Scheduler: 5000 switches; 1200 blocks captured"), "{s}");
+        assert!(s.contains("1.500 s off-CPU"), "{s}");
+        assert!(s.contains("dropped: 2 (") && s.contains("stack_map_full 2"), "{s}");
+        assert!(s.contains("run queue 2.0us / 3.00ms / 3.50ms / 4.00ms, 10   off-CPU -"), "{s}");
+        assert!(s.contains("3 threads still blocked, 1 waiting to run"), "{s}");
     }
 
     #[test]
     fn quiet_when_nothing_went_wrong() {
         let s = Summary::default().render();
         assert!(!s.contains("Stacks:"), "{s}");
-        assert!(!s.contains("BPF:"), "{s}");
+        assert!(!s.contains("BPF"), "{s}");
         assert!(s.contains("0.0% of 0 unsymbolized"), "{s}");
     }
 }

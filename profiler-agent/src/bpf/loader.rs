@@ -10,13 +10,16 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-        PerfEvent,
+        BtfTracePoint, PerfEvent, Program, RawTracePoint,
     },
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
 };
-use profiler_common::{Sample, STAT_COUNT};
+use profiler_common::{
+    offcpu::{HistKey, Histogram, OffCpuKey, OffCpuValue, StackTrace},
+    Sample, STAT_COUNT,
+};
 
-use super::{BpfError, KernelStats, SampleSource};
+use super::{btf::StructOffsets, BpfError, KernelStats, MapOccupancy, OffCpuRecord, ProgramRunTime, SampleSource};
 
 /// The eBPF object built by `build.rs` from `profiler-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -30,7 +33,24 @@ pub struct LoadOptions {
     pub frequency: u64,
     /// Only these processes (tgids) are sampled; empty means all.
     pub pids: Vec<u32>,
+    /// Off-CPU and scheduler-latency tracing, when wanted.
+    pub off_cpu: Option<OffCpuOptions>,
 }
+
+/// Options of the scheduler programs.
+#[derive(Clone, Debug, Default)]
+pub struct OffCpuOptions {
+    /// Blocks shorter than this are not recorded.
+    pub min_block_ns: u64,
+}
+
+/// Scheduler tracepoints: (tracepoint, BTF program, raw-tracepoint fallback).
+const SCHED_PROGRAMS: [(&str, &str, &str); 4] = [
+    ("sched_switch", "sched_switch", "sched_switch_raw"),
+    ("sched_wakeup", "sched_wakeup", "sched_wakeup_raw"),
+    ("sched_wakeup_new", "sched_wakeup_new", "sched_wakeup_new_raw"),
+    ("sched_process_exit", "sched_process_exit", "sched_process_exit_raw"),
+];
 
 /// The loaded and attached programs, and the maps the agent reads.
 pub struct EbpfSource {
@@ -40,6 +60,28 @@ pub struct EbpfSource {
     stats: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ebpf: Ebpf,
+    off_cpu: bool,
+}
+
+/// Attaches a scheduler tracepoint through BTF, or through a raw tracepoint
+/// when the kernel's BTF does not describe it.
+fn attach_sched(ebpf: &mut Ebpf, btf: &Btf, tracepoint: &'static str, btf_name: &'static str, raw_name: &'static str) -> Result<(), BpfError> {
+    let via_btf = (|| -> Result<(), aya::programs::ProgramError> {
+        let p: &mut BtfTracePoint = ebpf.program_mut(btf_name).ok_or(aya::programs::ProgramError::NotLoaded)?.try_into()?;
+        p.load(tracepoint, btf)?;
+        p.attach()?;
+        Ok(())
+    })();
+    let Err(btf_error) = via_btf else { return Ok(()) };
+    log::info!("attaching tp_btf/{tracepoint} failed ({btf_error}); falling back to raw_tracepoint");
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(raw_name)
+        .ok_or(BpfError::Missing(raw_name))?
+        .try_into()
+        .map_err(|source| BpfError::Program { name: raw_name, source })?;
+    p.load().map_err(|source| BpfError::Program { name: raw_name, source })?;
+    p.attach(tracepoint).map_err(|source| BpfError::Program { name: raw_name, source })?;
+    Ok(())
 }
 
 impl EbpfSource {
@@ -50,7 +92,24 @@ impl EbpfSource {
             return Err(BpfError::NotBuilt);
         }
         let filter: u32 = u32::from(!opts.pids.is_empty());
-        let mut ebpf = EbpfLoader::new().override_global("FILTER_PIDS", &filter, true).load(EBPF_OBJECT)?;
+        let (mut pid_offset, mut tgid_offset, mut min_block_ns) = (0u32, 0u32, 0u64);
+        let btf = match &opts.off_cpu {
+            Some(off) => {
+                let data = fs::read("/sys/kernel/btf/vmlinux").map_err(BpfError::BtfRead)?;
+                let offsets = StructOffsets::parse(&data, &["task_struct"])?;
+                pid_offset = offsets.offset("task_struct", "pid")?;
+                tgid_offset = offsets.offset("task_struct", "tgid")?;
+                min_block_ns = off.min_block_ns;
+                Some(Btf::from_sys_fs().map_err(|e| BpfError::BtfRead(std::io::Error::other(e)))?)
+            }
+            None => None,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("FILTER_PIDS", &filter, true)
+            .override_global("TASK_PID_OFFSET", &pid_offset, true)
+            .override_global("TASK_TGID_OFFSET", &tgid_offset, true)
+            .override_global("MIN_BLOCK_NS", &min_block_ns, true)
+            .load(EBPF_OBJECT)?;
         // The programs do not log today; keep the logger when the object has
         // a log map so future diagnostics surface, and keep it alive: dropping
         // it closes the map fd and breaks later loads.
@@ -83,11 +142,17 @@ impl EbpfSource {
                 .map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
         }
 
+        if let Some(btf) = &btf {
+            for (tracepoint, btf_name, raw_name) in SCHED_PROGRAMS {
+                attach_sched(&mut ebpf, btf, tracepoint, btf_name, raw_name)?;
+            }
+        }
+
         let samples = RingBuf::try_from(ebpf.take_map("SAMPLES").ok_or(BpfError::Missing("SAMPLES"))?)
             .map_err(|source| BpfError::Map { name: "SAMPLES", source })?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(BpfError::Missing("STATS"))?)
             .map_err(|source| BpfError::Map { name: "STATS", source })?;
-        Ok(Self { samples, stats, logger, ebpf })
+        Ok(Self { samples, stats, logger, ebpf, off_cpu: opts.off_cpu.is_some() })
     }
 
     fn drain(&mut self, out: &mut Vec<Sample>) -> usize {
@@ -135,11 +200,99 @@ impl SampleSource for EbpfSource {
         Ok(totals)
     }
 
-    fn run_time(&self) -> Option<(Duration, u64)> {
-        let program = self.ebpf.program(ON_CPU_PROGRAM)?;
-        let fd = program.fd().ok()?;
-        fdinfo_run_time(fd.as_fd().as_raw_fd())
+    fn run_time(&self) -> Vec<ProgramRunTime> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let fd = program.fd().ok()?;
+                let (time, runs) = fdinfo_run_time(fd.as_fd().as_raw_fd())?;
+                Some(ProgramRunTime { name: name.to_owned(), time, runs })
+            })
+            .collect()
     }
+
+    fn detach(&mut self) -> Result<(), BpfError> {
+        let names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+        for name in names {
+            let Some(program) = self.ebpf.program_mut(&name) else { continue };
+            let result = match program {
+                Program::PerfEvent(p) => p.unload(),
+                Program::BtfTracePoint(p) => p.unload(),
+                Program::RawTracePoint(p) => p.unload(),
+                _ => Ok(()),
+            };
+            // Programs that were never loaded report NotLoaded; that is fine.
+            if let Err(e) = result {
+                log::debug!("unloading {name}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn take_off_cpu(&mut self) -> Result<Vec<OffCpuRecord>, BpfError> {
+        if !self.off_cpu {
+            return Ok(Vec::new());
+        }
+        let mut entries = Vec::new();
+        {
+            let mut agg: HashMap<_, OffCpuKey, OffCpuValue> = map_mut(&mut self.ebpf, "OFFCPU")?;
+            let keys: Vec<OffCpuKey> = agg.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                if let Ok(value) = agg.get(&key, 0) {
+                    entries.push((key, value));
+                }
+                let _ = agg.remove(&key);
+            }
+        }
+        // Stacks stay in STACKS: threads still blocked refer to them.
+        let stacks: HashMap<_, u64, StackTrace> = map(&self.ebpf, "STACKS")?;
+        let stack = |id: u64| -> Vec<u64> {
+            if id == 0 {
+                return Vec::new();
+            }
+            stacks.get(&id, 0).map(|s| s.frames().to_vec()).unwrap_or_default()
+        };
+        Ok(entries
+            .into_iter()
+            .map(|(key, value)| OffCpuRecord { kernel: stack(key.kernel_stack), user: stack(key.user_stack), key, value })
+            .collect())
+    }
+
+    fn take_histograms(&mut self) -> Result<Vec<(HistKey, Histogram)>, BpfError> {
+        if !self.off_cpu {
+            return Ok(Vec::new());
+        }
+        let mut hists: HashMap<_, HistKey, Histogram> = map_mut(&mut self.ebpf, "HISTOGRAMS")?;
+        let keys: Vec<HistKey> = hists.keys().filter_map(Result::ok).collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Ok(h) = hists.get(&key, 0) {
+                out.push((key, h));
+            }
+            let _ = hists.remove(&key);
+        }
+        Ok(out)
+    }
+
+    fn occupancy(&self) -> Result<MapOccupancy, BpfError> {
+        if !self.off_cpu {
+            return Ok(MapOccupancy::default());
+        }
+        let pending: HashMap<_, u32, profiler_common::offcpu::Pending> = map(&self.ebpf, "PENDING")?;
+        let runq: HashMap<_, u32, u64> = map(&self.ebpf, "RUNQ_START")?;
+        Ok(MapOccupancy {
+            pending: pending.keys().filter_map(Result::ok).collect(),
+            runq: runq.keys().filter_map(Result::ok).collect(),
+        })
+    }
+}
+
+fn map<'a, K: aya::Pod, V: aya::Pod>(ebpf: &'a Ebpf, name: &'static str) -> Result<HashMap<&'a MapData, K, V>, BpfError> {
+    HashMap::try_from(ebpf.map(name).ok_or(BpfError::Missing(name))?).map_err(|source| BpfError::Map { name, source })
+}
+
+fn map_mut<'a, K: aya::Pod, V: aya::Pod>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<HashMap<&'a mut MapData, K, V>, BpfError> {
+    HashMap::try_from(ebpf.map_mut(name).ok_or(BpfError::Missing(name))?).map_err(|source| BpfError::Map { name, source })
 }
 
 /// Reads `run_time_ns`/`run_cnt` from the program fd's fdinfo: present only

@@ -5,14 +5,18 @@
 //! the aggregation and symbolization stages are tested with [`fake::FakeSource`]
 //! without root.
 
-mod loader;
+pub mod btf;
 pub mod fake;
+mod loader;
 
 use std::time::Duration;
 
-use profiler_common::{Sample, Stat, STAT_COUNT};
+use profiler_common::{
+    offcpu::{HistKey, Histogram, OffCpuKey, OffCpuValue},
+    Sample, Stat, STAT_COUNT,
+};
 
-pub use loader::{EbpfSource, LoadOptions};
+pub use loader::{EbpfSource, LoadOptions, OffCpuOptions};
 
 /// Errors from loading, attaching and reading the BPF programs.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,10 @@ pub enum BpfError {
     Cpus(&'static str, #[source] std::io::Error),
     #[error("waiting for samples failed: {0}")]
     Poll(#[source] std::io::Error),
+    #[error("reading the kernel's BTF (/sys/kernel/btf/vmlinux) failed: {0}")]
+    BtfRead(#[source] std::io::Error),
+    #[error("the kernel's BTF lacks a needed type: {0}")]
+    Btf(#[from] btf::BtfError),
 }
 
 /// Totals of the kernel-side counters, summed over CPUs.
@@ -59,7 +67,36 @@ impl KernelStats {
     }
 }
 
-/// A source of raw on-CPU samples.
+/// Blocked time of one thread at one pair of stacks, read from the kernel.
+#[derive(Clone, Debug)]
+pub struct OffCpuRecord {
+    pub key: OffCpuKey,
+    pub value: OffCpuValue,
+    /// Kernel stack, innermost first (empty if not captured).
+    pub kernel: Vec<u64>,
+    /// User stack, innermost first.
+    pub user: Vec<u64>,
+}
+
+/// Cumulative run time of one loaded program (`kernel.bpf_stats_enabled`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramRunTime {
+    pub name: String,
+    pub time: Duration,
+    pub runs: u64,
+}
+
+/// Threads with an entry in the per-thread scheduler maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapOccupancy {
+    /// Threads currently blocked (waiting to be switched in).
+    pub pending: Vec<u32>,
+    /// Threads waiting on a run queue.
+    pub runq: Vec<u32>,
+}
+
+/// The kernel side as the agent sees it: a stream of on-CPU samples plus the
+/// maps the scheduler programs aggregate into.
 pub trait SampleSource {
     /// Waits at most `timeout` for samples, then appends every available one
     /// to `out` and returns how many were appended.
@@ -68,9 +105,29 @@ pub trait SampleSource {
     /// Current kernel-side counters.
     fn stats(&self) -> Result<KernelStats, BpfError>;
 
-    /// Cumulative run time and run count of the loaded programs, when the
+    /// Cumulative run time and run count of each loaded program, when the
     /// kernel keeps them (`kernel.bpf_stats_enabled`).
-    fn run_time(&self) -> Option<(Duration, u64)> {
-        None
+    fn run_time(&self) -> Vec<ProgramRunTime> {
+        Vec::new()
+    }
+
+    /// Detaches every program; maps stay readable.
+    fn detach(&mut self) -> Result<(), BpfError> {
+        Ok(())
+    }
+
+    /// Reads and clears the off-CPU aggregate, stacks resolved.
+    fn take_off_cpu(&mut self) -> Result<Vec<OffCpuRecord>, BpfError> {
+        Ok(Vec::new())
+    }
+
+    /// Reads and clears the per-process latency histograms.
+    fn take_histograms(&mut self) -> Result<Vec<(HistKey, Histogram)>, BpfError> {
+        Ok(Vec::new())
+    }
+
+    /// Threads present in the per-thread scheduler maps.
+    fn occupancy(&self) -> Result<MapOccupancy, BpfError> {
+        Ok(MapOccupancy::default())
     }
 }

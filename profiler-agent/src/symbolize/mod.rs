@@ -89,9 +89,16 @@ impl<R: FileResolver> Symbolizer<R> {
         for (key, &value) in &agg.stacks {
             let process = procs.observe(key.pid, &key.thread_name());
             let mut frames = Vec::with_capacity(key.kernel.len() + key.user.len());
+            let mut own_frames = true;
             for (i, &addr) in key.kernel.iter().enumerate() {
                 let frame = self.kernel_frame(lookup_addr(i, addr), kernel_module);
-                frames.push(b.frame(profile, frame));
+                // Stacks captured from a tracepoint begin inside the
+                // profiler's own program and its trampoline: not the
+                // profiled code's time.
+                own_frames = own_frames && is_bpf_frame(&frame.function);
+                if !own_frames {
+                    frames.push(b.frame(profile, frame));
+                }
             }
             for (i, &addr) in key.user.iter().enumerate() {
                 let lookup = lookup_addr(i, addr);
@@ -223,6 +230,11 @@ impl<R: FileResolver> Symbolizer<R> {
         self.stats.unsymbolized += frames.iter().filter(|f| f.unsymbolized).count() as u64;
         frames
     }
+}
+
+/// Frames of a BPF program and the tracepoint glue that ran it.
+fn is_bpf_frame(name: &str) -> bool {
+    name.starts_with("bpf_prog_") || name.starts_with("bpf_trace_run") || name.starts_with("__bpf_trace_")
 }
 
 /// Return addresses point after the call; step back one byte so the lookup

@@ -51,7 +51,10 @@ fn fixture() -> Fixture {
 }
 
 fn kernel() -> KernelSymbols {
-    KernelSymbols::parse("ffffffff81000000 T entry_SYSCALL_64\nffffffff81000100 T do_syscall_64\n")
+    KernelSymbols::parse(
+        "ffffffff81000000 T entry_SYSCALL_64\nffffffff81000100 T do_syscall_64\nffffffff81000200 T schedule\n\
+         ffffffff81000300 T bpf_trace_run4\nffffffffc0000000 t bpf_prog_6deef7357e7b4530_sched_switch\n",
+    )
 }
 
 fn profile() -> Profile {
@@ -87,6 +90,17 @@ fn builds_frames_innermost_first_with_inlines_and_kernel() {
     let user_module = p.frames[s.frames[3]].module.unwrap();
     assert!(p.modules[user_module].build_id.is_some(), "the test binary has a GNU build id");
     assert_eq!(sym.stats().unsymbolized, 0);
+}
+
+#[test]
+fn the_profilers_own_bpf_frames_are_dropped_from_the_inner_end() {
+    let mut fx = fixture();
+    let mut sym = Symbolizer::new(Canned::default(), kernel(), NonZeroUsize::new(64).unwrap());
+    let mut agg = Aggregator::new(100);
+    agg.add(&sample(100, 100, "app", &[0xffffffffc0000010, 0xffffffff81000310, 0xffffffff81000210, 0xffffffff81000110], &[]));
+    let mut p = profile();
+    sym.symbolize(&agg.take(), &mut fx.procs, &mut p);
+    assert_eq!(names(&p, &p.samples[0]), ["schedule", "do_syscall_64"]);
 }
 
 #[test]

@@ -1,0 +1,212 @@
+//! `profiler-agent record`: sample for a while (or until Ctrl-C/SIGTERM),
+//! then aggregate -> symbolize -> write files, like `perf record` followed by
+//! `perf script | stackcollapse`.
+
+mod outputs;
+mod wait;
+
+use std::{
+    collections::HashMap,
+    num::NonZeroUsize,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Instant, SystemTime},
+};
+
+use anyhow::Context;
+
+use super::{
+    collect::collect,
+    preflight,
+    summary::{ProcessLatency, SchedulerSummary, Summary},
+};
+use crate::{
+    aggregate::{Aggregate, Aggregator, StackKey},
+    bpf::{EbpfSource, LoadOptions, OffCpuOptions, OffCpuRecord, SampleSource},
+    cli::RecordArgs,
+    latency,
+    process::ProcessTable,
+    profile::{Profile, ValueType},
+    symbolize::{elf::Blaze, kallsyms::KernelSymbols, Symbolizer},
+};
+use outputs::Output;
+use profiler_common::offcpu::{Histogram, HIST_OFFCPU, HIST_RUNQ};
+
+/// Unique stacks kept per recording; beyond it new stacks are dropped and
+/// counted. 1M stacks of ~20 frames is ~400 MB worst case, reached only by
+/// pathological workloads in hours-long recordings.
+const MAX_UNIQUE_STACKS: usize = 1 << 20;
+/// Processes remembered (name and mappings).
+const MAX_PROCESSES: usize = 16_384;
+/// Symbolized addresses cached.
+const SYMBOL_CACHE_ENTRIES: usize = 1 << 18;
+/// Processes listed in the latency table of the summary.
+const TOP_PROCESSES: usize = 5;
+
+pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
+    // Usage errors first, each before anything is loaded or attached.
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    preflight::check_capabilities(&status)?;
+    preflight::check_btf(Path::new("/sys/kernel/btf/vmlinux"))?;
+    preflight::check_pids(Path::new("/proc"), &args.pids)?;
+    let dir = args.output_dir.clone().unwrap_or_else(default_output_dir);
+    preflight::prepare_output_dir(&dir)?;
+
+    let opts = LoadOptions {
+        frequency: args.frequency,
+        pids: args.pids.clone(),
+        off_cpu: args.off_cpu.then(|| OffCpuOptions { min_block_ns: args.off_cpu_min_block.as_nanos() as u64 }),
+    };
+    let mut source = EbpfSource::load(&opts).context("loading the eBPF programs failed")?;
+    let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
+    let start_wall = SystemTime::now();
+    let started = Instant::now();
+
+    // Sampling runs on its own thread: it must keep draining the ring buffer
+    // whatever the async side is doing.
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let collector = {
+        let (stop, progress) = (stop.clone(), progress.clone());
+        std::thread::Builder::new().name("collect".into()).spawn(move || {
+            let mut agg = Aggregator::new(MAX_UNIQUE_STACKS);
+            let mut procs = ProcessTable::new("/proc", NonZeroUsize::new(MAX_PROCESSES).expect("non-zero"));
+            let result = collect(&mut source, &mut agg, &mut procs, &stop, &progress);
+            (result, source, agg, procs)
+        })?
+    };
+
+    wait::until_done(args.duration, started, &progress).await?;
+    stop.store(true, Ordering::Release);
+    let (result, mut source, mut agg, mut procs) = tokio::task::spawn_blocking(move || collector.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the sampling thread panicked"))?;
+    result.context("reading samples from the kernel failed")?;
+    let elapsed = started.elapsed();
+
+    // Detach first, so the maps read below are final and consistent.
+    let kernel_stats = source.stats().context("reading the kernel-side counters failed")?;
+    let run_time = source.run_time();
+    source.detach().context("detaching the eBPF programs failed")?;
+    let off_cpu_records = source.take_off_cpu().context("reading the off-CPU aggregate failed")?;
+    let histograms = source.take_histograms().context("reading the latency histograms failed")?;
+    let occupancy = source.occupancy().context("reading the scheduler maps failed")?;
+    drop(source);
+
+    let mut symbolizer = Symbolizer::new(
+        Blaze::default(),
+        KernelSymbols::load(),
+        NonZeroUsize::new(SYMBOL_CACHE_ENTRIES).expect("non-zero"),
+    );
+    let aggregate = agg.take();
+    let period = 1_000_000_000 / args.frequency;
+    let mut cpu =
+        Profile::new(ValueType::new("samples", "count"), Some(ValueType::new("cpu", "nanoseconds")), period, start_wall);
+    cpu.duration_ns = elapsed.as_nanos() as u64;
+    symbolizer.symbolize(&aggregate, &mut procs, &mut cpu);
+
+    let mut outputs = vec![Output { stem: "cpu", profile: &cpu, title: "On-CPU flame graph", unit: "samples", pprof: true }];
+    let (off, wall, scheduler);
+    if args.off_cpu {
+        let mut p = Profile::new(ValueType::new("off_cpu", "nanoseconds"), None, 0, start_wall);
+        p.duration_ns = cpu.duration_ns;
+        symbolizer.symbolize(&off_cpu_aggregate(&off_cpu_records), &mut procs, &mut p);
+        off = p;
+        wall = outputs::wall_profile(&cpu, &off);
+        outputs.push(Output { stem: "off-cpu", profile: &off, title: "Off-CPU flame graph (ns blocked)", unit: "ns", pprof: true });
+        outputs.push(Output { stem: "wall", profile: &wall, title: "Wall-clock flame graph per thread (ns)", unit: "ns", pprof: false });
+        scheduler = Some(SchedulerSummary {
+            processes: top_latencies(&histograms, &mut procs),
+            off_cpu_ns: off.total(),
+            pending_left: occupancy.pending.len(),
+            runq_left: occupancy.runq.len(),
+        });
+    } else {
+        scheduler = None;
+    }
+    let files = outputs::write_all(&outputs, &dir, &args.format)?;
+
+    let mut pids: Vec<u32> = aggregate.stacks.keys().map(|k| k.pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    let summary = Summary {
+        elapsed,
+        frequency: args.frequency,
+        cpus,
+        kernel: kernel_stats,
+        received: aggregate.samples,
+        aggregation_dropped: aggregate.dropped,
+        unique_stacks: aggregate.stacks.len(),
+        processes: pids.len(),
+        symbols: symbolizer.stats(),
+        vanished_processes: procs.stats().vanished,
+        run_time,
+        scheduler,
+        files,
+    };
+    eprint!("{}", summary.render());
+    Ok(())
+}
+
+/// Off-CPU records as an aggregate the symbolizer understands, weighted by
+/// blocked nanoseconds.
+fn off_cpu_aggregate(records: &[OffCpuRecord]) -> Aggregate {
+    let mut agg = Aggregator::new(MAX_UNIQUE_STACKS);
+    for r in records {
+        let key = StackKey {
+            pid: r.key.tgid,
+            tid: r.key.tid,
+            thread_name: r.key.comm,
+            kernel: r.kernel.clone().into(),
+            user: r.user.clone().into(),
+        };
+        agg.add_stack(key, r.value.total_ns);
+    }
+    agg.take()
+}
+
+/// Run-queue and off-CPU latency of the processes with the most scheduling
+/// events.
+fn top_latencies(histograms: &[(profiler_common::offcpu::HistKey, Histogram)], procs: &mut ProcessTable) -> Vec<ProcessLatency> {
+    let mut by_pid: HashMap<u32, (Histogram, Histogram)> = HashMap::new();
+    for (key, h) in histograms {
+        let entry = by_pid.entry(key.tgid).or_insert_with(|| (latency::empty(), latency::empty()));
+        match key.kind {
+            HIST_RUNQ => latency::merge(&mut entry.0, h),
+            HIST_OFFCPU => latency::merge(&mut entry.1, h),
+            _ => {}
+        }
+    }
+    let mut rows: Vec<ProcessLatency> = by_pid
+        .into_iter()
+        .map(|(pid, (runq, off))| ProcessLatency {
+            pid,
+            name: procs.observe(pid, "").name.clone(),
+            runq: latency::percentiles(&runq),
+            off_cpu: latency::percentiles(&off),
+        })
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.runq.count + r.off_cpu.count));
+    rows.truncate(TOP_PROCESSES);
+    rows
+}
+
+/// `./profile-YYYYMMDD-HHMMSS` in local time.
+fn default_output_dir() -> PathBuf {
+    // SAFETY: time(NULL) and localtime_r only write into `tm`.
+    let now = unsafe { libc::time(std::ptr::null_mut()) };
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    unsafe { libc::localtime_r(&now, &mut tm) };
+    PathBuf::from(format!(
+        "profile-{:04}{:02}{:02}-{:02}{:02}{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    ))
+}

@@ -1,0 +1,318 @@
+//! Off-CPU time and scheduler latency from `sched_switch`, `sched_wakeup`
+//! and `sched_wakeup_new`, with `sched_process_exit` cleaning up.
+//!
+//! - A thread that leaves the CPU blocked (prev_state has
+//!   TASK_INTERRUPTIBLE or TASK_UNINTERRUPTIBLE, and it was not preempted)
+//!   gets a `PENDING` entry: timestamp and the ids of its kernel and user
+//!   stacks. Its stacks can only be read now, in its own context:
+//!   `bpf_get_stack` has no cross-task user stacks, so the minimum block
+//!   duration is applied when the thread runs again.
+//! - When it is switched in again, the blocked time goes into `OFFCPU`
+//!   (keyed by thread and stacks) and the per-process off-CPU histogram.
+//! - Wakeups and preemptions start a run-queue wait in `RUNQ_START`; the
+//!   switch-in ends it and feeds the run-queue histogram. Preemption is not
+//!   off-CPU time.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, map, raw_tracepoint},
+    maps::{HashMap, PerCpuArray},
+    programs::{BtfTracePointContext, RawTracePointContext},
+    EbpfContext,
+};
+use profiler_common::{
+    offcpu::{hist_bucket, HistKey, Histogram, OffCpuKey, OffCpuValue, Pending, StackTrace, HIST_OFFCPU, HIST_RUNQ},
+    Stat, MAX_STACK_DEPTH,
+};
+
+use crate::{
+    maps::{count, wanted},
+    stack,
+};
+
+/// Set by the agent: blocks shorter than this are not recorded.
+#[no_mangle]
+static MIN_BLOCK_NS: u64 = 0;
+/// Byte offsets of `task_struct.pid` and `.tgid`, looked up by the agent in
+/// the kernel's BTF (aya-ebpf has no CO-RE relocations for Rust).
+#[no_mangle]
+static TASK_PID_OFFSET: u32 = 0;
+#[no_mangle]
+static TASK_TGID_OFFSET: u32 = 0;
+
+const TASK_RUNNING: u32 = 0;
+const TASK_INTERRUPTIBLE: u32 = 0x1;
+const TASK_UNINTERRUPTIBLE: u32 = 0x2;
+const TASK_DEAD: u32 = 0x80;
+
+/// Threads that can be blocked at once; beyond it blocks are counted lost.
+const MAX_THREADS: u32 = 65_536;
+
+#[map]
+static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(MAX_THREADS, 0);
+#[map]
+static RUNQ_START: HashMap<u32, u64> = HashMap::with_max_entries(MAX_THREADS, 0);
+/// Blocked time per (thread, stacks). Cleared by the agent when read.
+#[map]
+static OFFCPU: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(32_768, 0);
+/// Stacks by content hash. Not preallocated: 1 KiB per entry, paid only for
+/// stacks actually seen.
+#[map]
+static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(32_768, BPF_F_NO_PREALLOC);
+#[map]
+static HISTOGRAMS: HashMap<HistKey, Histogram> = HashMap::with_max_entries(8_192, BPF_F_NO_PREALLOC);
+/// Per-CPU scratch for capturing a stack: too big for the BPF stack.
+#[map]
+static SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_NOEXIST: u64 = 1;
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
+    // (bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
+    let preempt: u64 = ctx.arg(0);
+    let next: *const u8 = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
+    on_switch(&ctx, preempt & 0xff != 0, next, prev_state as u32);
+    0
+}
+
+/// Fallback for kernels whose BTF lacks the tracepoint's prototype.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch_raw(ctx: RawTracePointContext) -> i32 {
+    let preempt: u64 = ctx.arg(0);
+    let next: *const u8 = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
+    on_switch(&ctx, preempt & 0xff != 0, next, prev_state as u32);
+    0
+}
+
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
+    on_wakeup(ctx.arg(0));
+    0
+}
+
+#[btf_tracepoint(function = "sched_wakeup_new")]
+pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> u32 {
+    on_wakeup(ctx.arg(0));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn sched_wakeup_raw(ctx: RawTracePointContext) -> i32 {
+    on_wakeup(ctx.arg(0));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_wakeup_new")]
+pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> i32 {
+    on_wakeup(ctx.arg(0));
+    0
+}
+
+/// The exiting thread is current. Its entries would otherwise stay until
+/// the maps fill.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: BtfTracePointContext) -> u32 {
+    forget(bpf_get_current_pid_tgid() as u32);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit_raw(_ctx: RawTracePointContext) -> i32 {
+    forget(bpf_get_current_pid_tgid() as u32);
+    0
+}
+
+#[inline(always)]
+fn forget(tid: u32) {
+    let _ = PENDING.remove(&tid);
+    let _ = RUNQ_START.remove(&tid);
+}
+
+#[inline(always)]
+fn read_u32(task: *const u8, offset: u32) -> Option<u32> {
+    unsafe { bpf_probe_read_kernel(task.add(offset as usize) as *const u32).ok() }
+}
+
+/// (tid, tgid) of a task.
+#[inline(always)]
+fn task_ids(task: *const u8) -> Option<(u32, u32)> {
+    let pid_off = unsafe { core::ptr::read_volatile(&TASK_PID_OFFSET) };
+    let tgid_off = unsafe { core::ptr::read_volatile(&TASK_TGID_OFFSET) };
+    Some((read_u32(task, pid_off)?, read_u32(task, tgid_off)?))
+}
+
+#[inline(always)]
+fn on_wakeup(task: *const u8) {
+    let Some((tid, tgid)) = task_ids(task) else { return };
+    if tid == 0 || !wanted(tgid) {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if RUNQ_START.insert(&tid, &now, 0).is_err() {
+        count(Stat::WakeupMapFull);
+    }
+}
+
+#[inline(always)]
+fn on_switch<C: EbpfContext>(ctx: &C, preempt: bool, next: *const u8, prev_state: u32) {
+    count(Stat::Switches);
+    let now = unsafe { bpf_ktime_get_ns() };
+    switch_out(ctx, now, preempt, prev_state);
+    switch_in(now, next);
+}
+
+/// The leaving thread is current.
+#[inline(always)]
+fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    if tid == 0 {
+        return;
+    }
+    if prev_state & TASK_DEAD != 0 {
+        forget(tid);
+        return;
+    }
+    // Cheap checks before any unwinding.
+    if !wanted(tgid) {
+        return;
+    }
+    if preempt || prev_state == TASK_RUNNING {
+        // Still runnable: the time until it runs again is run-queue wait.
+        if RUNQ_START.insert(&tid, &now, 0).is_err() {
+            count(Stat::WakeupMapFull);
+        }
+        return;
+    }
+    if prev_state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
+        return; // stopped or traced: not waiting on anything we can name
+    }
+    let pending = Pending {
+        start_ns: now,
+        kernel_stack: capture(ctx, false),
+        user_stack: capture(ctx, true),
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    if PENDING.insert(&tid, &pending, 0).is_err() {
+        count(Stat::OffCpuPendingFull);
+        return;
+    }
+    count(Stat::OffCpuBlocks);
+}
+
+/// The arriving thread ends its wait.
+#[inline(always)]
+fn switch_in(now: u64, next: *const u8) {
+    let Some((tid, tgid)) = task_ids(next) else { return };
+    if tid == 0 {
+        return;
+    }
+    if let Some(start) = unsafe { RUNQ_START.get(&tid) } {
+        let waited = now.saturating_sub(*start);
+        let _ = RUNQ_START.remove(&tid);
+        record_latency(tgid, HIST_RUNQ, waited);
+    }
+    let Some(p) = (unsafe { PENDING.get(&tid) }) else { return };
+    let p = *p;
+    let _ = PENDING.remove(&tid);
+    let blocked = now.saturating_sub(p.start_ns);
+    let min = unsafe { core::ptr::read_volatile(&MIN_BLOCK_NS) };
+    if blocked < min {
+        count(Stat::OffCpuShort);
+        return;
+    }
+    record_latency(tgid, HIST_OFFCPU, blocked);
+    let key = OffCpuKey { tgid, tid, kernel_stack: p.kernel_stack, user_stack: p.user_stack, comm: p.comm };
+    match OFFCPU.get_ptr_mut(&key) {
+        Some(v) => unsafe {
+            // Another CPU may add to the same key concurrently.
+            atomic_add(&mut (*v).total_ns, blocked);
+            atomic_add(&mut (*v).count, 1);
+        },
+        None => {
+            let v = OffCpuValue { total_ns: blocked, count: 1 };
+            if OFFCPU.insert(&key, &v, BPF_NOEXIST).is_err() {
+                // Lost a race with another CPU inserting the same key, or full.
+                match OFFCPU.get_ptr_mut(&key) {
+                    Some(v) => unsafe {
+                        atomic_add(&mut (*v).total_ns, blocked);
+                        atomic_add(&mut (*v).count, 1);
+                    },
+                    None => count(Stat::OffCpuAggregateFull),
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn record_latency(tgid: u32, kind: u32, ns: u64) {
+    let key = HistKey { tgid, kind };
+    let mut h = HISTOGRAMS.get_ptr_mut(&key);
+    if h.is_none() {
+        if let Some(empty) = SCRATCH_HIST.get_ptr(0) {
+            let _ = HISTOGRAMS.insert(&key, unsafe { &*empty }, BPF_NOEXIST);
+        }
+        h = HISTOGRAMS.get_ptr_mut(&key);
+    }
+    let Some(h) = h else {
+        count(Stat::HistogramMapFull);
+        return;
+    };
+    let b = hist_bucket(ns);
+    unsafe {
+        atomic_add(&mut (*h).buckets[b], 1);
+        // A racy max is fine: a lost update can only under-report by one
+        // concurrent sample of the same process.
+        if ns > (*h).max_ns {
+            (*h).max_ns = ns;
+        }
+    }
+}
+
+/// A zeroed histogram used as the initial value (too big for the stack).
+#[map]
+static SCRATCH_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(1, 0);
+
+/// An atomic add (BPF_ATOMIC | BPF_ADD). `core::sync::atomic` offers no
+/// read-modify-write on the BPF target, so the intrinsic is used directly.
+#[inline(always)]
+unsafe fn atomic_add(p: *mut u64, v: u64) {
+    core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, v);
+}
+
+/// Captures the current kernel or user stack, stores it in `STACKS` under
+/// the hash of its content, and returns the hash (0: no stack).
+#[inline(always)]
+fn capture<C: EbpfContext>(ctx: &C, user: bool) -> u64 {
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 0 };
+    let buf = unsafe { &mut *buf };
+    let got = if user { stack::user_stack(ctx, &mut buf.ips) } else { stack::kernel_stack(ctx, &mut buf.ips) };
+    if got.frames == 0 {
+        return 0;
+    }
+    buf.len = got.frames;
+    let id = hash(&buf.ips, got.frames);
+    if STACKS.insert(&id, buf, BPF_NOEXIST).is_err() && unsafe { STACKS.get(&id) }.is_none() {
+        count(Stat::StackMapFull);
+    }
+    id
+}
+
+/// FNV-1a over the valid frames, never 0.
+#[inline(always)]
+fn hash(ips: &[u64; MAX_STACK_DEPTH], len: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..MAX_STACK_DEPTH {
+        if i as u32 >= len {
+            break;
+        }
+        h ^= ips[i];
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h | 1
+}
