@@ -1,1 +1,34 @@
 //! Helpers for the integration tests.
+//!
+//! The tests run the real `profiler-agent` binary (as root) against small
+//! workloads that they compile themselves, then check the files it writes.
+//!
+//! - [`agent`]: where the binary is, and running `record` with a timeout.
+//! - [`workload`]: compile a C or Rust program, run it, kill it on drop.
+//! - [`folded`]: parse `cpu.folded` and query the stacks.
+
+pub mod agent;
+pub mod folded;
+pub mod workload;
+
+pub use agent::{agent_bin, record, run_agent, spawn_record, AgentRun, RecordOutput, RunningAgent};
+pub use folded::{parse_folded, Folded, Stack};
+pub use workload::Workload;
+
+/// Fails (never skips) the calling test when not running as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "integration tests need root: run `sudo -E cargo xtask test` (euid is {euid})"
+    );
+}
+
+/// The workspace root (the parent of this package).
+pub fn workspace_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent directory")
+        .to_path_buf()
+}
