@@ -110,6 +110,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
 
     let mut outputs = vec![Output { stem: "cpu", profile: &cpu, title: "On-CPU flame graph", unit: "samples", pprof: true }];
     let (off, wall, scheduler);
+    let mut extra_files = Vec::new();
     if args.off_cpu {
         let mut p = Profile::new(ValueType::new("off_cpu", "nanoseconds"), None, 0, start_wall);
         p.duration_ns = cpu.duration_ns;
@@ -118,8 +119,13 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         wall = outputs::wall_profile(&cpu, &off);
         outputs.push(Output { stem: "off-cpu", profile: &off, title: "Off-CPU flame graph (ns blocked)", unit: "ns", pprof: true });
         outputs.push(Output { stem: "wall", profile: &wall, title: "Wall-clock flame graph per thread (ns)", unit: "ns", pprof: false });
+        let mut latencies = process_latencies(&histograms, &mut procs);
+        let csv = dir.join("latency.csv");
+        crate::export::files::write_atomic(&csv, latency_csv(&latencies).as_bytes())?;
+        extra_files.push(csv);
+        latencies.truncate(TOP_PROCESSES);
         scheduler = Some(SchedulerSummary {
-            processes: top_latencies(&histograms, &mut procs),
+            processes: latencies,
             off_cpu_ns: off.total(),
             pending_left: occupancy.pending.len(),
             runq_left: occupancy.runq.len(),
@@ -127,7 +133,8 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     } else {
         scheduler = None;
     }
-    let files = outputs::write_all(&outputs, &dir, &args.format)?;
+    let mut files = outputs::write_all(&outputs, &dir, &args.format)?;
+    files.extend(extra_files);
 
     let mut pids: Vec<u32> = aggregate.stacks.keys().map(|k| k.pid).collect();
     pids.sort_unstable();
@@ -168,9 +175,9 @@ fn off_cpu_aggregate(records: &[OffCpuRecord]) -> Aggregate {
     agg.take()
 }
 
-/// Run-queue and off-CPU latency of the processes with the most scheduling
-/// events.
-fn top_latencies(histograms: &[(profiler_common::offcpu::HistKey, Histogram)], procs: &mut ProcessTable) -> Vec<ProcessLatency> {
+/// Run-queue and off-CPU latency per process, the processes with the most
+/// scheduling events first.
+fn process_latencies(histograms: &[(profiler_common::offcpu::HistKey, Histogram)], procs: &mut ProcessTable) -> Vec<ProcessLatency> {
     let mut by_pid: HashMap<u32, (Histogram, Histogram)> = HashMap::new();
     for (key, h) in histograms {
         let entry = by_pid.entry(key.tgid).or_insert_with(|| (latency::empty(), latency::empty()));
@@ -189,9 +196,25 @@ fn top_latencies(histograms: &[(profiler_common::offcpu::HistKey, Histogram)], p
             off_cpu: latency::percentiles(&off),
         })
         .collect();
-    rows.sort_by_key(|r| std::cmp::Reverse(r.runq.count + r.off_cpu.count));
-    rows.truncate(TOP_PROCESSES);
+    rows.sort_by_key(|r| (std::cmp::Reverse(r.runq.count + r.off_cpu.count), r.pid));
     rows
+}
+
+/// `latency.csv`: one row per process and kind, for scripts and plots.
+fn latency_csv(rows: &[ProcessLatency]) -> String {
+    let mut out = String::from("pid,process,kind,count,p50_ns,p95_ns,p99_ns,max_ns\n");
+    for r in rows {
+        for (kind, p) in [("runqueue", &r.runq), ("offcpu", &r.off_cpu)] {
+            if p.count > 0 {
+                let name = r.name.replace([',', '\n', '"'], "_");
+                out.push_str(&format!(
+                    "{},{},{},{},{:.0},{:.0},{:.0},{}\n",
+                    r.pid, name, kind, p.count, p.p50, p.p95, p.p99, p.max
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// `./profile-YYYYMMDD-HHMMSS` in local time.
@@ -209,4 +232,31 @@ fn default_output_dir() -> PathBuf {
         tm.tm_min,
         tm.tm_sec
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::latency::Percentiles;
+
+    #[test]
+    fn latency_csv_has_a_row_per_process_and_kind_with_data() {
+        let rows = vec![ProcessLatency {
+            pid: 7,
+            name: "a,b".into(),
+            runq: Percentiles { count: 3, p50: 1.4, p95: 2.0, p99: 2.0, max: 2 },
+            off_cpu: Percentiles::default(),
+        }];
+        assert_eq!(latency_csv(&rows), "pid,process,kind,count,p50_ns,p95_ns,p99_ns,max_ns\n7,a_b,runqueue,3,1,2,2,2\n");
+    }
+
+    #[test]
+    fn off_cpu_records_become_weighted_stacks() {
+        let key = profiler_common::offcpu::OffCpuKey { tgid: 1, tid: 2, kernel_stack: 5, user_stack: 6, comm: [0; 16] };
+        let value = profiler_common::offcpu::OffCpuValue { total_ns: 1_000, count: 4 };
+        let agg = off_cpu_aggregate(&[OffCpuRecord { key, value, kernel: vec![0xffff], user: vec![1, 2] }]);
+        assert_eq!(agg.stacks.len(), 1);
+        let (k, v) = agg.stacks.iter().next().unwrap();
+        assert_eq!((k.pid, k.tid, &*k.user, *v), (1, 2, &[1u64, 2][..], 1_000));
+    }
 }
