@@ -56,18 +56,28 @@ pub struct OffCpuValue {
 
 const _: () = assert!(core::mem::size_of::<OffCpuValue>() == 16);
 
-/// A thread that blocked: when, and where (stack ids). Kept in `PENDING`
-/// until the thread runs again.
+/// What the scheduler programs know about one thread, in the `THREADS`
+/// map from its first scheduling event until it exits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Pending {
-    pub start_ns: u64,
+pub struct ThreadState {
+    /// When it started waiting on a run queue; 0 when it is not waiting.
+    pub runq_start_ns: u64,
+    /// When it blocked; 0 when it is not blocked.
+    pub block_start_ns: u64,
+    /// Stack ids of its last capture.
     pub kernel_stack: u64,
     pub user_stack: u64,
+    /// Fingerprint of the user registers and return addresses at that
+    /// capture; a block with the same fingerprint reuses its stacks.
+    pub fingerprint: u64,
+    /// Blocks served from the last capture since it was taken.
+    pub reused: u32,
+    pub _pad: u32,
     pub comm: [u8; COMM_LEN],
 }
 
-const _: () = assert!(core::mem::size_of::<Pending>() == 40);
+const _: () = assert!(core::mem::size_of::<ThreadState>() == 64);
 
 /// Key of the per-process histograms.
 #[repr(C)]
@@ -118,7 +128,7 @@ mod pod {
     unsafe impl aya::Pod for StackTrace {}
     unsafe impl aya::Pod for OffCpuKey {}
     unsafe impl aya::Pod for OffCpuValue {}
-    unsafe impl aya::Pod for Pending {}
+    unsafe impl aya::Pod for ThreadState {}
     unsafe impl aya::Pod for HistKey {}
     unsafe impl aya::Pod for Histogram {}
 }

@@ -29,14 +29,15 @@ pub enum Stat {
     OffCpuBlocks = 10,
     /// Blocks shorter than `--off-cpu-min-block`; not recorded.
     OffCpuShort = 11,
-    /// Blocks lost because the pending-block map was full.
-    OffCpuPendingFull = 12,
+    /// Scheduler events lost because the per-thread map was full.
+    ThreadMapFull = 12,
     /// Blocks lost because the off-CPU aggregate map was full.
     OffCpuAggregateFull = 13,
     /// Stacks recorded without content because the stack map was full.
     StackMapFull = 14,
-    /// Run-queue waits not measured because the wakeup map was full.
-    WakeupMapFull = 15,
+    /// Blocks whose stacks were reused from the thread's previous block at
+    /// the same place instead of being unwound again.
+    StacksReused = 15,
     /// Latencies not recorded because the histogram map was full.
     HistogramMapFull = 16,
 }
@@ -59,10 +60,10 @@ impl Stat {
         Stat::Switches,
         Stat::OffCpuBlocks,
         Stat::OffCpuShort,
-        Stat::OffCpuPendingFull,
+        Stat::ThreadMapFull,
         Stat::OffCpuAggregateFull,
         Stat::StackMapFull,
-        Stat::WakeupMapFull,
+        Stat::StacksReused,
         Stat::HistogramMapFull,
     ];
 
@@ -81,10 +82,10 @@ impl Stat {
             Stat::Switches => "switches",
             Stat::OffCpuBlocks => "off_cpu_blocks",
             Stat::OffCpuShort => "off_cpu_below_min_block",
-            Stat::OffCpuPendingFull => "off_cpu_pending_map_full",
+            Stat::ThreadMapFull => "thread_map_full",
             Stat::OffCpuAggregateFull => "off_cpu_aggregate_map_full",
             Stat::StackMapFull => "stack_map_full",
-            Stat::WakeupMapFull => "wakeup_map_full",
+            Stat::StacksReused => "stacks_reused",
             Stat::HistogramMapFull => "histogram_map_full",
         }
     }

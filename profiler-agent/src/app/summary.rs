@@ -28,9 +28,11 @@ pub struct SchedulerSummary {
     /// Off-CPU nanoseconds recorded in total.
     pub off_cpu_ns: u64,
     /// Threads still blocked when recording stopped.
-    pub pending_left: usize,
+    pub blocked_left: usize,
     /// Threads still waiting on a run queue when recording stopped.
-    pub runq_left: usize,
+    pub runnable_left: usize,
+    /// Threads with an entry in the per-thread map (exited ones are removed).
+    pub tracked_left: usize,
 }
 
 /// Everything the summary reports.
@@ -126,19 +128,14 @@ impl Summary {
         let k = |stat| self.kernel.get(stat);
         let _ = writeln!(
             s,
-            "Scheduler: {} switches; {} blocks captured ({} shorter than --off-cpu-min-block); {:.3} s off-CPU recorded.",
+            "Scheduler: {} switches; {} blocks captured ({} shorter than --off-cpu-min-block; stacks reused for {}); {:.3} s off-CPU recorded.",
             k(Stat::Switches),
             k(Stat::OffCpuBlocks),
             k(Stat::OffCpuShort),
+            k(Stat::StacksReused),
             sched.off_cpu_ns as f64 / 1e9
         );
-        let lost = [
-            Stat::OffCpuPendingFull,
-            Stat::OffCpuAggregateFull,
-            Stat::StackMapFull,
-            Stat::WakeupMapFull,
-            Stat::HistogramMapFull,
-        ];
+        let lost = [Stat::ThreadMapFull, Stat::OffCpuAggregateFull, Stat::StackMapFull, Stat::HistogramMapFull];
         let total: u64 = lost.iter().map(|&st| k(st)).sum();
         let detail: Vec<String> = lost.iter().map(|&st| format!("{} {}", st.name(), k(st))).collect();
         let _ = writeln!(s, "Scheduler events dropped: {total} ({}).", detail.join(", "));
@@ -157,8 +154,8 @@ impl Summary {
         }
         let _ = writeln!(
             s,
-            "Scheduler maps at exit: {} threads still blocked, {} waiting to run.",
-            sched.pending_left, sched.runq_left
+            "Scheduler maps at exit: {} threads still blocked, {} waiting to run, {} threads tracked.",
+            sched.blocked_left, sched.runnable_left, sched.tracked_left
         );
     }
 }
@@ -228,8 +225,9 @@ mod tests {
                     off_cpu: Percentiles::default(),
                 }],
                 off_cpu_ns: 1_500_000_000,
-                pending_left: 3,
-                runq_left: 1,
+                blocked_left: 3,
+                runnable_left: 1,
+                tracked_left: 5,
             }),
             ..Default::default()
         }
@@ -238,7 +236,7 @@ mod tests {
         assert!(s.contains("1.500 s off-CPU"), "{s}");
         assert!(s.contains("dropped: 2 (") && s.contains("stack_map_full 2"), "{s}");
         assert!(s.contains("run queue 2.0us / 3.00ms / 3.50ms / 4.00ms, 10   off-CPU -"), "{s}");
-        assert!(s.contains("3 threads still blocked, 1 waiting to run"), "{s}");
+        assert!(s.contains("3 threads still blocked, 1 waiting to run, 5 threads tracked"), "{s}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use profiler_common::{
-    offcpu::{HistKey, Histogram, OffCpuKey, OffCpuValue, StackTrace},
+    offcpu::{HistKey, Histogram, OffCpuKey, OffCpuValue, StackTrace, ThreadState},
     Sample, STAT_COUNT,
 };
 
@@ -278,12 +278,18 @@ impl SampleSource for EbpfSource {
         if !self.off_cpu {
             return Ok(MapOccupancy::default());
         }
-        let pending: HashMap<_, u32, profiler_common::offcpu::Pending> = map(&self.ebpf, "PENDING")?;
-        let runq: HashMap<_, u32, u64> = map(&self.ebpf, "RUNQ_START")?;
-        Ok(MapOccupancy {
-            pending: pending.keys().filter_map(Result::ok).collect(),
-            runq: runq.keys().filter_map(Result::ok).collect(),
-        })
+        let threads: HashMap<_, u32, ThreadState> = map(&self.ebpf, "THREADS")?;
+        let mut occupancy = MapOccupancy::default();
+        for (tid, state) in threads.iter().filter_map(Result::ok) {
+            occupancy.threads.push(tid);
+            if state.block_start_ns != 0 {
+                occupancy.blocked += 1;
+            }
+            if state.runq_start_ns != 0 {
+                occupancy.runnable += 1;
+            }
+        }
+        Ok(occupancy)
     }
 }
 

@@ -86,13 +86,15 @@ pub struct ProgramRunTime {
     pub runs: u64,
 }
 
-/// Threads with an entry in the per-thread scheduler maps.
+/// What the per-thread scheduler map holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapOccupancy {
-    /// Threads currently blocked (waiting to be switched in).
-    pub pending: Vec<u32>,
-    /// Threads waiting on a run queue.
-    pub runq: Vec<u32>,
+    /// Threads with an entry (seen, not yet exited).
+    pub threads: Vec<u32>,
+    /// Of those, threads currently blocked.
+    pub blocked: usize,
+    /// Of those, threads waiting on a run queue.
+    pub runnable: usize,
 }
 
 /// The kernel side as the agent sees it: a stream of on-CPU samples plus the

@@ -89,16 +89,10 @@ impl<R: FileResolver> Symbolizer<R> {
         for (key, &value) in &agg.stacks {
             let process = procs.observe(key.pid, &key.thread_name());
             let mut frames = Vec::with_capacity(key.kernel.len() + key.user.len());
-            let mut own_frames = true;
-            for (i, &addr) in key.kernel.iter().enumerate() {
-                let frame = self.kernel_frame(lookup_addr(i, addr), kernel_module);
-                // Stacks captured from a tracepoint begin inside the
-                // profiler's own program and its trampoline: not the
-                // profiled code's time.
-                own_frames = own_frames && is_bpf_frame(&frame.function);
-                if !own_frames {
-                    frames.push(b.frame(profile, frame));
-                }
+            let kernel: Vec<Frame> =
+                key.kernel.iter().enumerate().map(|(i, &addr)| self.kernel_frame(lookup_addr(i, addr), kernel_module)).collect();
+            for frame in without_bpf_glue(kernel) {
+                frames.push(b.frame(profile, frame));
             }
             for (i, &addr) in key.user.iter().enumerate() {
                 let lookup = lookup_addr(i, addr);
@@ -232,9 +226,19 @@ impl<R: FileResolver> Symbolizer<R> {
     }
 }
 
-/// Frames of a BPF program and the tracepoint glue that ran it.
-fn is_bpf_frame(name: &str) -> bool {
-    name.starts_with("bpf_prog_") || name.starts_with("bpf_trace_run") || name.starts_with("__bpf_trace_")
+/// Stacks captured from a tracepoint begin inside the profiler's own
+/// program and the glue that ran it (`bpf_trace_runN`), which are not the
+/// profiled code's time. The program itself may be unloaded by the time its
+/// address is symbolized, so everything up to the glue frame is dropped.
+fn without_bpf_glue(mut frames: Vec<Frame>) -> Vec<Frame> {
+    let is_glue = |f: &Frame| f.function.starts_with("bpf_trace_run") || f.function.starts_with("__bpf_trace_");
+    if let Some(i) = frames.iter().take(4).rposition(is_glue) {
+        frames.drain(..=i);
+    } else {
+        let own = frames.iter().take_while(|f| f.function.starts_with("bpf_prog_")).count();
+        frames.drain(..own);
+    }
+    frames
 }
 
 /// Return addresses point after the call; step back one byte so the lookup

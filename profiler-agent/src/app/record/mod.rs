@@ -127,8 +127,9 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         scheduler = Some(SchedulerSummary {
             processes: latencies,
             off_cpu_ns: off.total(),
-            pending_left: occupancy.pending.len(),
-            runq_left: occupancy.runq.len(),
+            blocked_left: occupancy.blocked,
+            runnable_left: occupancy.runnable,
+            tracked_left: occupancy.threads.len(),
         });
     } else {
         scheduler = None;
