@@ -11,14 +11,20 @@ use profiler_common::{Stat, MAX_FILTER_PIDS, STAT_COUNT};
 #[no_mangle]
 static FILTER_PIDS: u32 = 0;
 
-/// Samples to user space. 8 MiB holds about 4000 samples: two seconds of a
-/// 16-CPU machine at 99 Hz, far more than the agent's 100 ms drain period needs.
+/// Samples to user space. The agent sizes it at load time for the CPU count
+/// and frequency (see `bpf::loader::ring_buffer_bytes`); this is the ceiling.
 #[map]
 pub static SAMPLES: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
-/// Fill level at which a submit wakes the agent instead of waiting for its
-/// next poll.
-pub const SAMPLES_WAKEUP_BYTES: u64 = 2 * 1024 * 1024;
+/// Set by the agent: fill level at which a submit wakes the agent instead
+/// of waiting for its next poll (a quarter of the ring buffer).
+#[no_mangle]
+static SAMPLES_WAKEUP_BYTES: u64 = 2 * 1024 * 1024;
+
+#[inline(always)]
+pub fn samples_wakeup_bytes() -> u64 {
+    unsafe { core::ptr::read_volatile(&SAMPLES_WAKEUP_BYTES) }
+}
 
 /// The `--pid` set. Value unused.
 #[map]

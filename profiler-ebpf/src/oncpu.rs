@@ -29,7 +29,7 @@ use aya_ebpf::{
 use profiler_common::{Sample, Stat, SAMPLE_FLAG_KERNEL_TRUNCATED, SAMPLE_FLAG_USER_TRUNCATED};
 
 use crate::{
-    maps::{count, wanted, SAMPLES, SAMPLES_WAKEUP_BYTES},
+    maps::{count, samples_wakeup_bytes, wanted, SAMPLES},
     stack,
 };
 
@@ -88,7 +88,7 @@ fn try_sample(ctx: &PerfEventContext) {
 /// early, so a burst cannot fill the buffer before the next poll.
 #[inline(always)]
 fn wakeup_flags() -> u64 {
-    if SAMPLES.query(BPF_RB_AVAIL_DATA as u64) >= SAMPLES_WAKEUP_BYTES {
+    if SAMPLES.query(BPF_RB_AVAIL_DATA as u64) >= samples_wakeup_bytes() {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64

@@ -104,7 +104,12 @@ impl EbpfSource {
             }
             None => None,
         };
+        let cpus = aya::util::online_cpus().map_err(|(path, e)| BpfError::Cpus(path, e))?;
+        let ring_bytes = ring_buffer_bytes(cpus.len(), opts.frequency);
+        let wakeup_bytes = u64::from(ring_bytes / 4);
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries("SAMPLES", ring_bytes)
+            .override_global("SAMPLES_WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("FILTER_PIDS", &filter, true)
             .override_global("TASK_PID_OFFSET", &pid_offset, true)
             .override_global("TASK_TGID_OFFSET", &tgid_offset, true)
@@ -130,7 +135,6 @@ impl EbpfSource {
             .try_into()
             .map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
         program.load().map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
-        let cpus = aya::util::online_cpus().map_err(|(path, e)| BpfError::Cpus(path, e))?;
         for cpu in cpus {
             program
                 .attach(
@@ -301,6 +305,16 @@ fn map_mut<'a, K: aya::Pod, V: aya::Pod>(ebpf: &'a mut Ebpf, name: &'static str)
     HashMap::try_from(ebpf.map_mut(name).ok_or(BpfError::Missing(name))?).map_err(|source| BpfError::Map { name, source })
 }
 
+/// Ring buffer size: half a second of samples from every CPU, so the 100 ms
+/// poll period has 5x headroom and a quarter-full wakeup still comes early;
+/// a power of two (the kernel requires it) between 256 KiB and 8 MiB. The
+/// buffer's pages count in the agent's RSS once the kernel has written them,
+/// so it is not made larger than needed.
+pub(crate) fn ring_buffer_bytes(cpus: usize, frequency: u64) -> u32 {
+    let half_second = (cpus as u64).max(1) * frequency.max(1) * std::mem::size_of::<Sample>() as u64 / 2;
+    half_second.clamp(256 << 10, 8 << 20).next_power_of_two() as u32
+}
+
 /// Reads `run_time_ns`/`run_cnt` from the program fd's fdinfo: present only
 /// while `kernel.bpf_stats_enabled` is 1.
 fn fdinfo_run_time(fd: i32) -> Option<(Duration, u64)> {
@@ -309,4 +323,18 @@ fn fdinfo_run_time(fd: i32) -> Option<(Duration, u64)> {
         text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse::<u64>().ok())
     };
     Some((Duration::from_nanos(field("run_time_ns:")?), field("run_cnt:")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ring_buffer_bytes;
+
+    #[test]
+    fn ring_buffer_scales_with_cpus_and_frequency_within_bounds() {
+        assert_eq!(ring_buffer_bytes(2, 99), 256 << 10);
+        assert_eq!(ring_buffer_bytes(16, 99), 2 << 20);
+        assert_eq!(ring_buffer_bytes(256, 999), 8 << 20);
+        assert_eq!(ring_buffer_bytes(0, 0), 256 << 10);
+        assert!(ring_buffer_bytes(7, 123).is_power_of_two());
+    }
 }
