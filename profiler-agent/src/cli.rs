@@ -72,6 +72,10 @@ pub struct RecordArgs {
     /// With --off-cpu, ignore blocks shorter than this (`1ms`, `50us`); 0 records every block.
     #[arg(long, value_parser = parse_duration, default_value = "0", value_name = "DURATION", requires = "off_cpu")]
     pub off_cpu_min_block: Duration,
+    /// Attach the scheduler programs as raw tracepoints, the fallback for
+    /// kernels whose BTF lacks the tracepoints (for testing that path).
+    #[arg(long, hide = true, requires = "off_cpu")]
+    pub off_cpu_raw_tracepoints: bool,
 }
 
 #[cfg(test)]

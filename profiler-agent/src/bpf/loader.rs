@@ -42,6 +42,9 @@ pub struct LoadOptions {
 pub struct OffCpuOptions {
     /// Blocks shorter than this are not recorded.
     pub min_block_ns: u64,
+    /// Attach through raw tracepoints even when BTF tracepoints work (to
+    /// exercise the fallback used on kernels whose BTF lacks them).
+    pub force_raw_tracepoints: bool,
 }
 
 /// Scheduler tracepoints: (tracepoint, BTF program, raw-tracepoint fallback).
@@ -65,15 +68,27 @@ pub struct EbpfSource {
 
 /// Attaches a scheduler tracepoint through BTF, or through a raw tracepoint
 /// when the kernel's BTF does not describe it.
-fn attach_sched(ebpf: &mut Ebpf, btf: &Btf, tracepoint: &'static str, btf_name: &'static str, raw_name: &'static str) -> Result<(), BpfError> {
+fn attach_sched(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    force_raw: bool,
+    tracepoint: &'static str,
+    btf_name: &'static str,
+    raw_name: &'static str,
+) -> Result<(), BpfError> {
     let via_btf = (|| -> Result<(), aya::programs::ProgramError> {
+        if force_raw {
+            return Err(aya::programs::ProgramError::NotLoaded);
+        }
         let p: &mut BtfTracePoint = ebpf.program_mut(btf_name).ok_or(aya::programs::ProgramError::NotLoaded)?.try_into()?;
         p.load(tracepoint, btf)?;
         p.attach()?;
         Ok(())
     })();
     let Err(btf_error) = via_btf else { return Ok(()) };
-    log::info!("attaching tp_btf/{tracepoint} failed ({btf_error}); falling back to raw_tracepoint");
+    if !force_raw {
+        log::info!("attaching tp_btf/{tracepoint} failed ({btf_error}); falling back to raw_tracepoint");
+    }
     let p: &mut RawTracePoint = ebpf
         .program_mut(raw_name)
         .ok_or(BpfError::Missing(raw_name))?
@@ -147,8 +162,9 @@ impl EbpfSource {
         }
 
         if let Some(btf) = &btf {
+            let force_raw = opts.off_cpu.as_ref().is_some_and(|o| o.force_raw_tracepoints);
             for (tracepoint, btf_name, raw_name) in SCHED_PROGRAMS {
-                attach_sched(&mut ebpf, btf, tracepoint, btf_name, raw_name)?;
+                attach_sched(&mut ebpf, btf, force_raw, tracepoint, btf_name, raw_name)?;
             }
         }
 

@@ -58,7 +58,10 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
         frequency: args.frequency,
         pids: args.pids.clone(),
-        off_cpu: args.off_cpu.then(|| OffCpuOptions { min_block_ns: args.off_cpu_min_block.as_nanos() as u64 }),
+        off_cpu: args.off_cpu.then(|| OffCpuOptions {
+            min_block_ns: args.off_cpu_min_block.as_nanos() as u64,
+            force_raw_tracepoints: args.off_cpu_raw_tracepoints,
+        }),
     };
     let mut source = EbpfSource::load(&opts).context("loading the eBPF programs failed")?;
     let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
