@@ -107,7 +107,9 @@ mod tests {
 
     #[test]
     fn parses_the_contract() {
-        let r = parse(&["--duration", "10s", "--pid", "1", "--pid", "2", "--frequency", "19", "--format", "svg,folded"]).unwrap();
+        let r =
+            parse(&["--duration", "10s", "--pid", "1", "--pid", "2", "--frequency", "19", "--format", "svg,folded"])
+                .unwrap();
         assert_eq!(r.duration, Some(Duration::from_secs(10)));
         assert_eq!(r.pids, [1, 2]);
         assert_eq!(r.frequency, 19);

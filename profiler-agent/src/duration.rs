@@ -9,7 +9,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let expected = || format!("invalid duration `{text}`: expected a number of seconds or a number with a unit (ns, us, ms, s, m, h), e.g. `10` or `10s`");
+    let expected = || {
+        format!("invalid duration `{text}`: expected a number of seconds or a number with a unit (ns, us, ms, s, m, h), e.g. `10` or `10s`")
+    };
     let value: f64 = number.parse().map_err(|_| expected())?;
     let scale = match unit.trim() {
         "" | "s" | "sec" | "secs" => 1.0,

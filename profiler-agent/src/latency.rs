@@ -43,7 +43,13 @@ pub fn quantile(h: &Histogram, q: f64) -> f64 {
 }
 
 pub fn percentiles(h: &Histogram) -> Percentiles {
-    Percentiles { count: count(h), p50: quantile(h, 0.50), p95: quantile(h, 0.95), p99: quantile(h, 0.99), max: h.max_ns }
+    Percentiles {
+        count: count(h),
+        p50: quantile(h, 0.50),
+        p95: quantile(h, 0.95),
+        p99: quantile(h, 0.99),
+        max: h.max_ns,
+    }
 }
 
 /// Adds `other` into `into` (histograms of threads of one process, or of

@@ -82,9 +82,8 @@ mod tests {
         s.kernel[0] = 0xffff_ffff_8100_0000;
         s.kernel[1] = 0xffff_ffff_8100_0010;
         s.user[..3].copy_from_slice(&[0x401000, 0x401100, 0x401200]);
-        let bytes: &[u8] = unsafe {
-            core::slice::from_raw_parts((&s as *const Sample).cast::<u8>(), core::mem::size_of::<Sample>())
-        };
+        let bytes: &[u8] =
+            unsafe { core::slice::from_raw_parts((&s as *const Sample).cast::<u8>(), core::mem::size_of::<Sample>()) };
         // Offsets the eBPF side relies on.
         assert_eq!(&bytes[0..4], &7u32.to_ne_bytes());
         assert_eq!(&bytes[24..32], &0x0102_0304_0506_0708u64.to_ne_bytes());

@@ -34,7 +34,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use profiler_common::{
-    offcpu::{hist_bucket, HistKey, Histogram, OffCpuKey, OffCpuValue, StackTrace, ThreadState, HIST_OFFCPU, HIST_RUNQ},
+    offcpu::{
+        hist_bucket, HistKey, Histogram, OffCpuKey, OffCpuValue, StackTrace, ThreadState, HIST_OFFCPU, HIST_RUNQ,
+    },
     Stat, MAX_STACK_DEPTH,
 };
 

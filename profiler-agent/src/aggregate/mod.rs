@@ -123,7 +123,13 @@ mod tests {
         let a = agg.take();
         assert_eq!(a.samples, 4);
         assert_eq!(a.stacks.len(), 3);
-        let key = StackKey { pid: 10, tid: 11, thread_name: sample(0, 0, "w", &[], &[]).comm, kernel: [].into(), user: [0x1, 0x2].into() };
+        let key = StackKey {
+            pid: 10,
+            tid: 11,
+            thread_name: sample(0, 0, "w", &[], &[]).comm,
+            kernel: [].into(),
+            user: [0x1, 0x2].into(),
+        };
         assert_eq!(a.stacks[&key], 2);
         assert_eq!(key.thread_name(), "w");
         assert!(agg.is_empty(), "take starts a new interval");

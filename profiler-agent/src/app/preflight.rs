@@ -69,10 +69,7 @@ pub fn check_pids(proc_root: &Path, pids: &[u32]) -> Result<(), PreflightError> 
         let status_path = proc_root.join(pid.to_string()).join("status");
         let status = fs::read_to_string(&status_path)
             .map_err(|_| PreflightError::NoSuchProcess(pid, proc_root.join(pid.to_string())))?;
-        let tgid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Tgid:"))
-            .and_then(|v| v.trim().parse::<u32>().ok());
+        let tgid = status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse::<u32>().ok());
         if let Some(tgid) = tgid.filter(|&t| t != pid) {
             return Err(PreflightError::NotAProcess { tid: pid, tgid });
         }

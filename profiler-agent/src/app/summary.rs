@@ -164,14 +164,7 @@ fn fmt_percentiles(p: &Percentiles) -> String {
     if p.count == 0 {
         return "-".into();
     }
-    format!(
-        "{} / {} / {} / {}, {}",
-        human_ns(p.p50),
-        human_ns(p.p95),
-        human_ns(p.p99),
-        human_ns(p.max as f64),
-        p.count
-    )
+    format!("{} / {} / {} / {}, {}", human_ns(p.p50), human_ns(p.p95), human_ns(p.p99), human_ns(p.max as f64), p.count)
 }
 
 #[cfg(test)]
@@ -194,7 +187,11 @@ mod tests {
             unique_stacks: 12,
             processes: 2,
             symbols: SymbolizeStats { frames: 200, unsymbolized: 5, unknown_mapping: 1 },
-            run_time: vec![ProgramRunTime { name: "on_cpu_sample".into(), time: Duration::from_micros(1500), runs: 1000 }],
+            run_time: vec![ProgramRunTime {
+                name: "on_cpu_sample".into(),
+                time: Duration::from_micros(1500),
+                runs: 1000,
+            }],
             files: vec!["out/cpu.folded".into()],
             ..Default::default()
         }

@@ -38,12 +38,16 @@ impl StructOffsets {
             return Err(BtfError::BadHeader);
         }
         let hdr_len = u32_at(4).ok_or(BtfError::BadHeader)? as usize;
-        let (type_off, type_len) = (u32_at(8).ok_or(BtfError::BadHeader)? as usize, u32_at(12).ok_or(BtfError::BadHeader)? as usize);
-        let (str_off, str_len) = (u32_at(16).ok_or(BtfError::BadHeader)? as usize, u32_at(20).ok_or(BtfError::BadHeader)? as usize);
+        let (type_off, type_len) =
+            (u32_at(8).ok_or(BtfError::BadHeader)? as usize, u32_at(12).ok_or(BtfError::BadHeader)? as usize);
+        let (str_off, str_len) =
+            (u32_at(16).ok_or(BtfError::BadHeader)? as usize, u32_at(20).ok_or(BtfError::BadHeader)? as usize);
         let types_start = hdr_len.checked_add(type_off).ok_or(BtfError::BadHeader)?;
         let types_end = types_start.checked_add(type_len).ok_or(BtfError::BadHeader)?;
         let strs_start = hdr_len.checked_add(str_off).ok_or(BtfError::BadHeader)?;
-        let strs = data.get(strs_start..strs_start.checked_add(str_len).ok_or(BtfError::BadHeader)?).ok_or(BtfError::BadHeader)?;
+        let strs = data
+            .get(strs_start..strs_start.checked_add(str_len).ok_or(BtfError::BadHeader)?)
+            .ok_or(BtfError::BadHeader)?;
         if types_end > data.len() {
             return Err(BtfError::BadHeader);
         }
@@ -57,17 +61,18 @@ impl StructOffsets {
         let mut pos = types_start;
         let mut index = 1;
         while pos < types_end {
-            let (name_off, info) = (u32_at(pos).ok_or(BtfError::Truncated(index))?, u32_at(pos + 4).ok_or(BtfError::Truncated(index))?);
+            let (name_off, info) =
+                (u32_at(pos).ok_or(BtfError::Truncated(index))?, u32_at(pos + 4).ok_or(BtfError::Truncated(index))?);
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
             let kflag = info >> 31 == 1;
             pos += 12;
             let extra = match kind {
-                1 | 14 | 17 => 4,                 // INT, VAR, DECL_TAG
-                3 => 12,                          // ARRAY
-                4 | 5 | 15 | 19 => 12 * vlen,     // STRUCT, UNION, DATASEC, ENUM64
-                6 | 13 => 8 * vlen,               // ENUM, FUNC_PROTO
-                2 | 7..=12 | 16 | 18 => 0,        // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
+                1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
+                3 => 12,                      // ARRAY
+                4 | 5 | 15 | 19 => 12 * vlen, // STRUCT, UNION, DATASEC, ENUM64
+                6 | 13 => 8 * vlen,           // ENUM, FUNC_PROTO
+                2 | 7..=12 | 16 | 18 => 0,    // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
                 _ => return Err(BtfError::UnknownKind { kind, index }),
             };
             if pos + extra > types_end {
@@ -77,7 +82,10 @@ impl StructOffsets {
                 let mut members = HashMap::new();
                 for m in 0..vlen {
                     let base = pos + 12 * m;
-                    let (m_name, m_off) = (u32_at(base).ok_or(BtfError::Truncated(index))?, u32_at(base + 8).ok_or(BtfError::Truncated(index))?);
+                    let (m_name, m_off) = (
+                        u32_at(base).ok_or(BtfError::Truncated(index))?,
+                        u32_at(base + 8).ok_or(BtfError::Truncated(index))?,
+                    );
                     // With kflag, the low 24 bits are the bit offset and the
                     // high 8 the bitfield size.
                     let bits = if kflag { m_off & 0x00ff_ffff } else { m_off };

@@ -80,7 +80,8 @@ fn attach_sched(
         if force_raw {
             return Err(aya::programs::ProgramError::NotLoaded);
         }
-        let p: &mut BtfTracePoint = ebpf.program_mut(btf_name).ok_or(aya::programs::ProgramError::NotLoaded)?.try_into()?;
+        let p: &mut BtfTracePoint =
+            ebpf.program_mut(btf_name).ok_or(aya::programs::ProgramError::NotLoaded)?.try_into()?;
         p.load(tracepoint, btf)?;
         p.attach()?;
         Ok(())
@@ -274,7 +275,12 @@ impl SampleSource for EbpfSource {
         };
         Ok(entries
             .into_iter()
-            .map(|(key, value)| OffCpuRecord { kernel: stack(key.kernel_stack), user: stack(key.user_stack), key, value })
+            .map(|(key, value)| OffCpuRecord {
+                kernel: stack(key.kernel_stack),
+                user: stack(key.user_stack),
+                key,
+                value,
+            })
             .collect())
     }
 
@@ -313,12 +319,19 @@ impl SampleSource for EbpfSource {
     }
 }
 
-fn map<'a, K: aya::Pod, V: aya::Pod>(ebpf: &'a Ebpf, name: &'static str) -> Result<HashMap<&'a MapData, K, V>, BpfError> {
+fn map<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a Ebpf,
+    name: &'static str,
+) -> Result<HashMap<&'a MapData, K, V>, BpfError> {
     HashMap::try_from(ebpf.map(name).ok_or(BpfError::Missing(name))?).map_err(|source| BpfError::Map { name, source })
 }
 
-fn map_mut<'a, K: aya::Pod, V: aya::Pod>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<HashMap<&'a mut MapData, K, V>, BpfError> {
-    HashMap::try_from(ebpf.map_mut(name).ok_or(BpfError::Missing(name))?).map_err(|source| BpfError::Map { name, source })
+fn map_mut<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<&'a mut MapData, K, V>, BpfError> {
+    HashMap::try_from(ebpf.map_mut(name).ok_or(BpfError::Missing(name))?)
+        .map_err(|source| BpfError::Map { name, source })
 }
 
 /// Ring buffer size: half a second of samples from every CPU, so the 100 ms
@@ -335,9 +348,7 @@ pub(crate) fn ring_buffer_bytes(cpus: usize, frequency: u64) -> u32 {
 /// while `kernel.bpf_stats_enabled` is 1.
 fn fdinfo_run_time(fd: i32) -> Option<(Duration, u64)> {
     let text = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-    let field = |key: &str| {
-        text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse::<u64>().ok())
-    };
+    let field = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse::<u64>().ok());
     Some((Duration::from_nanos(field("run_time_ns:")?), field("run_cnt:")?))
 }
 

@@ -21,7 +21,9 @@ pub use loader::{EbpfSource, LoadOptions, OffCpuOptions};
 /// Errors from loading, attaching and reading the BPF programs.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
-    #[error("this agent was built with AYA_BUILD_SKIP=1 and contains no eBPF programs; rebuild it with `cargo xtask build`")]
+    #[error(
+        "this agent was built with AYA_BUILD_SKIP=1 and contains no eBPF programs; rebuild it with `cargo xtask build`"
+    )]
     NotBuilt,
     #[error("loading the eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),

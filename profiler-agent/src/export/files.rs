@@ -33,11 +33,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
     }
     if let Err(source) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
-        return Err(ExportError::Rename {
-            from: tmp,
-            to: path.to_owned(),
-            source,
-        });
+        return Err(ExportError::Rename { from: tmp, to: path.to_owned(), source });
     }
     sync_parent(path);
     Ok(())
@@ -46,9 +42,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
 /// `dir/.<name>.tmp-<pid>` for `dir/<name>`. Hidden so directory listings
 /// and globs like `*.pb.gz` skip it; the pid keeps two agents apart.
 fn temp_path(path: &Path) -> Result<PathBuf, ExportError> {
-    let name = path.file_name().ok_or_else(|| ExportError::NoFileName {
-        path: path.to_owned(),
-    })?;
+    let name = path.file_name().ok_or_else(|| ExportError::NoFileName { path: path.to_owned() })?;
     let mut tmp_name = OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(format!(".tmp-{}", std::process::id()));
@@ -58,14 +52,8 @@ fn temp_path(path: &Path) -> Result<PathBuf, ExportError> {
 fn write_synced(tmp: &Path, bytes: &[u8]) -> Result<(), ExportError> {
     // Truncate: a leftover from a crashed run with a recycled pid must not
     // leak its tail into the new file.
-    let mut file = File::create(tmp).map_err(|source| ExportError::CreateTemp {
-        path: tmp.to_owned(),
-        source,
-    })?;
-    let write_err = |source| ExportError::WriteTemp {
-        path: tmp.to_owned(),
-        source,
-    };
+    let mut file = File::create(tmp).map_err(|source| ExportError::CreateTemp { path: tmp.to_owned(), source })?;
+    let write_err = |source| ExportError::WriteTemp { path: tmp.to_owned(), source };
     file.write_all(bytes).map_err(write_err)?;
     // Without this the rename can reach the disk before the data, and a
     // crash would leave an empty file under the final name.
@@ -114,10 +102,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("out.svg");
         let tmp = temp_path(&path).expect("temp path");
-        assert_eq!(
-            tmp.file_name().expect("name"),
-            format!(".out.svg.tmp-{}", std::process::id()).as_str()
-        );
+        assert_eq!(tmp.file_name().expect("name"), format!(".out.svg.tmp-{}", std::process::id()).as_str());
         fs::write(&tmp, b"stale leftover that is longer than the new data").expect("stale");
         write_atomic(&path, b"new").expect("write");
         assert_eq!(fs::read(&path).expect("read"), b"new");

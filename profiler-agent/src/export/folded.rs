@@ -89,12 +89,7 @@ mod tests {
     use crate::profile::ValueType;
 
     fn empty() -> Profile {
-        Profile::new(
-            ValueType::new("samples", "count"),
-            None,
-            0,
-            SystemTime::UNIX_EPOCH,
-        )
+        Profile::new(ValueType::new("samples", "count"), None, 0, SystemTime::UNIX_EPOCH)
     }
 
     #[test]
@@ -111,10 +106,7 @@ mod tests {
     #[test]
     fn same_process_name_merges_across_pids_and_tids() {
         let mut p = empty();
-        p.frames = vec![
-            frame("a", FrameKind::User, None, 0),
-            frame("b", FrameKind::User, None, 0),
-        ];
+        p.frames = vec![frame("a", FrameKind::User, None, 0), frame("b", FrameKind::User, None, 0)];
         p.samples = vec![
             sample(1, 1, "nginx", "nginx", vec![1, 0], 2),
             sample(1, 2, "nginx", "worker", vec![1, 0], 3),
@@ -130,14 +122,8 @@ mod tests {
         // Two interned frames that differ only in address fold to the same
         // name, so their stacks are one line.
         let mut p = empty();
-        p.frames = vec![
-            frame("f", FrameKind::User, None, 1),
-            frame("f", FrameKind::User, None, 2),
-        ];
-        p.samples = vec![
-            sample(1, 1, "p", "p", vec![0], 1),
-            sample(1, 1, "p", "p", vec![1], 1),
-        ];
+        p.frames = vec![frame("f", FrameKind::User, None, 1), frame("f", FrameKind::User, None, 2)];
+        p.samples = vec![sample(1, 1, "p", "p", vec![0], 1), sample(1, 1, "p", "p", vec![1], 1)];
         assert_eq!(encode(&p), "p;f 2\n");
     }
 
@@ -151,10 +137,7 @@ mod tests {
         ];
         p.samples = vec![sample(1, 1, "my proc;x", "t", vec![1, 0, 2, 99], 7)];
         let text = encode(&p);
-        assert_eq!(
-            text,
-            "my proc:x;[unknown];[unknown];core::ptr::drop<[u8: 8]>;evil name with  breaks_[i] 7\n"
-        );
+        assert_eq!(text, "my proc:x;[unknown];[unknown];core::ptr::drop<[u8: 8]>;evil name with  breaks_[i] 7\n");
         for line in text.lines() {
             let (stack, value) = line.rsplit_once(' ').expect("value separator");
             assert_eq!(value.parse::<u64>().expect("numeric value"), 7);

@@ -214,7 +214,6 @@ impl ProcessTable {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,11 +26,8 @@ pub struct Blaze {
 
 impl Default for Blaze {
     fn default() -> Self {
-        let symbolizer = Symbolizer::builder()
-            .enable_code_info(true)
-            .enable_inlined_fns(true)
-            .enable_demangling(true)
-            .build();
+        let symbolizer =
+            Symbolizer::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(true).build();
         Self { symbolizer, failed_files: 0 }
     }
 }

@@ -42,9 +42,15 @@ pub struct Symbolizer<R: FileResolver> {
 
 /// Where a user address points once translated.
 enum Target {
-    File { module: Arc<ModuleInfo>, offset: u64 },
+    File {
+        module: Arc<ModuleInfo>,
+        offset: u64,
+    },
     /// An executable mapping with no file behind it (`[vdso]`, JIT code).
-    Anon { name: String, offset: u64 },
+    Anon {
+        name: String,
+        offset: u64,
+    },
     Unknown,
 }
 
@@ -89,8 +95,12 @@ impl<R: FileResolver> Symbolizer<R> {
         for (key, &value) in &agg.stacks {
             let process = procs.observe(key.pid, &key.thread_name());
             let mut frames = Vec::with_capacity(key.kernel.len() + key.user.len());
-            let kernel: Vec<Frame> =
-                key.kernel.iter().enumerate().map(|(i, &addr)| self.kernel_frame(lookup_addr(i, addr), kernel_module)).collect();
+            let kernel: Vec<Frame> = key
+                .kernel
+                .iter()
+                .enumerate()
+                .map(|(i, &addr)| self.kernel_frame(lookup_addr(i, addr), kernel_module))
+                .collect();
             for frame in without_bpf_glue(kernel) {
                 frames.push(b.frame(profile, frame));
             }
@@ -111,7 +121,14 @@ impl<R: FileResolver> Symbolizer<R> {
         }
     }
 
-    fn translate(&mut self, procs: &mut ProcessTable, refreshed: &mut Vec<u32>, pid: u32, name: &str, addr: u64) -> Target {
+    fn translate(
+        &mut self,
+        procs: &mut ProcessTable,
+        refreshed: &mut Vec<u32>,
+        pid: u32,
+        name: &str,
+        addr: u64,
+    ) -> Target {
         let mut process = procs.observe(pid, name);
         if process.mapping(addr).is_none() && !refreshed.contains(&pid) {
             // Mapped after first sight (dlopen) or the process exec'd: re-read
@@ -172,7 +189,15 @@ impl<R: FileResolver> Symbolizer<R> {
                 (format!("[kernel.kallsyms]+0x{addr:x}"), true)
             }
         };
-        Frame { function, file: None, line: None, module: Some(module), address: addr, kind: FrameKind::Kernel, unsymbolized }
+        Frame {
+            function,
+            file: None,
+            line: None,
+            module: Some(module),
+            address: addr,
+            kind: FrameKind::Kernel,
+            unsymbolized,
+        }
     }
 
     fn user_frames(

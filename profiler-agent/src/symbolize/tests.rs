@@ -19,7 +19,9 @@ impl FileResolver for Canned {
             .iter()
             .map(|o| {
                 let frames: Vec<SymFrame> = self.table.get(o).map_or(Vec::new(), |v| {
-                    v.iter().map(|(n, inl)| SymFrame { name: (*n).into(), file: None, line: Some(1), inlined: *inl }).collect()
+                    v.iter()
+                        .map(|(n, inl)| SymFrame { name: (*n).into(), file: None, line: Some(1), inlined: *inl })
+                        .collect()
                 });
                 Resolved::from(frames)
             })
@@ -97,7 +99,13 @@ fn the_profilers_own_bpf_frames_are_dropped_from_the_inner_end() {
     let mut fx = fixture();
     let mut sym = Symbolizer::new(Canned::default(), kernel(), NonZeroUsize::new(64).unwrap());
     let mut agg = Aggregator::new(100);
-    agg.add(&sample(100, 100, "app", &[0xffffffffc0000010, 0xffffffff81000310, 0xffffffff81000210, 0xffffffff81000110], &[]));
+    agg.add(&sample(
+        100,
+        100,
+        "app",
+        &[0xffffffffc0000010, 0xffffffff81000310, 0xffffffff81000210, 0xffffffff81000110],
+        &[],
+    ));
     let mut p = profile();
     sym.symbolize(&agg.take(), &mut fx.procs, &mut p);
     assert_eq!(names(&p, &p.samples[0]), ["schedule", "do_syscall_64"]);

@@ -58,7 +58,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
         frequency: args.frequency,
         pids: args.pids.clone(),
-        off_cpu: args.off_cpu.then(|| OffCpuOptions {
+        off_cpu: args.off_cpu.then_some(OffCpuOptions {
             min_block_ns: args.off_cpu_min_block.as_nanos() as u64,
             force_raw_tracepoints: args.off_cpu_raw_tracepoints,
         }),
@@ -106,12 +106,17 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     );
     let aggregate = agg.take();
     let period = 1_000_000_000 / args.frequency;
-    let mut cpu =
-        Profile::new(ValueType::new("samples", "count"), Some(ValueType::new("cpu", "nanoseconds")), period, start_wall);
+    let mut cpu = Profile::new(
+        ValueType::new("samples", "count"),
+        Some(ValueType::new("cpu", "nanoseconds")),
+        period,
+        start_wall,
+    );
     cpu.duration_ns = elapsed.as_nanos() as u64;
     symbolizer.symbolize(&aggregate, &mut procs, &mut cpu);
 
-    let mut outputs = vec![Output { stem: "cpu", profile: &cpu, title: "On-CPU flame graph", unit: "samples", pprof: true }];
+    let mut outputs =
+        vec![Output { stem: "cpu", profile: &cpu, title: "On-CPU flame graph", unit: "samples", pprof: true }];
     let (off, wall, scheduler);
     let mut extra_files = Vec::new();
     if args.off_cpu {
@@ -120,8 +125,20 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         symbolizer.symbolize(&off_cpu_aggregate(&off_cpu_records), &mut procs, &mut p);
         off = p;
         wall = outputs::wall_profile(&cpu, &off);
-        outputs.push(Output { stem: "off-cpu", profile: &off, title: "Off-CPU flame graph (ns blocked)", unit: "ns", pprof: true });
-        outputs.push(Output { stem: "wall", profile: &wall, title: "Wall-clock flame graph per thread (ns)", unit: "ns", pprof: false });
+        outputs.push(Output {
+            stem: "off-cpu",
+            profile: &off,
+            title: "Off-CPU flame graph (ns blocked)",
+            unit: "ns",
+            pprof: true,
+        });
+        outputs.push(Output {
+            stem: "wall",
+            profile: &wall,
+            title: "Wall-clock flame graph per thread (ns)",
+            unit: "ns",
+            pprof: false,
+        });
         let mut latencies = process_latencies(&histograms, &mut procs);
         let csv = dir.join("latency.csv");
         crate::export::files::write_atomic(&csv, latency_csv(&latencies).as_bytes())?;
@@ -181,7 +198,10 @@ fn off_cpu_aggregate(records: &[OffCpuRecord]) -> Aggregate {
 
 /// Run-queue and off-CPU latency per process, the processes with the most
 /// scheduling events first.
-fn process_latencies(histograms: &[(profiler_common::offcpu::HistKey, Histogram)], procs: &mut ProcessTable) -> Vec<ProcessLatency> {
+fn process_latencies(
+    histograms: &[(profiler_common::offcpu::HistKey, Histogram)],
+    procs: &mut ProcessTable,
+) -> Vec<ProcessLatency> {
     let mut by_pid: HashMap<u32, (Histogram, Histogram)> = HashMap::new();
     for (key, h) in histograms {
         let entry = by_pid.entry(key.tgid).or_insert_with(|| (latency::empty(), latency::empty()));
@@ -251,7 +271,10 @@ mod tests {
             runq: Percentiles { count: 3, p50: 1.4, p95: 2.0, p99: 2.0, max: 2 },
             off_cpu: Percentiles::default(),
         }];
-        assert_eq!(latency_csv(&rows), "pid,process,kind,count,p50_ns,p95_ns,p99_ns,max_ns\n7,a_b,runqueue,3,1,2,2,2\n");
+        assert_eq!(
+            latency_csv(&rows),
+            "pid,process,kind,count,p50_ns,p95_ns,p99_ns,max_ns\n7,a_b,runqueue,3,1,2,2,2\n"
+        );
     }
 
     #[test]

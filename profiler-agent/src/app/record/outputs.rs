@@ -88,11 +88,26 @@ mod tests {
         let ids = frames
             .iter()
             .map(|f| {
-                let frame = Frame { function: (*f).into(), file: None, line: None, module: Some(m), address: 1, kind: FrameKind::User, unsymbolized: false };
+                let frame = Frame {
+                    function: (*f).into(),
+                    file: None,
+                    line: None,
+                    module: Some(m),
+                    address: 1,
+                    kind: FrameKind::User,
+                    unsymbolized: false,
+                };
                 b.frame(&mut p, frame)
             })
             .collect();
-        p.samples.push(Sample { pid: 1, tid: 2, process_name: "app".into(), thread_name: "worker".into(), frames: ids, value });
+        p.samples.push(Sample {
+            pid: 1,
+            tid: 2,
+            process_name: "app".into(),
+            thread_name: "worker".into(),
+            frames: ids,
+            value,
+        });
         p
     }
 

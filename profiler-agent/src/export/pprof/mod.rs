@@ -75,10 +75,7 @@ struct StringTable {
 
 impl StringTable {
     fn new() -> Self {
-        let mut table = Self {
-            strings: Vec::new(),
-            index: HashMap::new(),
-        };
+        let mut table = Self { strings: Vec::new(), index: HashMap::new() };
         table.intern("");
         table
     }
@@ -149,11 +146,7 @@ impl<'a> Encoder<'a> {
                 str_label(thread_name, self.strings.intern(&sample.thread_name)),
                 str_label(process_name, self.strings.intern(&sample.process_name)),
             ];
-            samples.push(proto::Sample {
-                location_id: self.locations_of(&sample.frames),
-                value,
-                label,
-            });
+            samples.push(proto::Sample { location_id: self.locations_of(&sample.frames), value, label });
         }
 
         proto::Profile {
@@ -165,11 +158,7 @@ impl<'a> Encoder<'a> {
             string_table: self.strings.strings,
             time_nanos: unix_nanos(profile.start),
             duration_nanos: saturating_i64(profile.duration_ns),
-            period: if period_type.is_some() {
-                saturating_i64(profile.period)
-            } else {
-                0
-            },
+            period: if period_type.is_some() { saturating_i64(profile.period) } else { 0 },
             period_type,
             default_sample_type,
             ..Default::default()
@@ -177,10 +166,7 @@ impl<'a> Encoder<'a> {
     }
 
     fn value_type(&mut self, t: &crate::profile::ValueType) -> proto::ValueType {
-        proto::ValueType {
-            r#type: self.strings.intern(&t.kind),
-            unit: self.strings.intern(&t.unit),
-        }
+        proto::ValueType { r#type: self.strings.intern(&t.kind), unit: self.strings.intern(&t.unit) }
     }
 
     /// One mapping per module, id = index + 1, with the `has_*` flags
@@ -192,9 +178,7 @@ impl<'a> Encoder<'a> {
             mappings.push(proto::Mapping {
                 id: i as u64 + 1,
                 filename: self.strings.intern(&module.path),
-                build_id: self
-                    .strings
-                    .intern(module.build_id.as_deref().unwrap_or("")),
+                build_id: self.strings.intern(module.build_id.as_deref().unwrap_or("")),
                 ..Default::default()
             });
         }
@@ -235,14 +219,8 @@ impl<'a> Encoder<'a> {
     /// adding it if new.
     fn location(&mut self, chain: &[&'a Frame]) -> u64 {
         let owner = chain[chain.len() - 1];
-        let mapping_id = owner
-            .module
-            .filter(|&m| m < self.profile.modules.len())
-            .map_or(0, |m| m as u64 + 1);
-        let lines: Vec<(u64, i64)> = chain
-            .iter()
-            .map(|f| (self.function(f), f.line.map_or(0, i64::from)))
-            .collect();
+        let mapping_id = owner.module.filter(|&m| m < self.profile.modules.len()).map_or(0, |m| m as u64 + 1);
+        let lines: Vec<(u64, i64)> = chain.iter().map(|f| (self.function(f), f.line.map_or(0, i64::from))).collect();
         let key = (mapping_id, owner.address, lines);
         if let Some(&id) = self.location_ids.get(&key) {
             return id;
@@ -252,15 +230,7 @@ impl<'a> Encoder<'a> {
             id,
             mapping_id,
             address: owner.address,
-            line: key
-                .2
-                .iter()
-                .map(|&(function_id, line)| proto::Line {
-                    function_id,
-                    line,
-                    column: 0,
-                })
-                .collect(),
+            line: key.2.iter().map(|&(function_id, line)| proto::Line { function_id, line, column: 0 }).collect(),
             is_folded: false,
         });
         self.location_ids.insert(key, id);
@@ -289,19 +259,11 @@ impl<'a> Encoder<'a> {
 }
 
 fn num_label(key: i64, num: i64) -> proto::Label {
-    proto::Label {
-        key,
-        num,
-        ..Default::default()
-    }
+    proto::Label { key, num, ..Default::default() }
 }
 
 fn str_label(key: i64, str: i64) -> proto::Label {
-    proto::Label {
-        key,
-        str,
-        ..Default::default()
-    }
+    proto::Label { key, str, ..Default::default() }
 }
 
 /// pprof values are signed; clamp instead of wrapping to a negative value.

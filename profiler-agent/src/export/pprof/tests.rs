@@ -13,9 +13,7 @@ use crate::profile::ValueType;
 fn decode_gzip(p: &Profile) -> proto::Profile {
     let gz = to_gzip(p).expect("gzip");
     let mut raw = Vec::new();
-    GzDecoder::new(gz.as_slice())
-        .read_to_end(&mut raw)
-        .expect("gunzip");
+    GzDecoder::new(gz.as_slice()).read_to_end(&mut raw).expect("gunzip");
     proto::Profile::decode(raw.as_slice()).expect("decode")
 }
 
@@ -24,11 +22,7 @@ fn s(p: &proto::Profile, i: i64) -> &str {
 }
 
 fn label<'p>(p: &'p proto::Profile, sample: &'p proto::Sample, key: &str) -> &'p proto::Label {
-    sample
-        .label
-        .iter()
-        .find(|l| s(p, l.key) == key)
-        .unwrap_or_else(|| panic!("label {key}"))
+    sample.label.iter().find(|l| s(p, l.key) == key).unwrap_or_else(|| panic!("label {key}"))
 }
 
 fn location(p: &proto::Profile, id: u64) -> &proto::Location {
@@ -37,11 +31,7 @@ fn location(p: &proto::Profile, id: u64) -> &proto::Location {
 
 /// (function name, line) per line of a location, innermost first.
 fn lines(p: &proto::Profile, id: u64) -> Vec<(&str, i64)> {
-    location(p, id)
-        .line
-        .iter()
-        .map(|l| (s(p, p.function[(l.function_id - 1) as usize].name), l.line))
-        .collect()
+    location(p, id).line.iter().map(|l| (s(p, p.function[(l.function_id - 1) as usize].name), l.line)).collect()
 }
 
 fn mapping_file(p: &proto::Profile, loc: &proto::Location) -> String {
@@ -64,23 +54,12 @@ fn header_fields_and_string_table() {
     let pp = decode_gzip(&p);
     assert_eq!(pp.string_table[0], "");
     let unique: HashSet<&String> = pp.string_table.iter().collect();
-    assert_eq!(
-        unique.len(),
-        pp.string_table.len(),
-        "strings are deduplicated"
-    );
+    assert_eq!(unique.len(), pp.string_table.len(), "strings are deduplicated");
 
-    let types: Vec<(&str, &str)> = pp
-        .sample_type
-        .iter()
-        .map(|t| (s(&pp, t.r#type), s(&pp, t.unit)))
-        .collect();
+    let types: Vec<(&str, &str)> = pp.sample_type.iter().map(|t| (s(&pp, t.r#type), s(&pp, t.unit))).collect();
     assert_eq!(types, [("samples", "count"), ("cpu", "nanoseconds")]);
     let period_type = pp.period_type.as_ref().expect("period type");
-    assert_eq!(
-        (s(&pp, period_type.r#type), s(&pp, period_type.unit)),
-        ("cpu", "nanoseconds")
-    );
+    assert_eq!((s(&pp, period_type.r#type), s(&pp, period_type.unit)), ("cpu", "nanoseconds"));
     assert_eq!(pp.period, PERIOD as i64);
     assert_eq!(s(&pp, pp.default_sample_type), "cpu");
     assert_eq!(pp.time_nanos, START_SECS as i64 * 1_000_000_000);
@@ -136,14 +115,7 @@ fn samples_values_and_labels() {
     let pp = decode_gzip(&p);
     assert_eq!(pp.sample.len(), 3, "the zero-value sample is skipped");
     let values: Vec<&[i64]> = pp.sample.iter().map(|s| s.value.as_slice()).collect();
-    assert_eq!(
-        values,
-        [
-            &[3, 3 * PERIOD as i64][..],
-            &[2, 2 * PERIOD as i64],
-            &[1, PERIOD as i64]
-        ]
-    );
+    assert_eq!(values, [&[3, 3 * PERIOD as i64][..], &[2, 2 * PERIOD as i64], &[1, PERIOD as i64]]);
     for sample in &pp.sample {
         assert_eq!(sample.value[1], sample.value[0] * pp.period);
     }
@@ -167,10 +139,7 @@ fn locations_fold_inline_chains_leaf_first() {
     // inner_inline, mid_inline, outer, main: the chain is one location.
     let ids = &pp.sample[0].location_id;
     assert_eq!(ids.len(), 2);
-    assert_eq!(
-        lines(&pp, ids[0]),
-        [("inner_inline", 10), ("mid_inline", 20), ("outer", 30)]
-    );
+    assert_eq!(lines(&pp, ids[0]), [("inner_inline", 10), ("mid_inline", 20), ("outer", 30)]);
     assert_eq!(location(&pp, ids[0]).address, 0x1100);
     assert_eq!(mapping_file(&pp, location(&pp, ids[0])), "/usr/bin/app");
     assert_eq!(lines(&pp, ids[1]), [("main", 5)]);
@@ -180,25 +149,14 @@ fn locations_fold_inline_chains_leaf_first() {
     let names: Vec<_> = ids.iter().map(|&id| lines(&pp, id)).collect();
     assert_eq!(
         names,
-        [
-            vec![("do_syscall_64", 0)],
-            vec![("libc.so.6+0x1234", 0)],
-            vec![("worker_loop", 7)],
-            vec![("main", 5)],
-        ]
+        [vec![("do_syscall_64", 0)], vec![("libc.so.6+0x1234", 0)], vec![("worker_loop", 7)], vec![("main", 5)],]
     );
-    assert_eq!(
-        ids[3], pp.sample[0].location_id[1],
-        "main's location is shared"
-    );
+    assert_eq!(ids[3], pp.sample[0].location_id[1], "main's location is shared");
     let kernel = location(&pp, ids[0]);
     assert_eq!(kernel.address, 0xffff_ffff_8100_0010);
     assert_eq!(mapping_file(&pp, kernel), "[kernel.kallsyms]");
     let libc = location(&pp, ids[1]);
-    assert_eq!(
-        (libc.address, mapping_file(&pp, libc).as_str()),
-        (0x1234, "/usr/lib/libc.so.6")
-    );
+    assert_eq!((libc.address, mapping_file(&pp, libc).as_str()), (0x1234, "/usr/lib/libc.so.6"));
 
     // [unknown], main: no mapping.
     let unknown = location(&pp, pp.sample[2].location_id[0]);
@@ -215,12 +173,7 @@ fn mappings_and_functions() {
         .mapping
         .iter()
         .map(|m| {
-            let flags = (
-                m.has_functions,
-                m.has_filenames,
-                m.has_line_numbers,
-                m.has_inline_frames,
-            );
+            let flags = (m.has_functions, m.has_filenames, m.has_line_numbers, m.has_inline_frames);
             (s(&pp, m.filename), s(&pp, m.build_id), flags)
         })
         .collect();
@@ -232,51 +185,30 @@ fn mappings_and_functions() {
             ("/usr/lib/libc.so.6", "c0ffee", (false, false, false, false)),
         ]
     );
-    let outer = pp
-        .function
-        .iter()
-        .find(|f| s(&pp, f.name) == "outer")
-        .expect("outer");
+    let outer = pp.function.iter().find(|f| s(&pp, f.name) == "outer").expect("outer");
     assert_eq!(s(&pp, outer.system_name), "outer");
     assert_eq!(s(&pp, outer.filename), "src/a.rs");
-    let unknown = pp
-        .function
-        .iter()
-        .find(|f| s(&pp, f.name) == "[unknown]")
-        .expect("unknown");
+    let unknown = pp.function.iter().find(|f| s(&pp, f.name) == "[unknown]").expect("unknown");
     assert_eq!(s(&pp, unknown.filename), "");
     assert_eq!(pp.function.len(), 8);
 }
 
 #[test]
 fn exact_profile_has_one_sample_type_and_no_period() {
-    let mut p = Profile::new(
-        ValueType::new("off_cpu", "nanoseconds"),
-        None,
-        0,
-        SystemTime::UNIX_EPOCH,
-    );
+    let mut p = Profile::new(ValueType::new("off_cpu", "nanoseconds"), None, 0, SystemTime::UNIX_EPOCH);
     p.frames = vec![frame("wait", FrameKind::User, None, 0)];
     p.samples = vec![sample(1, 1, "p", "p", vec![0], 1234)];
     let pp = decode_gzip(&p);
     assert_eq!(pp.sample_type.len(), 1);
     assert_eq!(s(&pp, pp.sample_type[0].r#type), "off_cpu");
     assert_eq!(pp.period_type, None);
-    assert_eq!(
-        (pp.period, pp.default_sample_type, pp.time_nanos),
-        (0, 0, 0)
-    );
+    assert_eq!((pp.period, pp.default_sample_type, pp.time_nanos), (0, 0, 0));
     assert_eq!(pp.sample[0].value, [1234]);
 }
 
 #[test]
 fn malformed_frames_do_not_panic() {
-    let mut p = Profile::new(
-        ValueType::new("samples", "count"),
-        None,
-        0,
-        SystemTime::UNIX_EPOCH,
-    );
+    let mut p = Profile::new(ValueType::new("samples", "count"), None, 0, SystemTime::UNIX_EPOCH);
     // A dangling inline frame (no owner) and an out-of-range index.
     p.frames = vec![frame("inl", FrameKind::Inlined, Some(5), 0x10)];
     p.samples = vec![sample(1, 1, "p", "p", vec![42, 0], 1)];
@@ -284,9 +216,5 @@ fn malformed_frames_do_not_panic() {
     let ids = &pp.sample[0].location_id;
     assert_eq!(lines(&pp, ids[0]), [("[unknown]", 0)]);
     assert_eq!(lines(&pp, ids[1]), [("inl", 0)]);
-    assert_eq!(
-        location(&pp, ids[1]).mapping_id,
-        0,
-        "module index out of range"
-    );
+    assert_eq!(location(&pp, ids[1]).mapping_id, 0, "module index out of range");
 }
