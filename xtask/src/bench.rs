@@ -11,6 +11,8 @@
 //! exits.
 
 mod measure;
+mod offcpu;
+mod pingpong;
 
 use std::{
     env, fs,
@@ -35,6 +37,15 @@ pub enum Bench {
         #[arg(long, default_value_t = 20)]
         duration: u64,
     },
+    /// Cost of `record --off-cpu` on a context-switch-heavy pipe ping-pong.
+    Offcpu {
+        /// Seconds per load run (two loads per phase).
+        #[arg(long, default_value_t = 15)]
+        duration: u64,
+        /// Rounds of baseline / agent (/ bpftrace); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 const FREQUENCIES: [u32; 2] = [19, 99];
@@ -46,6 +57,7 @@ const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Overhead { duration } => overhead(duration),
+        Bench::Offcpu { duration, rounds } => offcpu::run(duration, rounds),
     }
 }
 
