@@ -6,7 +6,7 @@
 //! each turn this into their own format and never look at BPF or
 //! symbolization internals.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
 
 /// What a frame is, which decides how exporters mark it.
@@ -66,6 +66,19 @@ pub struct Sample {
     pub value: u64,
 }
 
+/// What is known about a process that has samples in a profile; exporters
+/// turn it into resource attributes and labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessMeta {
+    pub pid: u32,
+    /// comm of the thread-group leader.
+    pub name: String,
+    /// Path of the executable (`/proc/PID/exe`), when it could be read.
+    pub exe_path: Option<String>,
+    /// Container id from the process's cgroup path, when it runs in one.
+    pub container_id: Option<String>,
+}
+
 /// A (type, unit) pair as pprof and OTLP name them, e.g. `samples`/`count`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ValueType {
@@ -95,6 +108,8 @@ pub struct Profile {
     pub modules: Vec<Module>,
     pub frames: Vec<Frame>,
     pub samples: Vec<Sample>,
+    /// Every process with samples here, by pid.
+    pub processes: BTreeMap<u32, ProcessMeta>,
 }
 
 impl Profile {
@@ -109,6 +124,7 @@ impl Profile {
             modules: Vec::new(),
             frames: Vec::new(),
             samples: Vec::new(),
+            processes: BTreeMap::new(),
         }
     }
 

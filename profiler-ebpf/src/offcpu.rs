@@ -75,8 +75,12 @@ static OFFCPU: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(32_76
 /// stacks actually seen.
 #[map]
 static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(32_768, BPF_F_NO_PREALLOC);
+/// Preallocated (2 MiB): a histogram is created at a process's first event,
+/// often in the same program run as a stack insert, and on-demand
+/// allocation from the tracepoint context fails when its per-CPU cache is
+/// empty.
 #[map]
-static HISTOGRAMS: HashMap<HistKey, Histogram> = HashMap::with_max_entries(8_192, BPF_F_NO_PREALLOC);
+static HISTOGRAMS: HashMap<HistKey, Histogram> = HashMap::with_max_entries(4_096, 0);
 /// Per-CPU scratch for capturing a stack: too big for the BPF stack.
 #[map]
 static SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
@@ -225,7 +229,10 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
     } else {
         t.kernel_stack = capture(ctx, false);
         t.user_stack = capture(ctx, true);
-        t.fingerprint = fp;
+        // A stack that could not be stored is not reused: the next block
+        // at this place tries again.
+        let stored = t.kernel_stack != STACK_LOST && t.user_stack != STACK_LOST;
+        t.fingerprint = if stored { fp } else { 0 };
         t.reused = 0;
         t.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     }
@@ -343,6 +350,10 @@ unsafe fn atomic_add(p: *mut u64, v: u64) {
     core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, v);
 }
 
+/// Stack id of a stack that was captured but could not be stored (the map
+/// was full, or its on-demand allocation failed); user space sees no frames.
+const STACK_LOST: u64 = 0;
+
 /// Captures the current kernel or user stack, stores it in `STACKS` under
 /// the hash of its content, and returns the hash (0: no stack).
 #[inline(always)]
@@ -357,6 +368,7 @@ fn capture<C: EbpfContext>(ctx: &C, user: bool) -> u64 {
     let id = hash(&buf.ips, got.frames);
     if STACKS.insert(&id, buf, BPF_NOEXIST).is_err() && unsafe { STACKS.get(&id) }.is_none() {
         count(Stat::StackMapFull);
+        return STACK_LOST;
     }
     id
 }

@@ -6,9 +6,11 @@
 //! - [`agent`]: where the binary is, and running `record` with a timeout.
 //! - [`workload`]: compile a C or Rust program, run it, kill it on drop.
 //! - [`folded`]: parse `cpu.folded` and query the stacks.
+//! - [`sched`]: off-CPU outputs, scheduler counters, recording windows.
 
 pub mod agent;
 pub mod folded;
+pub mod sched;
 pub mod workload;
 
 pub use agent::{agent_bin, record, run_agent, spawn_record, AgentRun, RecordOutput, RunningAgent};

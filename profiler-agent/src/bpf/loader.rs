@@ -308,11 +308,12 @@ impl SampleSource for EbpfSource {
         let mut occupancy = MapOccupancy::default();
         for (tid, state) in threads.iter().filter_map(Result::ok) {
             occupancy.threads.push(tid);
-            if state.block_start_ns != 0 {
-                occupancy.blocked += 1;
-            }
+            // A blocked thread that was woken but has not run yet is
+            // waiting to run, not blocked.
             if state.runq_start_ns != 0 {
                 occupancy.runnable += 1;
+            } else if state.block_start_ns != 0 {
+                occupancy.blocked += 1;
             }
         }
         Ok(occupancy)

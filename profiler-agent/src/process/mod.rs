@@ -2,6 +2,7 @@
 //! executable mappings, read from `/proc` on first sight so a process that
 //! exits before its samples are symbolized still gets its frames.
 
+pub mod cgroup;
 pub mod maps;
 
 use std::{
@@ -62,6 +63,10 @@ pub struct ProcessInfo {
     pub pid: u32,
     /// comm of the thread-group leader.
     pub name: String,
+    /// Target of `/proc/PID/exe`.
+    pub exe_path: Option<String>,
+    /// Container id from `/proc/PID/cgroup`.
+    pub container_id: Option<String>,
     /// Executable mappings, sorted by start address.
     pub mappings: Vec<Mapping>,
 }
@@ -138,7 +143,13 @@ impl ProcessTable {
         let name = fs::read_to_string(dir.join("comm"))
             .map(|s| s.trim_end_matches('\n').to_owned())
             .unwrap_or_else(|_| old.name.clone());
-        let info = Arc::new(ProcessInfo { pid, name, mappings: self.mappings(pid, &maps) });
+        let info = Arc::new(ProcessInfo {
+            pid,
+            name,
+            exe_path: exe_path(&dir).or_else(|| old.exe_path.clone()),
+            container_id: old.container_id.clone(),
+            mappings: self.mappings(pid, &maps),
+        });
         self.processes.put(pid, info.clone());
         Some(info)
     }
@@ -160,7 +171,8 @@ impl ProcessTable {
                 Vec::new()
             }
         };
-        ProcessInfo { pid, name, mappings }
+        let container_id = fs::read_to_string(dir.join("cgroup")).ok().and_then(|t| cgroup::container_id(&t));
+        ProcessInfo { pid, name, exe_path: exe_path(&dir), container_id, mappings }
     }
 
     fn mappings(&mut self, pid: u32, maps_text: &str) -> Vec<Mapping> {
@@ -214,6 +226,14 @@ impl ProcessTable {
     }
 }
 
+/// The executable's path, without the ` (deleted)` suffix the kernel adds
+/// after an upgrade replaced the file.
+fn exe_path(proc_dir: &Path) -> Option<String> {
+    let target = fs::read_link(proc_dir.join("exe")).ok()?;
+    let s = target.to_string_lossy();
+    Some(s.strip_suffix(" (deleted)").unwrap_or(&s).to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +243,20 @@ mod tests {
         fs::create_dir_all(&p).unwrap();
         fs::write(p.join("comm"), format!("{comm}\n")).unwrap();
         fs::write(p.join("maps"), maps).unwrap();
+    }
+
+    #[test]
+    fn reads_exe_and_container_id() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_proc(dir.path(), 9, "svc", "");
+        let p = dir.path().join("9");
+        std::os::unix::fs::symlink("/usr/bin/svc", p.join("exe")).unwrap();
+        let id = "3f6c8a1f0b2d4e5f60718293a4b5c6d7e8f9012345678901234567890abcdef0";
+        fs::write(p.join("cgroup"), format!("0::/system.slice/docker-{id}.scope\n")).unwrap();
+        let mut table = ProcessTable::new(dir.path(), NonZeroUsize::new(4).unwrap());
+        let info = table.observe(9, "");
+        assert_eq!(info.exe_path.as_deref(), Some("/usr/bin/svc"));
+        assert_eq!(info.container_id.as_deref(), Some(id));
     }
 
     #[test]

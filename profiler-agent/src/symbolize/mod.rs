@@ -15,7 +15,7 @@ use std::{collections::HashMap, num::NonZeroUsize, sync::Arc};
 use crate::{
     aggregate::Aggregate,
     process::{ModuleInfo, ProcessTable},
-    profile::{Frame, FrameKind, Module, Profile, ProfileBuilder, Sample},
+    profile::{Frame, FrameKind, Module, ProcessMeta, Profile, ProfileBuilder, Sample},
 };
 use cache::{CacheStats, Resolved, SymbolCache};
 use elf::FileResolver;
@@ -110,6 +110,12 @@ impl<R: FileResolver> Symbolizer<R> {
                     frames.push(b.frame(profile, frame));
                 }
             }
+            profile.processes.entry(key.pid).or_insert_with(|| ProcessMeta {
+                pid: key.pid,
+                name: process.name.clone(),
+                exe_path: process.exe_path.clone(),
+                container_id: process.container_id.clone(),
+            });
             profile.samples.push(Sample {
                 pid: key.pid,
                 tid: key.tid,
@@ -252,12 +258,17 @@ impl<R: FileResolver> Symbolizer<R> {
 }
 
 /// Stacks captured from a tracepoint begin inside the profiler's own
-/// program and the glue that ran it (`bpf_trace_runN`), which are not the
-/// profiled code's time. The program itself may be unloaded by the time its
-/// address is symbolized, so everything up to the glue frame is dropped.
+/// program and the glue that ran it (`bpf_trace_runN`, and
+/// `__traceiter_<tracepoint>` when several probes share the tracepoint),
+/// which are not the profiled code's time. The program itself may be
+/// unloaded by the time its address is symbolized, so everything up to the
+/// outermost glue frame is dropped.
 fn without_bpf_glue(mut frames: Vec<Frame>) -> Vec<Frame> {
-    let is_glue = |f: &Frame| f.function.starts_with("bpf_trace_run") || f.function.starts_with("__bpf_trace_");
-    if let Some(i) = frames.iter().take(4).rposition(is_glue) {
+    let is_glue = |f: &Frame| {
+        let n = f.function.as_str();
+        n.starts_with("bpf_trace_run") || n.starts_with("__bpf_trace_") || n.starts_with("__traceiter_")
+    };
+    if let Some(i) = frames.iter().take(6).rposition(is_glue) {
         frames.drain(..=i);
     } else {
         let own = frames.iter().take_while(|f| f.function.starts_with("bpf_prog_")).count();

@@ -55,7 +55,7 @@ fn fixture() -> Fixture {
 fn kernel() -> KernelSymbols {
     KernelSymbols::parse(
         "ffffffff81000000 T entry_SYSCALL_64\nffffffff81000100 T do_syscall_64\nffffffff81000200 T schedule\n\
-         ffffffff81000300 T bpf_trace_run4\nffffffff81000400 T _einittext\nffffffffc0000000 t bpf_prog_6deef7357e7b4530_sched_switch\n",
+         ffffffff81000300 T bpf_trace_run4\nffffffff81000400 T _einittext\nffffffff81000500 T __traceiter_sched_switch\nffffffffc0000000 t bpf_prog_6deef7357e7b4530_sched_switch\n",
     )
 }
 
@@ -114,6 +114,20 @@ fn the_profilers_own_bpf_frames_are_dropped_from_the_inner_end() {
     // to whatever symbol precedes it, and the glue frame still marks the end.
     let mut agg = Aggregator::new(100);
     agg.add(&sample(100, 100, "app", &[0xffffffff81000410, 0xffffffff81000310, 0xffffffff81000210], &[]));
+    let mut p = profile();
+    sym.symbolize(&agg.take(), &mut fx.procs, &mut p);
+    assert_eq!(names(&p, &p.samples[0]), ["schedule"]);
+
+    // With several probes on the tracepoint, the kernel's iterator sits
+    // between the scheduler and the glue.
+    let mut agg = Aggregator::new(100);
+    agg.add(&sample(
+        100,
+        100,
+        "app",
+        &[0xffffffffc0000010, 0xffffffff81000310, 0xffffffff81000510, 0xffffffff81000210],
+        &[],
+    ));
     let mut p = profile();
     sym.symbolize(&agg.take(), &mut fx.procs, &mut p);
     assert_eq!(names(&p, &p.samples[0]), ["schedule"]);
