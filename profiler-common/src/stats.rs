@@ -33,7 +33,8 @@ pub enum Stat {
     ThreadMapFull = 12,
     /// Blocks lost because the off-CPU aggregate map was full.
     OffCpuAggregateFull = 13,
-    /// Stacks recorded without content because the stack map was full.
+    /// Stacks recorded without content: the stack map was full, or its
+    /// on-demand allocation failed (its per-CPU cache was empty).
     StackMapFull = 14,
     /// Blocks whose stacks were reused from the thread's previous block at
     /// the same place instead of being unwound again.
@@ -84,7 +85,7 @@ impl Stat {
             Stat::OffCpuShort => "off_cpu_below_min_block",
             Stat::ThreadMapFull => "thread_map_full",
             Stat::OffCpuAggregateFull => "off_cpu_aggregate_map_full",
-            Stat::StackMapFull => "stack_map_full",
+            Stat::StackMapFull => "stack_store_failed",
             Stat::StacksReused => "stacks_reused",
             Stat::HistogramMapFull => "histogram_map_full",
         }

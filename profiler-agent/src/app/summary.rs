@@ -231,7 +231,7 @@ mod tests {
         .render();
         assert!(s.contains("Scheduler: 5000 switches; 1200 blocks captured"), "{s}");
         assert!(s.contains("1.500 s off-CPU"), "{s}");
-        assert!(s.contains("dropped: 2 (") && s.contains("stack_map_full 2"), "{s}");
+        assert!(s.contains("dropped: 2 (") && s.contains("stack_store_failed 2"), "{s}");
         assert!(s.contains("run queue 2.0us / 3.00ms / 3.50ms / 4.00ms, 10   off-CPU -"), "{s}");
         assert!(s.contains("3 threads still blocked, 1 waiting to run, 5 threads tracked"), "{s}");
     }
