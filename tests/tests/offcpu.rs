@@ -175,12 +175,25 @@ fn attributed_to(s: &Stack, leaf: &str) -> bool {
 
 #[test]
 fn blocked_time_is_attributed_to_the_blocking_function() {
+    check_blocked_time(&[]);
+}
+
+/// The same through the raw-tracepoint programs, the fallback for kernels
+/// whose BTF lacks the scheduler tracepoints.
+#[test]
+fn raw_tracepoint_fallback_attributes_blocked_time_the_same_way() {
+    check_blocked_time(&["--off-cpu-raw-tracepoints"]);
+}
+
+fn check_blocked_time(extra: &[&str]) {
     require_root();
     let mut w = start("offcpu_sleep", SLEEPER_C);
     w.warm_up();
     let counters = Counters::open(&w);
     let pid = w.pid();
-    let r = record_windowed(&args(&pid_args(&w)), DURATION, || {
+    let mut agent_args = pid_args(&w);
+    agent_args.extend(extra.iter().map(|a| a.to_string()));
+    let r = record_windowed(&args(&agent_args), DURATION, || {
         (counters.read(), thread_sched(pid, pid).expect("sleeper alive"))
     });
     let p = read_folded(&r.out, "off-cpu.folded").process("offcpu_sleep");

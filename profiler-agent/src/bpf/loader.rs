@@ -339,7 +339,8 @@ fn map_mut<'a, K: aya::Pod, V: aya::Pod>(
 /// poll period has 5x headroom and a quarter-full wakeup still comes early;
 /// a power of two (the kernel requires it) between 256 KiB and 8 MiB. The
 /// buffer's pages count in the agent's RSS once the kernel has written them,
-/// so it is not made larger than needed.
+/// so it is not made larger than needed (peak RSS is reported by
+/// `cargo xtask bench overhead`).
 pub(crate) fn ring_buffer_bytes(cpus: usize, frequency: u64) -> u32 {
     let half_second = (cpus as u64).max(1) * frequency.max(1) * std::mem::size_of::<Sample>() as u64 / 2;
     half_second.clamp(256 << 10, 8 << 20).next_power_of_two() as u32
