@@ -10,6 +10,7 @@ pub mod aggregate;
 pub mod app;
 pub mod bpf;
 pub mod cli;
+pub mod config;
 pub mod duration;
 pub mod export;
 pub mod latency;

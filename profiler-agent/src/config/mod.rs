@@ -1,0 +1,264 @@
+//! The daemon's configuration: a TOML file (by default
+//! `/etc/profiler-agent/config.toml` when it exists), then the standard
+//! OpenTelemetry environment variables, then command-line flags, each layer
+//! overriding the one before.
+//!
+//! Every section has `#[serde(default, deny_unknown_fields)]`: a key the
+//! agent does not know is an error naming the key, its line, and the keys
+//! that were expected, so a typo never silently falls back to a default.
+
+mod env;
+mod values;
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+pub use env::{apply_otel_env, EnvError};
+pub use values::{ByteSize, HumanDuration};
+
+/// Where the file config is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/profiler-agent/config.toml";
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// toml's message names the line, the column, the key and what was expected.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid environment: {0}")]
+    Env(#[from] EnvError),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub sampling: Sampling,
+    pub export: Export,
+    pub http: Http,
+    pub resource: ResourceConfig,
+}
+
+/// What is sampled.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sampling {
+    /// On-CPU samples per second per CPU. 19 Hz (a prime, so it does not
+    /// beat with periodic work) keeps a daemon's cost near zero; `record`
+    /// defaults to 99 for short, detailed runs.
+    pub frequency: u64,
+    /// Trace the scheduler: off-CPU time and latency histograms.
+    pub off_cpu: bool,
+    /// Ignore blocks shorter than this.
+    pub off_cpu_min_block: HumanDuration,
+    /// Only these processes; empty means all.
+    pub pids: Vec<u32>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { frequency: 19, off_cpu: false, off_cpu_min_block: HumanDuration::ZERO, pids: Vec::new() }
+    }
+}
+
+/// Where profiles and metrics go, and how often.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Export {
+    /// Length of one profile.
+    pub interval: HumanDuration,
+    /// On SIGTERM, how long the final partial interval may take to export.
+    pub shutdown_deadline: HumanDuration,
+    pub otlp: Option<Otlp>,
+    pub pyroscope: Option<Pyroscope>,
+    pub files: Option<Files>,
+}
+
+impl Default for Export {
+    fn default() -> Self {
+        Self {
+            interval: HumanDuration(Duration::from_secs(10)),
+            shutdown_deadline: HumanDuration(Duration::from_secs(10)),
+            otlp: None,
+            pyroscope: None,
+            files: None,
+        }
+    }
+}
+
+/// OTLP transport.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    #[default]
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl std::str::FromStr for OtlpProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "grpc" => Ok(Self::Grpc),
+            "http/protobuf" => Ok(Self::HttpProtobuf),
+            other => Err(format!("unknown OTLP protocol `{other}`: expected `grpc` or `http/protobuf`")),
+        }
+    }
+}
+
+/// The OTLP exporter (profiles and metrics).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Otlp {
+    /// `http://host:4317` for gRPC, `http://host:4318` for HTTP.
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    pub headers: BTreeMap<String, String>,
+    pub connect_timeout: HumanDuration,
+    pub timeout: HumanDuration,
+    /// Retry buffer bound; the oldest data is dropped (and counted) first.
+    pub buffer_bytes: ByteSize,
+    pub buffer_max_age: HumanDuration,
+}
+
+impl Default for Otlp {
+    fn default() -> Self {
+        Self {
+            endpoint: "http://localhost:4317".into(),
+            protocol: OtlpProtocol::Grpc,
+            headers: BTreeMap::new(),
+            connect_timeout: HumanDuration(Duration::from_secs(5)),
+            timeout: HumanDuration(Duration::from_secs(10)),
+            buffer_bytes: ByteSize(16 << 20),
+            buffer_max_age: HumanDuration(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// The Grafana Pyroscope push exporter.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pyroscope {
+    pub url: String,
+    pub headers: BTreeMap<String, String>,
+    pub connect_timeout: HumanDuration,
+    pub timeout: HumanDuration,
+    pub buffer_bytes: ByteSize,
+    pub buffer_max_age: HumanDuration,
+}
+
+impl Default for Pyroscope {
+    fn default() -> Self {
+        Self {
+            url: "http://localhost:4040".into(),
+            headers: BTreeMap::new(),
+            connect_timeout: HumanDuration(Duration::from_secs(5)),
+            timeout: HumanDuration(Duration::from_secs(10)),
+            buffer_bytes: ByteSize(16 << 20),
+            buffer_max_age: HumanDuration(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// Rolling local files.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Files {
+    pub dir: PathBuf,
+    /// Oldest files are deleted when the directory grows past this.
+    pub max_bytes: ByteSize,
+    /// Files older than this are deleted.
+    pub max_age: HumanDuration,
+}
+
+impl Default for Files {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/profiler-agent/profiles"),
+            max_bytes: ByteSize(1 << 30),
+            max_age: HumanDuration(Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+/// The agent's own HTTP endpoint (/healthz, /readyz, /metrics).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http {
+    pub listen: SocketAddr,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        // Loopback by default: the endpoint is unauthenticated.
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9464)) }
+    }
+}
+
+/// What the agent says about itself and the host in every export.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResourceConfig {
+    /// Overrides the per-process service name (OTEL_SERVICE_NAME).
+    pub service_name: Option<String>,
+    /// Extra attributes on every resource (OTEL_RESOURCE_ATTRIBUTES).
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Config {
+    /// Parses TOML text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &std::path::Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !(1..=10_000).contains(&self.sampling.frequency) {
+            return invalid(format!("sampling.frequency = {}: expected 1 to 10000 Hz", self.sampling.frequency));
+        }
+        if self.export.interval.0 < Duration::from_secs(1) {
+            return invalid(format!("export.interval = {:?}: expected at least 1s", self.export.interval.0));
+        }
+        for (name, url) in [
+            ("export.otlp.endpoint", self.export.otlp.as_ref().map(|o| &o.endpoint)),
+            ("export.pyroscope.url", self.export.pyroscope.as_ref().map(|p| &p.url)),
+        ] {
+            if let Some(url) = url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return invalid(format!("{name} = \"{url}\": expected an http:// or https:// URL"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any network or file exporter is configured; when none is,
+    /// the daemon writes local files.
+    pub fn has_exporter(&self) -> bool {
+        self.export.otlp.is_some() || self.export.pyroscope.is_some() || self.export.files.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests;
