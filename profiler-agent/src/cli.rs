@@ -33,6 +33,48 @@ pub enum Command {
     /// other users' processes' mappings).
     #[command(verbatim_doc_comment)]
     Record(RecordArgs),
+    /// Run as a daemon: profile continuously and export every interval.
+    ///
+    /// Settings come from the config file (default /etc/profiler-agent/config.toml
+    /// when it exists; see packaging/config.example.toml), then the OTEL_*
+    /// environment variables, then these flags. Without any exporter
+    /// configured, profiles go to rolling local files.
+    ///
+    /// Examples:
+    ///   profiler-agent run                                   # files under /var/lib/profiler-agent/profiles
+    ///   profiler-agent run --output-dir /tmp/p --export-interval 30s --off-cpu
+    ///   profiler-agent run --config /etc/profiler-agent/config.toml
+    ///
+    /// Endpoints on --http-listen: /healthz, /readyz, /metrics (Prometheus).
+    /// SIGTERM/SIGINT export the last partial interval and exit 0. SIGHUP is
+    /// ignored: restart the agent to apply a changed configuration.
+    #[command(verbatim_doc_comment)]
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file [default: /etc/profiler-agent/config.toml if it exists].
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Write rolling pprof and folded files to this directory.
+    #[arg(short, long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Length of one profile [default: 10s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub export_interval: Option<Duration>,
+    /// Samples per second per CPU [default: 19].
+    #[arg(short = 'F', long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub frequency: Option<u64>,
+    /// Also trace the scheduler: off-CPU profiles and latency.
+    #[arg(long)]
+    pub off_cpu: bool,
+    /// Address of /healthz, /readyz and /metrics [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Only profile this process (repeatable) [default: all].
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
 }
 
 /// Output formats of `record`.
@@ -88,6 +130,7 @@ mod tests {
         argv.extend_from_slice(args);
         Cli::try_parse_from(argv).map(|c| match c.command {
             Command::Record(r) => r,
+            Command::Run(_) => unreachable!("parsed `record`"),
         })
     }
 

@@ -17,3 +17,4 @@ pub mod latency;
 pub mod process;
 pub mod profile;
 pub mod symbolize;
+pub mod telemetry;

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 
 use profiler_common::{Sample, COMM_LEN};
 
+use crate::bpf::OffCpuRecord;
+
 /// Identity of an aggregated stack. Addresses are raw, innermost first.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct StackKey {
@@ -108,6 +110,23 @@ impl Aggregator {
     }
 }
 
+/// Off-CPU records read from the kernel as an aggregate the symbolizer
+/// understands, weighted by blocked nanoseconds.
+pub fn from_off_cpu(records: &[OffCpuRecord], capacity: usize) -> Aggregate {
+    let mut agg = Aggregator::new(capacity);
+    for r in records {
+        let key = StackKey {
+            pid: r.key.tgid,
+            tid: r.key.tid,
+            thread_name: r.key.comm,
+            kernel: r.kernel.clone().into(),
+            user: r.user.clone().into(),
+        };
+        agg.add_stack(key, r.value.total_ns);
+    }
+    agg.take()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +164,16 @@ mod tests {
         let a = agg.take();
         assert_eq!(a.dropped, 1);
         assert_eq!(a.stacks.values().sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn off_cpu_records_become_weighted_stacks() {
+        let key = profiler_common::offcpu::OffCpuKey { tgid: 1, tid: 2, kernel_stack: 5, user_stack: 6, comm: [0; 16] };
+        let value = profiler_common::offcpu::OffCpuValue { total_ns: 1_000, count: 4 };
+        let agg = from_off_cpu(&[OffCpuRecord { key, value, kernel: vec![0xffff], user: vec![1, 2] }], 10);
+        assert_eq!(agg.stacks.len(), 1);
+        let (k, v) = agg.stacks.iter().next().unwrap();
+        assert_eq!((k.pid, k.tid, &*k.user, *v), (1, 2, &[1u64, 2][..], 1_000));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod collect;
 mod preflight;
 mod record;
+mod run;
 mod summary;
 
 use crate::cli::{Cli, Command};
@@ -12,5 +13,6 @@ use crate::cli::{Cli, Command};
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Record(args) => record::record(args).await,
+        Command::Run(args) => run::run(args).await,
     }
 }

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 pub mod files;
 pub mod folded;
 pub mod pprof;
+pub mod rolling;
 pub mod svg;
 
 #[cfg(test)]

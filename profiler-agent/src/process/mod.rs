@@ -91,6 +91,36 @@ pub struct ProcessStats {
     pub modules_evicted: u64,
 }
 
+/// Process lookups as the symbolizer needs them; implemented by the table
+/// itself and by a mutex around it, so a daemon's sampling thread and its
+/// symbolizing thread can share one table.
+pub trait ProcessLookup {
+    /// See [`ProcessTable::observe`].
+    fn observe(&mut self, pid: u32, fallback_name: &str) -> Arc<ProcessInfo>;
+    /// See [`ProcessTable::refresh`].
+    fn refresh(&mut self, pid: u32) -> Option<Arc<ProcessInfo>>;
+}
+
+impl ProcessLookup for ProcessTable {
+    fn observe(&mut self, pid: u32, fallback_name: &str) -> Arc<ProcessInfo> {
+        ProcessTable::observe(self, pid, fallback_name)
+    }
+    fn refresh(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
+        ProcessTable::refresh(self, pid)
+    }
+}
+
+impl ProcessLookup for &std::sync::Mutex<ProcessTable> {
+    // A poisoned lock only means another thread panicked mid-update of a
+    // cache; the table is still usable.
+    fn observe(&mut self, pid: u32, fallback_name: &str) -> Arc<ProcessInfo> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).observe(pid, fallback_name)
+    }
+    fn refresh(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).refresh(pid)
+    }
+}
+
 /// Bounded table of processes and the modules they map.
 pub struct ProcessTable {
     proc_root: PathBuf,

@@ -14,7 +14,7 @@ use std::{collections::HashMap, num::NonZeroUsize, sync::Arc};
 
 use crate::{
     aggregate::Aggregate,
-    process::{ModuleInfo, ProcessTable},
+    process::{ModuleInfo, ProcessLookup},
     profile::{Frame, FrameKind, Module, ProcessMeta, Profile, ProfileBuilder, Sample},
 };
 use cache::{CacheStats, Resolved, SymbolCache};
@@ -73,7 +73,7 @@ impl<R: FileResolver> Symbolizer<R> {
     }
 
     /// Adds every stack of `agg` to `profile`, symbolized.
-    pub fn symbolize(&mut self, agg: &Aggregate, procs: &mut ProcessTable, profile: &mut Profile) {
+    pub fn symbolize(&mut self, agg: &Aggregate, procs: &mut impl ProcessLookup, profile: &mut Profile) {
         // Pass 1: translate every user address; collect cache misses per file.
         let mut targets: HashMap<(u32, u64), Target> = HashMap::new();
         let mut refreshed: Vec<u32> = Vec::new();
@@ -129,7 +129,7 @@ impl<R: FileResolver> Symbolizer<R> {
 
     fn translate(
         &mut self,
-        procs: &mut ProcessTable,
+        procs: &mut impl ProcessLookup,
         refreshed: &mut Vec<u32>,
         pid: u32,
         name: &str,

@@ -3,6 +3,7 @@
 use std::{fs, os::unix::fs::MetadataExt, path::Path, time::SystemTime};
 
 use super::{cache::SymFrame, *};
+use crate::process::ProcessTable;
 use crate::{aggregate::Aggregator, bpf::fake::sample, profile::ValueType};
 
 /// Answers from a table of (offset -> names innermost first) and counts calls.

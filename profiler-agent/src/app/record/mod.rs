@@ -24,8 +24,8 @@ use super::{
     summary::{ProcessLatency, SchedulerSummary, Summary},
 };
 use crate::{
-    aggregate::{Aggregate, Aggregator, StackKey},
-    bpf::{EbpfSource, LoadOptions, OffCpuOptions, OffCpuRecord, SampleSource},
+    aggregate::{self, Aggregator},
+    bpf::{EbpfSource, LoadOptions, OffCpuOptions, SampleSource},
     cli::RecordArgs,
     latency,
     process::ProcessTable,
@@ -122,7 +122,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     if args.off_cpu {
         let mut p = Profile::new(ValueType::new("off_cpu", "nanoseconds"), None, 0, start_wall);
         p.duration_ns = cpu.duration_ns;
-        symbolizer.symbolize(&off_cpu_aggregate(&off_cpu_records), &mut procs, &mut p);
+        symbolizer.symbolize(&aggregate::from_off_cpu(&off_cpu_records, MAX_UNIQUE_STACKS), &mut procs, &mut p);
         off = p;
         wall = outputs::wall_profile(&cpu, &off);
         outputs.push(Output {
@@ -177,23 +177,6 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     };
     eprint!("{}", summary.render());
     Ok(())
-}
-
-/// Off-CPU records as an aggregate the symbolizer understands, weighted by
-/// blocked nanoseconds.
-fn off_cpu_aggregate(records: &[OffCpuRecord]) -> Aggregate {
-    let mut agg = Aggregator::new(MAX_UNIQUE_STACKS);
-    for r in records {
-        let key = StackKey {
-            pid: r.key.tgid,
-            tid: r.key.tid,
-            thread_name: r.key.comm,
-            kernel: r.kernel.clone().into(),
-            user: r.user.clone().into(),
-        };
-        agg.add_stack(key, r.value.total_ns);
-    }
-    agg.take()
 }
 
 /// Run-queue and off-CPU latency per process, the processes with the most
@@ -277,13 +260,4 @@ mod tests {
         );
     }
 
-    #[test]
-    fn off_cpu_records_become_weighted_stacks() {
-        let key = profiler_common::offcpu::OffCpuKey { tgid: 1, tid: 2, kernel_stack: 5, user_stack: 6, comm: [0; 16] };
-        let value = profiler_common::offcpu::OffCpuValue { total_ns: 1_000, count: 4 };
-        let agg = off_cpu_aggregate(&[OffCpuRecord { key, value, kernel: vec![0xffff], user: vec![1, 2] }]);
-        assert_eq!(agg.stacks.len(), 1);
-        let (k, v) = agg.stacks.iter().next().unwrap();
-        assert_eq!((k.pid, k.tid, &*k.user, *v), (1, 2, &[1u64, 2][..], 1_000));
-    }
 }

@@ -1,0 +1,147 @@
+//! `profiler-agent run`: the daemon. Samples continuously; every interval
+//! the sampling thread cuts a raw aggregate, the symbolizing thread turns it
+//! into profiles, and each exporter task writes or sends them. Sampling
+//! never waits for symbolization or exporters: the queues between them are
+//! bounded, and what does not fit is dropped and counted in `/metrics`.
+
+mod exporters;
+mod http;
+mod pipeline;
+mod settings;
+
+use std::{
+    num::NonZeroUsize,
+    path::Path,
+    sync::{atomic::Ordering, mpsc::sync_channel, Arc},
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::preflight;
+use crate::{
+    bpf::{EbpfSource, LoadOptions, OffCpuOptions, SampleSource},
+    cli::RunArgs,
+    config::Config,
+    export::rolling::RollingDir,
+    symbolize::{elf::Blaze, kallsyms::KernelSymbols, Symbolizer},
+    telemetry::Telemetry,
+};
+use pipeline::Control;
+
+/// Unique stacks per interval before new ones are dropped (and counted).
+const MAX_UNIQUE_STACKS: usize = 1 << 18;
+/// Symbolized addresses cached across intervals.
+const SYMBOL_CACHE_ENTRIES: usize = 1 << 18;
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = settings::resolve(&args, |k| std::env::var(k).ok())?;
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    preflight::check_capabilities(&status)?;
+    preflight::check_btf(Path::new("/sys/kernel/btf/vmlinux"))?;
+    preflight::check_pids(Path::new("/proc"), &config.sampling.pids)?;
+    let files = config.export.files.clone().expect("settings always configure an exporter");
+    preflight::prepare_output_dir(&files.dir)?;
+    let listener = http::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--http-listen)", config.http.listen))?;
+
+    let telemetry = Arc::new(Telemetry::default());
+    let opts = LoadOptions {
+        frequency: config.sampling.frequency,
+        pids: config.sampling.pids.clone(),
+        off_cpu: config.sampling.off_cpu.then_some(OffCpuOptions {
+            min_block_ns: config.sampling.off_cpu_min_block.0.as_nanos() as u64,
+            force_raw_tracepoints: false,
+        }),
+    };
+    let mut source = EbpfSource::load(&opts).context("loading the eBPF programs failed")?;
+    telemetry.attached.store(true, Ordering::Relaxed);
+    let http_task = tokio::spawn(http::serve(listener, telemetry.clone()));
+    log::info!(
+        "profiling at {} Hz{}, exporting every {:?} to {}; health and metrics on http://{}",
+        config.sampling.frequency,
+        if config.sampling.off_cpu { " with off-CPU" } else { "" },
+        config.export.interval.0,
+        files.dir.display(),
+        config.http.listen
+    );
+
+    // Exporters, each behind its own bounded queue.
+    let rolling = RollingDir::new(&files.dir, files.max_bytes.0, files.max_age.0)?;
+    let (files_tx, files_task) = exporters::spawn_files(rolling, telemetry.clone());
+    let senders = vec![("files", files_tx)];
+
+    // Sampling and symbolizing threads.
+    let procs = Arc::new(pipeline::process_table());
+    let control = Arc::new(Control::default());
+    let (raw_tx, raw_rx) = sync_channel(2);
+    let sampler = {
+        let (procs, control, telemetry) = (procs.clone(), control.clone(), telemetry.clone());
+        std::thread::Builder::new().name("sample".into()).spawn(move || {
+            let r = pipeline::sample_intervals(&mut source, &procs, &control, MAX_UNIQUE_STACKS, &raw_tx, &telemetry);
+            drop(source.detach());
+            r
+        })?
+    };
+    let symbolizer_thread = {
+        let (procs, telemetry) = (procs.clone(), telemetry.clone());
+        let (frequency, off_cpu) = (config.sampling.frequency, config.sampling.off_cpu);
+        std::thread::Builder::new().name("symbolize".into()).spawn(move || {
+            let mut symbolizer = Symbolizer::new(
+                Blaze::default(),
+                KernelSymbols::load(),
+                NonZeroUsize::new(SYMBOL_CACHE_ENTRIES).expect("non-zero"),
+            );
+            pipeline::symbolize_intervals(raw_rx, &mut symbolizer, &procs, frequency, off_cpu, &telemetry, |p| {
+                for (name, tx) in &senders {
+                    if tx.try_send(p.clone()).is_err() {
+                        telemetry.exporter(name).dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        })?
+    };
+
+    wait_for_shutdown(&config, &control).await?;
+    control.stop.store(true, Ordering::Release);
+    let deadline = config.export.shutdown_deadline.0;
+    let finished = tokio::time::timeout(deadline, async {
+        let sampled = tokio::task::spawn_blocking(move || sampler.join()).await;
+        let _ = tokio::task::spawn_blocking(move || symbolizer_thread.join()).await;
+        let _ = files_task.await;
+        sampled
+    })
+    .await;
+    http_task.abort();
+    match finished {
+        Ok(Ok(Ok(Ok(())))) => Ok(()),
+        Ok(Ok(Ok(Err(e)))) => Err(e).context("reading samples from the kernel failed"),
+        Ok(_) => Err(anyhow::anyhow!("the sampling thread panicked")),
+        Err(_) => {
+            log::warn!("the last interval was not exported within {deadline:?} (export.shutdown_deadline)");
+            Ok(())
+        }
+    }
+}
+
+/// Cuts an interval every `export.interval` until SIGTERM or SIGINT.
+async fn wait_for_shutdown(config: &Config, control: &Control) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let period = config.export.interval.0.max(Duration::from_secs(1));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => control.cut.store(true, Ordering::Release),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => log::warn!("SIGHUP ignored: restart profiler-agent to apply a changed configuration"),
+        }
+    }
+    log::info!("stopping: exporting the last interval");
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! The daemon's sampling and symbolizing stages.
+//!
+//! The sampling thread drains the kernel continuously and, when the
+//! interval timer asks for a cut, hands the interval's raw aggregate to the
+//! symbolizing thread through a queue of two. Symbolizing never blocks
+//! sampling: if it falls two intervals behind, the newest raw interval is
+//! dropped and counted.
+
+use std::{
+    num::NonZeroUsize,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError},
+        Arc, Mutex,
+    },
+    time::{Duration, SystemTime},
+};
+
+use profiler_common::offcpu::{HistKey, Histogram};
+
+use crate::{
+    aggregate::{self, Aggregate, Aggregator},
+    bpf::{BpfError, KernelStats, OffCpuRecord, SampleSource},
+    process::ProcessTable,
+    profile::{Profile, ValueType},
+    symbolize::{elf::FileResolver, Symbolizer},
+    telemetry::Telemetry,
+};
+
+/// How long one poll waits for samples.
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Signals from the async side to the sampling thread.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// End the current interval at the next poll.
+    pub cut: AtomicBool,
+    /// Drain, emit the final interval, and return.
+    pub stop: AtomicBool,
+}
+
+/// One interval as read from the kernel, before symbolization.
+pub struct RawInterval {
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub aggregate: Aggregate,
+    pub off_cpu: Vec<OffCpuRecord>,
+    pub histograms: Vec<(HistKey, Histogram)>,
+    pub kernel: KernelStats,
+    /// The interval ended because the agent is stopping.
+    pub last: bool,
+}
+
+/// One interval's symbolized profiles: what the exporters receive.
+pub struct IntervalProfiles {
+    pub cpu: Profile,
+    pub off_cpu: Option<Profile>,
+    pub histograms: Vec<(HistKey, Histogram)>,
+    pub last: bool,
+}
+
+/// Samples until `control.stop`, emitting an interval at every cut and a
+/// final one when stopping.
+pub fn sample_intervals<S: SampleSource>(
+    source: &mut S,
+    procs: &Mutex<ProcessTable>,
+    control: &Control,
+    capacity: usize,
+    out: &SyncSender<RawInterval>,
+    telemetry: &Telemetry,
+) -> Result<(), BpfError> {
+    let mut agg = Aggregator::new(capacity);
+    let mut batch = Vec::with_capacity(256);
+    let mut start = SystemTime::now();
+    loop {
+        let stopping = control.stop.load(Ordering::Acquire);
+        batch.clear();
+        source.poll(&mut batch, if stopping { Duration::ZERO } else { POLL_TIMEOUT })?;
+        if !batch.is_empty() {
+            let mut table = procs.lock().unwrap_or_else(|e| e.into_inner());
+            for s in &batch {
+                table.observe(s.tgid, &String::from_utf8_lossy(s.comm_bytes()));
+                agg.add(s);
+            }
+        }
+        let last = stopping && batch.is_empty();
+        if last || control.cut.swap(false, Ordering::AcqRel) {
+            let end = SystemTime::now();
+            let kernel = source.stats()?;
+            telemetry.set_kernel(kernel);
+            let raw = RawInterval {
+                start,
+                end,
+                aggregate: agg.take(),
+                off_cpu: source.take_off_cpu()?,
+                histograms: source.take_histograms()?,
+                kernel,
+                last,
+            };
+            // The final interval must not be lost to a full queue: wait.
+            let sent = if last { out.send(raw).map_err(|_| ()) } else { try_send(out, raw) };
+            if sent.is_err() {
+                telemetry.intervals_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            start = end;
+        }
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+fn try_send(out: &SyncSender<RawInterval>, raw: RawInterval) -> Result<(), ()> {
+    match out.try_send(raw) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => Err(()),
+    }
+}
+
+/// Symbolizes raw intervals until the channel closes, handing each result
+/// to `emit`.
+pub fn symbolize_intervals<R: FileResolver>(
+    input: Receiver<RawInterval>,
+    symbolizer: &mut Symbolizer<R>,
+    procs: &Mutex<ProcessTable>,
+    frequency: u64,
+    off_cpu: bool,
+    telemetry: &Telemetry,
+    mut emit: impl FnMut(Arc<IntervalProfiles>),
+) {
+    for raw in input {
+        let profiles = symbolize_one(&raw, symbolizer, procs, frequency, off_cpu);
+        let stats = symbolizer.stats();
+        let cache = symbolizer.cache_stats();
+        telemetry.frames.store(stats.frames, Ordering::Relaxed);
+        telemetry.frames_unsymbolized.store(stats.unsymbolized, Ordering::Relaxed);
+        telemetry.cache_hits.store(cache.hits, Ordering::Relaxed);
+        telemetry.cache_misses.store(cache.misses, Ordering::Relaxed);
+        telemetry.aggregation_dropped.fetch_add(raw.aggregate.dropped, Ordering::Relaxed);
+        telemetry.intervals.fetch_add(1, Ordering::Relaxed);
+        emit(Arc::new(profiles));
+    }
+}
+
+/// One interval's profiles.
+pub fn symbolize_one<R: FileResolver>(
+    raw: &RawInterval,
+    symbolizer: &mut Symbolizer<R>,
+    mut procs: &Mutex<ProcessTable>,
+    frequency: u64,
+    off_cpu: bool,
+) -> IntervalProfiles {
+    let duration_ns = raw.end.duration_since(raw.start).map_or(0, |d| d.as_nanos() as u64);
+    let period = 1_000_000_000 / frequency.max(1);
+    let mut cpu =
+        Profile::new(ValueType::new("samples", "count"), Some(ValueType::new("cpu", "nanoseconds")), period, raw.start);
+    cpu.duration_ns = duration_ns;
+    symbolizer.symbolize(&raw.aggregate, &mut procs, &mut cpu);
+    let off = off_cpu.then(|| {
+        let mut p = Profile::new(ValueType::new("off_cpu", "nanoseconds"), None, 0, raw.start);
+        p.duration_ns = duration_ns;
+        let agg = aggregate::from_off_cpu(&raw.off_cpu, usize::MAX);
+        symbolizer.symbolize(&agg, &mut procs, &mut p);
+        p
+    });
+    IntervalProfiles { cpu, off_cpu: off, histograms: raw.histograms.clone(), last: raw.last }
+}
+
+/// A process table sized for a long-running daemon.
+pub fn process_table() -> Mutex<ProcessTable> {
+    Mutex::new(ProcessTable::new("/proc", NonZeroUsize::new(16_384).expect("non-zero")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::sync_channel;
+
+    use super::*;
+    use crate::{
+        bpf::fake::{sample, FakeSource},
+        symbolize::{cache::Resolved, kallsyms::KernelSymbols},
+    };
+
+    struct NoSymbols;
+    impl FileResolver for NoSymbols {
+        fn resolve(&mut self, _: &std::path::Path, offsets: &[u64]) -> Vec<Resolved> {
+            offsets.iter().map(|_| Resolved::from(Vec::new())).collect()
+        }
+    }
+
+    #[test]
+    fn cuts_intervals_and_emits_a_final_one_on_stop() {
+        let mut src = FakeSource::default();
+        for i in 0..3 {
+            src.push(sample(1, 1, "a", &[], &[0x1000 + i]));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let procs = Mutex::new(ProcessTable::new(dir.path(), NonZeroUsize::new(4).unwrap()));
+        let control = Control::default();
+        control.cut.store(true, Ordering::Relaxed);
+        control.stop.store(true, Ordering::Relaxed);
+        let (tx, rx) = sync_channel(2);
+        let telemetry = Telemetry::default();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry).unwrap();
+        drop(tx);
+        let raws: Vec<RawInterval> = rx.into_iter().collect();
+        // The cut happens after the first batch (all 3 samples); the final
+        // interval is empty and marked last.
+        assert_eq!(raws.len(), 2);
+        assert_eq!(raws[0].aggregate.samples, 3);
+        assert!(!raws[0].last && raws[1].last);
+        assert_eq!(raws[1].aggregate.samples, 0);
+        assert!(raws[0].start <= raws[0].end && raws[0].end <= raws[1].start + Duration::from_millis(1));
+
+        let mut sym = Symbolizer::new(NoSymbols, KernelSymbols::default(), NonZeroUsize::new(16).unwrap());
+        let p = symbolize_one(&raws[0], &mut sym, &procs, 19, true);
+        assert_eq!(p.cpu.total(), 3);
+        assert_eq!(p.cpu.period, 1_000_000_000 / 19);
+        assert!(p.off_cpu.as_ref().is_some_and(|o| o.samples.is_empty()));
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_intervals_but_never_the_last() {
+        let mut src = FakeSource::default();
+        src.push(sample(1, 1, "a", &[], &[0x1000]));
+        let dir = tempfile::tempdir().unwrap();
+        let procs = Mutex::new(ProcessTable::new(dir.path(), NonZeroUsize::new(4).unwrap()));
+        let control = Control::default();
+        let (tx, rx) = sync_channel(1);
+        let telemetry = Telemetry::default();
+        // Fill the queue, then cut once more: that interval is dropped.
+        tx.send(RawInterval {
+            start: SystemTime::now(),
+            end: SystemTime::now(),
+            aggregate: Aggregate::default(),
+            off_cpu: vec![],
+            histograms: vec![],
+            kernel: KernelStats::default(),
+            last: false,
+        })
+        .unwrap();
+        control.cut.store(true, Ordering::Relaxed);
+        control.stop.store(true, Ordering::Relaxed);
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            rx.into_iter().count()
+        });
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry).unwrap();
+        drop(tx);
+        assert_eq!(telemetry.intervals_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(reader.join().unwrap(), 2, "the pre-filled one and the last one");
+    }
+}
