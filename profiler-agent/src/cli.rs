@@ -57,7 +57,19 @@ pub struct RunArgs {
     /// TOML configuration file [default: /etc/profiler-agent/config.toml if it exists].
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Write rolling pprof and folded files to this directory.
+    /// Send OTLP profiles here: `http://host:4317` (gRPC) or, with
+    /// `--otlp-protocol http/protobuf`, `http://host:4318`
+    /// [env: OTEL_EXPORTER_OTLP_ENDPOINT].
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport: `grpc` or `http/protobuf` [env: OTEL_EXPORTER_OTLP_PROTOCOL].
+    #[arg(long, value_name = "PROTOCOL")]
+    pub otlp_protocol: Option<crate::config::OtlpProtocol>,
+    /// Push to Grafana Pyroscope at this URL (`http://pyroscope:4040`).
+    #[arg(long, value_name = "URL")]
+    pub pyroscope_url: Option<String>,
+    /// Write rolling pprof and folded files to this directory (the default
+    /// exporter when no other is configured).
     #[arg(short, long, value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
     /// Length of one profile [default: 10s].

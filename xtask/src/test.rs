@@ -15,6 +15,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         );
     }
     let tools = setup::run()?;
+    python_receivers()?;
     let agent = build::build_agent(&tools, true)?;
     let agent = std::path::absolute(&agent).context("cannot make the agent path absolute")?;
 
@@ -52,5 +53,33 @@ pub fn run(extra: &[String]) -> Result<()> {
     build::run_cmd(&mut integ, "integration tests")?;
 
     step("test: all passed");
+    Ok(())
+}
+
+/// The exporter tests decode what the agent sends with real receivers built
+/// on the official Python packages (tests/receivers/requirements.txt).
+/// Installs them when they are missing; a no-op afterwards.
+fn python_receivers() -> Result<()> {
+    let root = build::workspace_root();
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools, opentelemetry.proto.collector.profiles.v1development"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("python3 is needed by the exporter tests; install it (Debian: apt-get install python3 python3-pip)")?;
+    if check.success() {
+        return Ok(());
+    }
+    step("test: installing the Python receivers' packages (tests/receivers/requirements.txt)");
+    let status = std::process::Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(root.join("tests/receivers/requirements.txt"))
+        .status()
+        .context("running pip failed")?;
+    if !status.success() {
+        bail!(
+            "pip could not install tests/receivers/requirements.txt; \
+             install them by hand with `python3 -m pip install -r tests/receivers/requirements.txt`"
+        );
+    }
     Ok(())
 }

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 
 pub mod files;
 pub mod folded;
+pub mod otlp;
 pub mod pprof;
+pub mod pyroscope;
 pub mod rolling;
 pub mod svg;
 

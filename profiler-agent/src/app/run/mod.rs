@@ -7,6 +7,7 @@
 mod exporters;
 mod http;
 mod pipeline;
+mod retry;
 mod settings;
 
 use std::{
@@ -41,8 +42,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     preflight::check_capabilities(&status)?;
     preflight::check_btf(Path::new("/sys/kernel/btf/vmlinux"))?;
     preflight::check_pids(Path::new("/proc"), &config.sampling.pids)?;
-    let files = config.export.files.clone().expect("settings always configure an exporter");
-    preflight::prepare_output_dir(&files.dir)?;
+    if let Some(files) = &config.export.files {
+        preflight::prepare_output_dir(&files.dir)?;
+    }
     let listener = http::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--http-listen)", config.http.listen))?;
@@ -59,19 +61,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut source = EbpfSource::load(&opts).context("loading the eBPF programs failed")?;
     telemetry.attached.store(true, Ordering::Relaxed);
     let http_task = tokio::spawn(http::serve(listener, telemetry.clone()));
+    // Exporters, each behind its own bounded queue.
+    let (senders, tasks, destinations) = start_exporters(&config, &telemetry)?;
     log::info!(
         "profiling at {} Hz{}, exporting every {:?} to {}; health and metrics on http://{}",
         config.sampling.frequency,
         if config.sampling.off_cpu { " with off-CPU" } else { "" },
         config.export.interval.0,
-        files.dir.display(),
+        destinations.join(", "),
         config.http.listen
     );
-
-    // Exporters, each behind its own bounded queue.
-    let rolling = RollingDir::new(&files.dir, files.max_bytes.0, files.max_age.0)?;
-    let (files_tx, files_task) = exporters::spawn_files(rolling, telemetry.clone());
-    let senders = vec![("files", files_tx)];
 
     // Sampling and symbolizing threads.
     let procs = Arc::new(pipeline::process_table());
@@ -110,7 +109,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let finished = tokio::time::timeout(deadline, async {
         let sampled = tokio::task::spawn_blocking(move || sampler.join()).await;
         let _ = tokio::task::spawn_blocking(move || symbolizer_thread.join()).await;
-        let _ = files_task.await;
+        for task in tasks {
+            let _ = task.await;
+        }
         sampled
     })
     .await;
@@ -124,6 +125,52 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+type Senders = Vec<(&'static str, tokio::sync::mpsc::Sender<Arc<pipeline::IntervalProfiles>>)>;
+
+/// Starts every configured exporter; returns their queues, their tasks, and
+/// a description of where data goes.
+fn start_exporters(
+    config: &Config,
+    telemetry: &Arc<Telemetry>,
+) -> anyhow::Result<(Senders, Vec<tokio::task::JoinHandle<()>>, Vec<String>)> {
+    let (mut senders, mut tasks, mut destinations): (Senders, _, Vec<String>) = (Vec::new(), Vec::new(), Vec::new());
+    let host_name =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    let extra: Vec<(String, String)> = config.resource.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if let Some(files) = &config.export.files {
+        let rolling = RollingDir::new(&files.dir, files.max_bytes.0, files.max_age.0)?;
+        let (tx, task) = exporters::spawn_files(rolling, telemetry.clone());
+        senders.push(("files", tx));
+        tasks.push(task);
+        destinations.push(files.dir.display().to_string());
+    }
+    if let Some(otlp) = &config.export.otlp {
+        let resource = crate::export::otlp::Resource {
+            host_name: host_name.clone(),
+            service_name_override: config.resource.service_name.clone(),
+            extra_attributes: extra.clone(),
+        };
+        let (tx, task) = exporters::spawn_otlp(otlp, resource, telemetry.clone())
+            .with_context(|| format!("invalid OTLP endpoint {}", otlp.endpoint))?;
+        senders.push(("otlp", tx));
+        tasks.push(task);
+        destinations.push(format!("OTLP {}", otlp.endpoint));
+    }
+    if let Some(p) = &config.export.pyroscope {
+        let labels = crate::export::pyroscope::PushLabels {
+            host_name,
+            service_name_override: config.resource.service_name.clone(),
+            extra,
+        };
+        let (tx, task) = exporters::spawn_pyroscope(p, labels, telemetry.clone())
+            .with_context(|| format!("invalid Pyroscope URL {}", p.url))?;
+        senders.push(("pyroscope", tx));
+        tasks.push(task);
+        destinations.push(format!("Pyroscope {}", p.url));
+    }
+    Ok((senders, tasks, destinations))
 }
 
 /// Cuts an interval every `export.interval` until SIGTERM or SIGINT.

@@ -20,7 +20,7 @@ use profiler_common::offcpu::{HistKey, Histogram};
 
 use crate::{
     aggregate::{self, Aggregate, Aggregator},
-    bpf::{BpfError, KernelStats, OffCpuRecord, SampleSource},
+    bpf::{BpfError, OffCpuRecord, SampleSource},
     process::ProcessTable,
     profile::{Profile, ValueType},
     symbolize::{elf::FileResolver, Symbolizer},
@@ -45,8 +45,6 @@ pub struct RawInterval {
     pub end: SystemTime,
     pub aggregate: Aggregate,
     pub off_cpu: Vec<OffCpuRecord>,
-    pub histograms: Vec<(HistKey, Histogram)>,
-    pub kernel: KernelStats,
     /// The interval ended because the agent is stopping.
     pub last: bool,
 }
@@ -55,8 +53,6 @@ pub struct RawInterval {
 pub struct IntervalProfiles {
     pub cpu: Profile,
     pub off_cpu: Option<Profile>,
-    pub histograms: Vec<(HistKey, Histogram)>,
-    pub last: bool,
 }
 
 /// Samples until `control.stop`, emitting an interval at every cut and a
@@ -86,17 +82,12 @@ pub fn sample_intervals<S: SampleSource>(
         let last = stopping && batch.is_empty();
         if last || control.cut.swap(false, Ordering::AcqRel) {
             let end = SystemTime::now();
+            // Latency histograms are cleared every interval so they stay
+            // per-interval; exporting them as OTLP metrics is a later step.
+            let _histograms: Vec<(HistKey, Histogram)> = source.take_histograms()?;
             let kernel = source.stats()?;
             telemetry.set_kernel(kernel);
-            let raw = RawInterval {
-                start,
-                end,
-                aggregate: agg.take(),
-                off_cpu: source.take_off_cpu()?,
-                histograms: source.take_histograms()?,
-                kernel,
-                last,
-            };
+            let raw = RawInterval { start, end, aggregate: agg.take(), off_cpu: source.take_off_cpu()?, last };
             // The final interval must not be lost to a full queue: wait.
             let sent = if last { out.send(raw).map_err(|_| ()) } else { try_send(out, raw) };
             if sent.is_err() {
@@ -129,6 +120,9 @@ pub fn symbolize_intervals<R: FileResolver>(
     mut emit: impl FnMut(Arc<IntervalProfiles>),
 ) {
     for raw in input {
+        if raw.last {
+            log::debug!("symbolizing the final, partial interval");
+        }
         let profiles = symbolize_one(&raw, symbolizer, procs, frequency, off_cpu);
         let stats = symbolizer.stats();
         let cache = symbolizer.cache_stats();
@@ -163,7 +157,7 @@ pub fn symbolize_one<R: FileResolver>(
         symbolizer.symbolize(&agg, &mut procs, &mut p);
         p
     });
-    IntervalProfiles { cpu, off_cpu: off, histograms: raw.histograms.clone(), last: raw.last }
+    IntervalProfiles { cpu, off_cpu: off }
 }
 
 /// A process table sized for a long-running daemon.
@@ -234,8 +228,6 @@ mod tests {
             end: SystemTime::now(),
             aggregate: Aggregate::default(),
             off_cpu: vec![],
-            histograms: vec![],
-            kernel: KernelStats::default(),
             last: false,
         })
         .unwrap();

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::{
     cli::RunArgs,
-    config::{apply_otel_env, Config, ConfigError, Files, HumanDuration, DEFAULT_CONFIG_PATH},
+    config::{apply_otel_env, Config, ConfigError, Files, HumanDuration, Otlp, Pyroscope, DEFAULT_CONFIG_PATH},
 };
 
 /// Builds the configuration; `env` is normally `std::env::var`.
@@ -30,20 +30,20 @@ pub fn resolve(args: &RunArgs, env: impl Fn(&str) -> Option<String>) -> Result<C
     if let Some(addr) = args.http_listen {
         config.http.listen = addr;
     }
+    if let Some(endpoint) = &args.otlp_endpoint {
+        config.export.otlp.get_or_insert_with(Otlp::default).endpoint = endpoint.trim_end_matches('/').to_owned();
+    }
+    if let Some(protocol) = args.otlp_protocol {
+        config.export.otlp.get_or_insert_with(Otlp::default).protocol = protocol;
+    }
+    if let Some(url) = &args.pyroscope_url {
+        config.export.pyroscope.get_or_insert_with(Pyroscope::default).url = url.trim_end_matches('/').to_owned();
+    }
     if let Some(dir) = &args.output_dir {
         config.export.files.get_or_insert_with(Files::default).dir = dir.clone();
     }
     if !config.has_exporter() {
         config.export.files = Some(Files::default());
-    }
-    // Network exporters are configured here but shipped in a later step;
-    // refusing beats silently dropping what the user asked to send.
-    if config.export.otlp.is_some() || config.export.pyroscope.is_some() {
-        return Err(ConfigError::Invalid(
-            "OTLP and Pyroscope export are not available in this version of profiler-agent; \
-             remove [export.otlp]/[export.pyroscope] (or OTEL_EXPORTER_OTLP_*) and use [export.files]"
-                .into(),
-        ));
     }
     config.validate()?;
     Ok(config)
@@ -96,8 +96,27 @@ mod tests {
     }
 
     #[test]
-    fn network_exporters_are_refused_until_they_ship() {
-        let e = resolve(&args(&[]), |k| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://c:4317".into()));
-        assert!(e.unwrap_err().to_string().contains("OTEL_EXPORTER_OTLP"));
+    fn network_exporters_from_env_and_flags_replace_the_default_files() {
+        let c = resolve(&args(&[]), |k| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://c:4317".into())).unwrap();
+        assert_eq!(c.export.otlp.unwrap().endpoint, "http://c:4317");
+        assert!(c.export.files.is_none(), "files are only the default when nothing else is configured");
+        let c = resolve(
+            &args(&[
+                "--otlp-endpoint",
+                "http://flag:4318/",
+                "--otlp-protocol",
+                "http/protobuf",
+                "--pyroscope-url",
+                "http://p:4040",
+            ]),
+            |k| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://env:4317".into()),
+        )
+        .unwrap();
+        let otlp = c.export.otlp.unwrap();
+        assert_eq!(otlp.endpoint, "http://flag:4318", "flags override the environment");
+        assert_eq!(otlp.protocol, crate::config::OtlpProtocol::HttpProtobuf);
+        assert_eq!(c.export.pyroscope.unwrap().url, "http://p:4040");
+        let e = Cli::try_parse_from(["profiler-agent", "run", "--otlp-protocol", "thrift"]).unwrap_err().to_string();
+        assert!(e.contains("thrift") && e.contains("http/protobuf"), "{e}");
     }
 }

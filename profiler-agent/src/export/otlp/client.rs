@@ -1,0 +1,381 @@
+//! Sending an `ExportProfilesServiceRequest` to an OTLP receiver.
+//!
+//! `opentelemetry-otlp` has no profiles exporter, so this is a thin client
+//! over the generated types: gRPC `ProfilesService/Export` through tonic, or
+//! OTLP/HTTP `POST /v1development/profiles` through reqwest; both gzip the
+//! request. The client never retries: [`OtlpError::retryable`] tells the
+//! caller whether a retry can help, since only the caller knows how long a
+//! profile is still worth sending.
+
+use std::error::Error as StdError;
+use std::io::Write as _;
+use std::str::FromStr as _;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use opentelemetry_proto::tonic::collector::profiles::v1development::profiles_service_client::ProfilesServiceClient;
+use opentelemetry_proto::tonic::collector::profiles::v1development::{
+    ExportProfilesPartialSuccess, ExportProfilesServiceRequest, ExportProfilesServiceResponse,
+};
+use prost::Message as _;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE};
+use tonic::codec::CompressionEncoding;
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
+use tonic::transport::{Channel, Endpoint};
+
+/// Proposed (opentelemetry-proto PR #857) marker of the development wire
+/// format; receivers read a missing header as version 1, which is what
+/// proto 1.9-1.11 are, so sending it changes nothing today and keeps us
+/// unambiguous once a version 2 exists.
+const VERSION_HEADER: &str = "otlp-profiles-development-version";
+const WIRE_VERSION: &str = "1";
+/// The OTLP/HTTP path of the profiles signal.
+const HTTP_PATH: &str = "/v1development/profiles";
+
+/// Which OTLP transport to speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// gRPC, by convention on port 4317.
+    Grpc,
+    /// OTLP/HTTP with binary protobuf bodies, by convention on port 4318.
+    HttpProtobuf,
+}
+
+/// How to reach the receiver.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `http://host:4317` (gRPC) or `http://host:4318` (HTTP; the signal path
+    /// is appended unless already there). `https://` works for HTTP only.
+    pub endpoint: String,
+    pub protocol: Protocol,
+    /// Extra request headers (gRPC metadata), e.g. authentication.
+    pub headers: Vec<(String, String)>,
+    /// Budget for establishing the TCP connection.
+    pub connect_timeout: Duration,
+    /// Budget for one request once connected, answer included.
+    pub request_timeout: Duration,
+}
+
+/// What the receiver said about an accepted request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportOutcome {
+    /// Profiles the receiver dropped (partial success); 0 if all were taken.
+    pub rejected_profiles: i64,
+    /// The receiver's explanation or warning, if it gave one.
+    pub message: Option<String>,
+}
+
+impl ExportOutcome {
+    fn from_partial(p: Option<ExportProfilesPartialSuccess>) -> Self {
+        let p = p.unwrap_or_default();
+        Self { rejected_profiles: p.rejected_profiles, message: Some(p.error_message).filter(|m| !m.is_empty()) }
+    }
+}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Why an export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    /// The configuration cannot work (bad URL or header); fix it, don't retry.
+    #[error("invalid OTLP exporter configuration: {0}")]
+    Config(String),
+
+    /// The receiver could not be reached.
+    #[error("cannot connect to OTLP receiver {endpoint}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: BoxError,
+    },
+
+    /// No complete answer within the configured timeouts.
+    #[error("OTLP receiver {endpoint} did not answer within {timeout:?}")]
+    Timeout { endpoint: String, timeout: Duration },
+
+    /// The gRPC receiver answered with an error status.
+    #[error("OTLP receiver {endpoint} answered gRPC status {code:?}: {message}")]
+    Status { endpoint: String, code: tonic::Code, message: String },
+
+    /// The HTTP receiver answered with a non-2xx status.
+    #[error("OTLP receiver {endpoint} answered HTTP {status}: {body}")]
+    Http { endpoint: String, status: u16, body: String },
+
+    /// The connection broke mid-request (reset, protocol error).
+    #[error("OTLP request to {endpoint} failed")]
+    Transport {
+        endpoint: String,
+        #[source]
+        source: BoxError,
+    },
+
+    /// Compressing the request failed.
+    #[error("failed to encode the OTLP request")]
+    Encode(#[source] std::io::Error),
+}
+
+impl OtlpError {
+    /// Whether sending the same request again later may succeed, following
+    /// the OTLP spec's lists: unavailable, timeouts, throttling and server
+    /// errors yes; malformed or refused requests no.
+    pub fn retryable(&self) -> bool {
+        use tonic::Code;
+        match self {
+            Self::Connect { .. } | Self::Timeout { .. } | Self::Transport { .. } => true,
+            Self::Status { code, .. } => matches!(
+                code,
+                Code::Cancelled
+                    | Code::DeadlineExceeded
+                    | Code::ResourceExhausted
+                    | Code::Aborted
+                    | Code::OutOfRange
+                    | Code::Unavailable
+                    | Code::DataLoss
+            ),
+            Self::Http { status, .. } => *status == 429 || (500..600).contains(status),
+            Self::Config(_) | Self::Encode(_) => false,
+        }
+    }
+}
+
+/// A client for one OTLP profiles receiver.
+pub struct OtlpProfilesClient {
+    config: ClientConfig,
+    transport: Transport,
+}
+
+enum Transport {
+    Grpc {
+        /// Boxed: it is most of the client's size, and there is one per client.
+        endpoint: Box<Endpoint>,
+        /// Created on first use: tonic channels need a Tokio runtime, and
+        /// this way `new` does not.
+        channel: OnceLock<Channel>,
+        metadata: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
+    },
+    Http {
+        client: reqwest::Client,
+        url: String,
+        headers: HeaderMap,
+    },
+}
+
+impl OtlpProfilesClient {
+    /// Validates `config` and prepares the transport. Nothing is connected
+    /// yet: the receiver may come up later, connections are made on export.
+    ///
+    /// # Errors
+    ///
+    /// [`OtlpError::Config`] for an unusable endpoint or header.
+    pub fn new(config: ClientConfig) -> Result<Self, OtlpError> {
+        // `host:4317` would parse as a URL with scheme `host`; say what is
+        // wrong instead of failing on every export.
+        if !(config.endpoint.starts_with("http://") || config.endpoint.starts_with("https://")) {
+            return Err(OtlpError::Config(format!(
+                "endpoint {:?} must start with http:// or https://",
+                config.endpoint
+            )));
+        }
+        let transport = match config.protocol {
+            Protocol::Grpc => grpc_transport(&config)?,
+            Protocol::HttpProtobuf => http_transport(&config)?,
+        };
+        Ok(Self { config, transport })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Sends `req` once. Bounded by `connect_timeout + request_timeout`.
+    ///
+    /// # Errors
+    ///
+    /// See [`OtlpError`]; [`OtlpError::retryable`] says whether to try again.
+    pub async fn export(&self, req: ExportProfilesServiceRequest) -> Result<ExportOutcome, OtlpError> {
+        // Belt and braces over the transports' own timeouts: whatever phase
+        // hangs (TLS, HTTP/2 handshake, a half-sent body), the call ends.
+        let budget = self.config.connect_timeout.saturating_add(self.config.request_timeout);
+        let call = async {
+            match &self.transport {
+                Transport::Grpc { endpoint, channel, metadata } => {
+                    let channel = channel.get_or_init(|| endpoint.connect_lazy()).clone();
+                    self.export_grpc(channel, metadata, req).await
+                }
+                Transport::Http { client, url, headers } => self.export_http(client, url, headers, req).await,
+            }
+        };
+        tokio::time::timeout(budget, call).await.unwrap_or_else(|_| Err(self.timeout()))
+    }
+
+    async fn export_grpc(
+        &self,
+        channel: Channel,
+        metadata: &[(AsciiMetadataKey, AsciiMetadataValue)],
+        req: ExportProfilesServiceRequest,
+    ) -> Result<ExportOutcome, OtlpError> {
+        let mut client = ProfilesServiceClient::new(channel)
+            .send_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Gzip);
+        let mut request = tonic::Request::new(req);
+        // Tells the receiver our deadline (grpc-timeout), so it stops working
+        // on a request we no longer wait for.
+        request.set_timeout(self.config.request_timeout);
+        for (k, v) in metadata {
+            request.metadata_mut().insert(k.clone(), v.clone());
+        }
+        match client.export(request).await {
+            Ok(resp) => Ok(ExportOutcome::from_partial(resp.into_inner().partial_success)),
+            Err(status) => Err(self.classify_status(status)),
+        }
+    }
+
+    /// Turns a client-side `Status` back into what happened: tonic reports
+    /// its own timeout as `Cancelled` and a failed connect as `Unavailable`,
+    /// keeping the cause in the source chain.
+    fn classify_status(&self, status: tonic::Status) -> OtlpError {
+        let mut cause: Option<&(dyn StdError + 'static)> = StdError::source(&status);
+        let (mut timed_out, mut connect) = (status.code() == tonic::Code::DeadlineExceeded, false);
+        while let Some(err) = cause {
+            timed_out |= err.is::<tonic::TimeoutExpired>();
+            connect |= err.is::<tonic::ConnectError>();
+            cause = err.source();
+        }
+        if timed_out {
+            self.timeout()
+        } else if connect {
+            OtlpError::Connect { endpoint: self.config.endpoint.clone(), source: Box::new(status) }
+        } else {
+            OtlpError::Status {
+                endpoint: self.config.endpoint.clone(),
+                code: status.code(),
+                message: status.message().to_owned(),
+            }
+        }
+    }
+
+    async fn export_http(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        headers: &HeaderMap,
+        req: ExportProfilesServiceRequest,
+    ) -> Result<ExportOutcome, OtlpError> {
+        let body = gzip(&req.encode_to_vec())?;
+        let sent = client.post(url).headers(headers.clone()).body(body).send().await;
+        let resp = sent.map_err(|e| self.classify_reqwest(e))?;
+        let status = resp.status();
+        let protobuf = resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().ends_with(b"protobuf"));
+        let bytes = resp.bytes().await.map_err(|e| self.classify_reqwest(e))?;
+        if status.is_success() {
+            // A receiver that accepted the data but sent an unexpected body
+            // (empty, JSON) still accepted it; only the details are lost.
+            let partial = ExportProfilesServiceResponse::decode(bytes.as_ref())
+                .inspect_err(|e| log::debug!("undecodable OTLP/HTTP success body from {url}: {e}"))
+                .ok()
+                .and_then(|r| r.partial_success);
+            return Ok(ExportOutcome::from_partial(partial));
+        }
+        Err(OtlpError::Http { endpoint: url.to_owned(), status: status.as_u16(), body: error_body(&bytes, protobuf) })
+    }
+
+    fn classify_reqwest(&self, e: reqwest::Error) -> OtlpError {
+        let endpoint = self.config.endpoint.clone();
+        if e.is_timeout() {
+            self.timeout()
+        } else if e.is_connect() {
+            OtlpError::Connect { endpoint, source: Box::new(e) }
+        } else {
+            OtlpError::Transport { endpoint, source: Box::new(e) }
+        }
+    }
+
+    fn timeout(&self) -> OtlpError {
+        OtlpError::Timeout { endpoint: self.config.endpoint.clone(), timeout: self.config.request_timeout }
+    }
+}
+
+fn grpc_transport(config: &ClientConfig) -> Result<Transport, OtlpError> {
+    if config.endpoint.starts_with("https://") {
+        // tonic is built without a TLS feature; failing here beats an opaque
+        // handshake error on every export.
+        return Err(OtlpError::Config(format!(
+            "{}: gRPC over TLS is not built in; use http:// or the HTTP protocol",
+            config.endpoint
+        )));
+    }
+    let endpoint = Endpoint::from_shared(config.endpoint.clone())
+        .map_err(|e| OtlpError::Config(format!("endpoint {:?}: {e}", config.endpoint)))?
+        .connect_timeout(config.connect_timeout)
+        .timeout(config.request_timeout);
+    let mut metadata = Vec::with_capacity(config.headers.len() + 1);
+    for (k, v) in header_pairs(config) {
+        let key = AsciiMetadataKey::from_str(k).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
+        let value = AsciiMetadataValue::from_str(v).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
+        metadata.push((key, value));
+    }
+    Ok(Transport::Grpc { endpoint: Box::new(endpoint), channel: OnceLock::new(), metadata })
+}
+
+fn http_transport(config: &ClientConfig) -> Result<Transport, OtlpError> {
+    let base = config.endpoint.trim_end_matches('/');
+    let url = if base.ends_with(HTTP_PATH) { base.to_owned() } else { format!("{base}{HTTP_PATH}") };
+    reqwest::Url::parse(&url).map_err(|e| OtlpError::Config(format!("endpoint {url:?}: {e}")))?;
+    let mut headers = HeaderMap::new();
+    for (k, v) in header_pairs(config) {
+        let key = HeaderName::from_str(k).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
+        let value = HeaderValue::from_str(v).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
+        headers.insert(key, value);
+    }
+    // Inserted last so a configured header cannot mislabel the body.
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
+    headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    let client = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .timeout(config.request_timeout)
+        .build()
+        .map_err(|e| OtlpError::Config(format!("HTTP client: {e}")))?;
+    Ok(Transport::Http { client, url, headers })
+}
+
+/// Configured headers, then the version marker unless configured already.
+fn header_pairs(config: &ClientConfig) -> impl Iterator<Item = (&str, &str)> {
+    let configured = config.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    let has_version = config.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(VERSION_HEADER));
+    configured.chain((!has_version).then_some((VERSION_HEADER, WIRE_VERSION)))
+}
+
+fn gzip(bytes: &[u8]) -> Result<Vec<u8>, OtlpError> {
+    // Profiles compress well; a quarter of the raw size avoids most regrowth.
+    let mut gz = GzEncoder::new(Vec::with_capacity(bytes.len() / 4), Compression::default());
+    gz.write_all(bytes).map_err(OtlpError::Encode)?;
+    gz.finish().map_err(OtlpError::Encode)
+}
+
+/// `google.rpc.Status`, the body OTLP/HTTP receivers send with an error.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+/// The receiver's error message: the `Status` message of a protobuf body,
+/// else the body as text, cut short so a log line stays a line.
+fn error_body(bytes: &[u8], protobuf: bool) -> String {
+    const MAX: usize = 512;
+    if protobuf {
+        if let Some(status) = RpcStatus::decode(bytes).ok().filter(|s| !s.message.is_empty()) {
+            return status.message;
+        }
+    }
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
