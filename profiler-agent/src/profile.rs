@@ -49,6 +49,28 @@ pub struct Frame {
     pub unsymbolized: bool,
 }
 
+impl Frame {
+    /// A frame with only a name: synthetic frames (a thread in the wall
+    /// view) and `[unknown]` stand-ins.
+    pub fn named(function: impl Into<String>, unsymbolized: bool) -> Self {
+        Frame {
+            function: function.into(),
+            file: None,
+            line: None,
+            module: None,
+            address: 0,
+            kind: FrameKind::User,
+            unsymbolized,
+        }
+    }
+
+    /// What exporters show for a frame index that points nowhere, rather
+    /// than crash the agent.
+    pub fn unknown() -> Self {
+        Self::named("[unknown]", true)
+    }
+}
+
 /// One unique stack of one thread, with its aggregated value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sample {

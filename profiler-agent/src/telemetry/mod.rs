@@ -18,6 +18,9 @@ use profiler_common::Stat;
 
 use crate::bpf::KernelStats;
 
+/// (metric name, Prometheus type, help, how to read it from an exporter).
+type ExporterSeries = (&'static str, &'static str, &'static str, fn(&ExporterMetrics) -> u64);
+
 /// Per-exporter counters.
 #[derive(Debug, Default)]
 pub struct ExporterMetrics {
@@ -55,7 +58,9 @@ impl Telemetry {
     pub fn exporter(&self, name: &'static str) -> std::sync::Arc<ExporterMetrics> {
         let mut map = self.exporters.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(name)
-            .or_insert_with(|| std::sync::Arc::new(ExporterMetrics { healthy: AtomicBool::new(true), ..Default::default() }))
+            .or_insert_with(|| {
+                std::sync::Arc::new(ExporterMetrics { healthy: AtomicBool::new(true), ..Default::default() })
+            })
             .clone()
     }
 
@@ -86,31 +91,54 @@ impl Telemetry {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let k = *self.kernel.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(s, "# HELP profiler_kernel_events_total Kernel-side counters by kind (samples, drops by reason, switches).");
+        let _ = writeln!(
+            s,
+            "# HELP profiler_kernel_events_total Kernel-side counters by kind (samples, drops by reason, switches)."
+        );
         let _ = writeln!(s, "# TYPE profiler_kernel_events_total counter");
         for stat in Stat::ALL {
             let _ = writeln!(s, "profiler_kernel_events_total{{kind=\"{}\"}} {}", stat.name(), k.get(stat));
         }
         let counters: [(&str, &str, &AtomicU64); 7] = [
             ("profiler_intervals_total", "Profiling intervals completed.", &self.intervals),
-            ("profiler_intervals_dropped_total", "Intervals dropped because symbolization fell behind.", &self.intervals_dropped),
-            ("profiler_aggregation_dropped_total", "Samples dropped because the aggregation table was full.", &self.aggregation_dropped),
+            (
+                "profiler_intervals_dropped_total",
+                "Intervals dropped because symbolization fell behind.",
+                &self.intervals_dropped,
+            ),
+            (
+                "profiler_aggregation_dropped_total",
+                "Samples dropped because the aggregation table was full.",
+                &self.aggregation_dropped,
+            ),
             ("profiler_symbol_cache_hits_total", "Symbolization cache hits.", &self.cache_hits),
             ("profiler_symbol_cache_misses_total", "Symbolization cache misses.", &self.cache_misses),
             ("profiler_frames_total", "Frames symbolized.", &self.frames),
-            ("profiler_frames_unsymbolized_total", "Frames left unsymbolized (module+offset or [unknown]).", &self.frames_unsymbolized),
+            (
+                "profiler_frames_unsymbolized_total",
+                "Frames left unsymbolized (module+offset or [unknown]).",
+                &self.frames_unsymbolized,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
         }
         let exporters = self.exporters.lock().unwrap_or_else(|e| e.into_inner());
-        let series: [(&str, &str, &str, fn(&ExporterMetrics) -> u64); 6] = [
+        let series: [ExporterSeries; 6] = [
             ("profiler_export_attempts_total", "counter", "Export attempts.", |m| m.attempts.load(Relaxed)),
             ("profiler_export_failures_total", "counter", "Failed export attempts.", |m| m.failures.load(Relaxed)),
-            ("profiler_export_dropped_total", "counter", "Intervals dropped from the export buffer.", |m| m.dropped.load(Relaxed)),
-            ("profiler_export_latency_seconds_total", "counter", "Total time spent in export attempts.", |m| m.latency_us_total.load(Relaxed)),
-            ("profiler_export_buffered_bytes", "gauge", "Bytes waiting in the export buffer.", |m| m.buffered_bytes.load(Relaxed)),
-            ("profiler_export_healthy", "gauge", "1 when the last export attempt succeeded.", |m| u64::from(m.healthy.load(Relaxed))),
+            ("profiler_export_dropped_total", "counter", "Intervals dropped from the export buffer.", |m| {
+                m.dropped.load(Relaxed)
+            }),
+            ("profiler_export_latency_seconds_total", "counter", "Total time spent in export attempts.", |m| {
+                m.latency_us_total.load(Relaxed)
+            }),
+            ("profiler_export_buffered_bytes", "gauge", "Bytes waiting in the export buffer.", |m| {
+                m.buffered_bytes.load(Relaxed)
+            }),
+            ("profiler_export_healthy", "gauge", "1 when the last export attempt succeeded.", |m| {
+                u64::from(m.healthy.load(Relaxed))
+            }),
         ];
         for (name, kind, help, get) in series {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -138,7 +166,8 @@ impl Telemetry {
 /// VmRSS of this process.
 pub fn rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb * 1024)
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::{
     cli::Format,
     export::{files::write_atomic, folded, pprof, svg, ExportError},
-    profile::{Frame, FrameKind, Profile, ProfileBuilder, ValueType},
+    profile::{Frame, Profile, ProfileBuilder, ValueType},
 };
 
 /// One profile and the file stem it is written under.
@@ -56,15 +56,7 @@ pub fn wall_profile(on_cpu: &Profile, off_cpu: &Profile) -> Profile {
                 frame.module = frame.module.map(|m| b.module(&mut wall, source.modules[m].clone()));
                 frames.push(b.frame(&mut wall, frame));
             }
-            let thread = Frame {
-                function: format!("{} [{}]", s.thread_name, s.tid),
-                file: None,
-                line: None,
-                module: None,
-                address: 0,
-                kind: FrameKind::User,
-                unsymbolized: false,
-            };
+            let thread = Frame::named(format!("{} [{}]", s.thread_name, s.tid), false);
             frames.push(b.frame(&mut wall, thread));
             let mut sample = s.clone();
             sample.frames = frames;

@@ -56,15 +56,7 @@ pub struct Resource {
 pub fn encode(profiles: &[&Profile], resource: &Resource) -> ExportProfilesServiceRequest {
     // Frame indices that point nowhere should not crash the agent; they are
     // shown as this frame instead, as the pprof exporter does.
-    let unknown = Frame {
-        function: "[unknown]".into(),
-        file: None,
-        line: None,
-        module: None,
-        address: 0,
-        kind: FrameKind::User,
-        unsymbolized: true,
-    };
+    let unknown = Frame::unknown();
     let by_pid: Vec<BTreeMap<u32, Vec<&Sample>>> = profiles.iter().map(|p| samples_by_pid(p)).collect();
     let pids: BTreeSet<u32> = by_pid.iter().flat_map(|m| m.keys().copied()).collect();
     let mut encoder = Encoder {

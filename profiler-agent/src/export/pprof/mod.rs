@@ -35,15 +35,7 @@ use crate::profile::{Frame, FrameKind, Profile};
 pub fn encode(profile: &Profile) -> proto::Profile {
     // Frame indices that point nowhere should not crash the agent; they are
     // shown as this frame instead.
-    let unknown = Frame {
-        function: "[unknown]".into(),
-        file: None,
-        line: None,
-        module: None,
-        address: 0,
-        kind: FrameKind::User,
-        unsymbolized: true,
-    };
+    let unknown = Frame::unknown();
     Encoder::new(profile, &unknown).encode()
 }
 
