@@ -70,7 +70,7 @@ pub fn wall_profile(on_cpu: &Profile, off_cpu: &Profile) -> Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::{Module, Sample};
+    use crate::profile::{FrameKind, Module, Sample};
     use std::time::SystemTime;
 
     fn profile(value_type: ValueType, period: u64, frames: &[&str], value: u64) -> Profile {
