@@ -82,6 +82,8 @@ pub struct Sample {
     pub process_name: String,
     /// Thread name (comm of the thread).
     pub thread_name: String,
+    /// CPU the samples were taken on (on-CPU profiles only).
+    pub cpu: Option<u32>,
     /// Indices into [`Profile::frames`], innermost (leaf) first.
     pub frames: Vec<usize>,
     /// Number of samples (on-CPU) or nanoseconds (off-CPU), per [`Profile::value_type`].

@@ -186,10 +186,14 @@ fn check_requests(requests: &[serde_json::Value], pid: u32, ctx: &str) {
             }
             for scope in res["scopes"].as_array().into_iter().flatten() {
                 for p in scope["profiles"].as_array().into_iter().flatten() {
+                    let on_cpu = p["sample_type"][0] == "samples";
                     for s in p["samples"].as_array().into_iter().flatten() {
-                        assert!(
-                            s["attributes"]["thread.name"].is_string() && s["attributes"]["thread.id"].is_i64(),
-                            "{s}"
+                        let a = &s["attributes"];
+                        assert!(a["thread.name"].is_string() && a["thread.id"].is_i64(), "{s}");
+                        assert_eq!(
+                            a["cpu.logical_number"].is_i64(),
+                            on_cpu,
+                            "cpu.logical_number is on on-CPU samples only: {s}"
                         );
                     }
                 }

@@ -8,11 +8,18 @@ use profiler_common::{Sample, COMM_LEN};
 
 use crate::bpf::OffCpuRecord;
 
+/// [`StackKey::cpu`] when there is no CPU to name.
+pub const NO_CPU: u32 = u32::MAX;
+
 /// Identity of an aggregated stack. Addresses are raw, innermost first.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct StackKey {
     pub pid: u32,
     pub tid: u32,
+    /// CPU of an on-CPU sample; [`NO_CPU`] for off-CPU time. Part of the key
+    /// because OTLP consumers expect `cpu.logical_number` per sample; a
+    /// thread that migrates splits into at most one stack per CPU.
+    pub cpu: u32,
     pub thread_name: [u8; COMM_LEN],
     pub kernel: Box<[u64]>,
     pub user: Box<[u64]>,
@@ -65,6 +72,7 @@ impl Aggregator {
         let key = StackKey {
             pid: s.tgid,
             tid: s.tid,
+            cpu: s.cpu,
             thread_name: s.comm,
             kernel: s.kernel_stack().into(),
             user: s.user_stack().into(),
@@ -118,6 +126,7 @@ pub fn from_off_cpu(records: &[OffCpuRecord], capacity: usize) -> Aggregate {
         let key = StackKey {
             pid: r.key.tgid,
             tid: r.key.tid,
+            cpu: NO_CPU,
             thread_name: r.key.comm,
             kernel: r.kernel.clone().into(),
             user: r.user.clone().into(),
@@ -145,6 +154,7 @@ mod tests {
         let key = StackKey {
             pid: 10,
             tid: 11,
+            cpu: 0,
             thread_name: sample(0, 0, "w", &[], &[]).comm,
             kernel: [].into(),
             user: [0x1, 0x2].into(),

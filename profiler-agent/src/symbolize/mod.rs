@@ -121,6 +121,7 @@ impl<R: FileResolver> Symbolizer<R> {
                 tid: key.tid,
                 process_name: process.name.clone(),
                 thread_name: key.thread_name(),
+                cpu: (key.cpu != crate::aggregate::NO_CPU).then_some(key.cpu),
                 frames,
                 value,
             });

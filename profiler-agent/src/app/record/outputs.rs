@@ -97,6 +97,7 @@ mod tests {
             tid: 2,
             process_name: "app".into(),
             thread_name: "worker".into(),
+            cpu: None,
             frames: ids,
             value,
         });

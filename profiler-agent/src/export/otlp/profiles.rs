@@ -188,10 +188,13 @@ impl Encoder<'_> {
         let mut seen: HashMap<(i32, Vec<i32>), usize> = HashMap::new();
         for sample in samples {
             let stack_index = self.stack(which, profile, &sample.frames);
-            let attribute_indices = vec![
+            let mut attribute_indices = vec![
                 self.dict.attribute("thread.name", AttrValue::Str(sample.thread_name.clone())),
                 self.dict.attribute("thread.id", AttrValue::Int(sample.tid.into())),
             ];
+            if let Some(cpu) = sample.cpu {
+                attribute_indices.push(self.dict.attribute("cpu.logical_number", AttrValue::Int(cpu.into())));
+            }
             let value = saturating_i64(sample.value);
             let key = (stack_index, attribute_indices);
             if let Some(&i) = seen.get(&key) {

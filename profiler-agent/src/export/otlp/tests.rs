@@ -251,8 +251,14 @@ fn samples_values_threads_and_stacks() {
     assert_eq!(app_cpu.samples.len(), 3, "the zero-value sample is skipped");
     let values: Vec<i64> = app_cpu.samples.iter().map(|s| s.values[0]).collect();
     assert_eq!(values, [3, 2, 1]);
-    assert_eq!(attrs(d, &app_cpu.samples[0].attribute_indices), ["thread.name=app", "thread.id=100"]);
-    assert_eq!(attrs(d, &app_cpu.samples[1].attribute_indices), ["thread.name=worker", "thread.id=101"]);
+    assert_eq!(
+        attrs(d, &app_cpu.samples[0].attribute_indices),
+        ["thread.name=app", "thread.id=100", "cpu.logical_number=1"]
+    );
+    assert_eq!(
+        attrs(d, &app_cpu.samples[1].attribute_indices),
+        ["thread.name=worker", "thread.id=101", "cpu.logical_number=1"]
+    );
 
     let named = |v: &[(&str, i64)]| v.iter().map(|&(n, l)| (n.to_owned(), l)).collect::<Vec<_>>();
     // The inline chain is one location, innermost first, owner last.
@@ -273,7 +279,11 @@ fn samples_values_threads_and_stacks() {
 
     let db_off = &req.resource_profiles[1].scope_profiles[0].profiles[1];
     assert_eq!(db_off.samples[0].values, [7_000_000]);
-    assert_eq!(attrs(d, &db_off.samples[0].attribute_indices), ["thread.name=db-io", "thread.id=201"]);
+    // The shared fixture gives every sample a CPU; real off-CPU samples have none.
+    assert_eq!(
+        attrs(d, &db_off.samples[0].attribute_indices),
+        ["thread.name=db-io", "thread.id=201", "cpu.logical_number=1"]
+    );
     assert_eq!(stack(d, &db_off.samples[0]), [named(&[("schedule", 0)]), named(&[("main", 5)])]);
 }
 
