@@ -10,6 +10,7 @@
 //! as soon as it shows up, so its counters can still be read after the agent
 //! exits.
 
+mod export;
 mod measure;
 mod offcpu;
 mod pingpong;
@@ -46,6 +47,15 @@ pub enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Bytes exported per process and profile (OTLP and pprof, gzip and raw) and their CPU cost.
+    Export {
+        /// Seconds per export interval.
+        #[arg(long, default_value_t = 10)]
+        interval: u64,
+        /// Intervals measured per run (the daemon runs one more, skipped).
+        #[arg(long, default_value_t = 3)]
+        intervals: usize,
+    },
 }
 
 const FREQUENCIES: [u32; 2] = [19, 99];
@@ -58,6 +68,7 @@ pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Overhead { duration } => overhead(duration),
         Bench::Offcpu { duration, rounds } => offcpu::run(duration, rounds),
+        Bench::Export { interval, intervals } => export::run(interval, intervals),
     }
 }
 
