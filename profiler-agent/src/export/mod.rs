@@ -14,6 +14,7 @@ use std::path::PathBuf;
 pub mod files;
 pub mod folded;
 pub mod otlp;
+pub mod otlp_metrics;
 pub mod pprof;
 pub mod pyroscope;
 pub mod rolling;

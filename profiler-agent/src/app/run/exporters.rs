@@ -1,7 +1,13 @@
 //! Exporter tasks. Each owns a bounded queue of interval profiles; the
 //! symbolizing thread never waits for them.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -11,7 +17,7 @@ use super::{
 };
 use crate::{
     config,
-    export::{otlp, pyroscope, rolling::RollingDir},
+    export::{otlp, otlp_metrics, pyroscope, rolling::RollingDir},
     telemetry::Telemetry,
 };
 
@@ -136,6 +142,92 @@ pub fn spawn_otlp(
     Ok(spawn_network("otlp", telemetry, policy(cfg.buffer_bytes.0, cfg.buffer_max_age.0), encode, send))
 }
 
+/// The OTLP metrics exporter: same receiver, protocol, headers, timeouts and
+/// buffer bounds as the profiles; its own queue, retry buffer and telemetry
+/// (`exporter="otlp_metrics"`), so neither signal holds up the other.
+///
+/// A receiver that answers that it has no metrics service at all (gRPC
+/// `Unimplemented`, HTTP 404: a profiles-only backend such as Pyroscope's
+/// OTLP ingest) turns metrics export off until restart, with one warning:
+/// otherwise every interval would be rejected and logged, and `/readyz`
+/// would stay unready for a signal the backend will never take.
+pub fn spawn_otlp_metrics(
+    cfg: &config::Otlp,
+    resource: otlp::Resource,
+    telemetry: Arc<Telemetry>,
+) -> Result<(mpsc::Sender<Arc<IntervalProfiles>>, JoinHandle<()>), otlp::OtlpError> {
+    let client = Arc::new(otlp_metrics::OtlpMetricsClient::new(client_config(cfg))?);
+    // The health counters are cumulative from (about) here.
+    let health_start = std::time::SystemTime::now();
+    let health = telemetry.clone();
+    let unsupported = Arc::new(AtomicBool::new(false));
+    let off = unsupported.clone();
+    let exporter = telemetry.exporter("otlp_metrics");
+    let encode = move |p: &IntervalProfiles| {
+        if off.load(Ordering::Relaxed) {
+            // Off on purpose, not failing: the rejections that switched it
+            // off are counted in failures and drops.
+            exporter.healthy.store(true, Ordering::Relaxed);
+            return None;
+        }
+        let interval = otlp_metrics::IntervalMetrics {
+            start: p.cpu.start,
+            end: p.cpu.start + std::time::Duration::from_nanos(p.cpu.duration_ns),
+            cpu: &p.cpu,
+            off_cpu: p.off_cpu.as_ref(),
+            latency: &p.latency,
+        };
+        let series = otlp_metrics::health::parse(&health.render());
+        let req = otlp_metrics::encode(&interval, &series, &resource, health_start, std::time::SystemTime::now());
+        let bytes = prost::Message::encoded_len(&req) as u64;
+        Some((req, bytes))
+    };
+    let send = move |req: Arc<otlp_metrics::ExportMetricsServiceRequest>| {
+        let (client, unsupported) = (client.clone(), unsupported.clone());
+        async move {
+            match client.export((*req).clone()).await {
+                Err(
+                    e @ (otlp::OtlpError::Status { code: tonic::Code::Unimplemented, .. }
+                    | otlp::OtlpError::Http { status: 404, .. }),
+                ) => {
+                    if !unsupported.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "the OTLP receiver does not accept metrics ({e}); exporting profiles only until restart"
+                        );
+                    }
+                    Attempt::Reject(format!("OTLP metrics: {e}"))
+                }
+                Ok(outcome) => {
+                    if outcome.rejected_data_points > 0 {
+                        log::warn!(
+                            "the OTLP receiver rejected {} metric data points: {}",
+                            outcome.rejected_data_points,
+                            outcome.message.unwrap_or_default()
+                        );
+                    }
+                    Attempt::Delivered
+                }
+                Err(e) if e.retryable() => Attempt::Retry(format!("OTLP metrics: {e}")),
+                Err(e) => Attempt::Reject(format!("OTLP metrics: {e}")),
+            }
+        }
+    };
+    Ok(spawn_network("otlp_metrics", telemetry, policy(cfg.buffer_bytes.0, cfg.buffer_max_age.0), encode, send))
+}
+
+fn client_config(cfg: &config::Otlp) -> otlp::ClientConfig {
+    otlp::ClientConfig {
+        endpoint: cfg.endpoint.clone(),
+        protocol: match cfg.protocol {
+            config::OtlpProtocol::Grpc => otlp::Protocol::Grpc,
+            config::OtlpProtocol::HttpProtobuf => otlp::Protocol::HttpProtobuf,
+        },
+        headers: cfg.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        connect_timeout: cfg.connect_timeout.0,
+        request_timeout: cfg.timeout.0,
+    }
+}
+
 /// The Pyroscope push exporter.
 pub fn spawn_pyroscope(
     cfg: &config::Pyroscope,
@@ -176,4 +268,67 @@ pub fn spawn_pyroscope(
         }
     };
     Ok(spawn_network("pyroscope", telemetry, policy(cfg.buffer_bytes.0, cfg.buffer_max_age.0), encode, send))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::profile::{Profile, ValueType};
+
+    fn interval() -> Arc<IntervalProfiles> {
+        let cpu = Profile::new(ValueType::new("samples", "count"), None, 1, SystemTime::now());
+        Arc::new(IntervalProfiles { cpu, off_cpu: None, latency: Vec::new() })
+    }
+
+    /// An OTLP/HTTP receiver without a metrics route: 404 to every request.
+    async fn profiles_only_receiver(requests: Arc<std::sync::atomic::AtomicU64>) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                requests.fetch_add(1, Ordering::Relaxed);
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = conn.read(&mut buf).await;
+                let _ =
+                    conn.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn metrics_export_turns_itself_off_for_a_receiver_without_metrics() {
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let addr = profiles_only_receiver(requests.clone()).await;
+        let cfg = config::Otlp {
+            endpoint: format!("http://{addr}"),
+            protocol: config::OtlpProtocol::HttpProtobuf,
+            ..Default::default()
+        };
+        let telemetry = Arc::new(Telemetry::default());
+        let (tx, task) = spawn_otlp_metrics(&cfg, otlp::Resource::default(), telemetry.clone()).unwrap();
+        let metrics = telemetry.exporter("otlp_metrics");
+        tx.send(interval()).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // The rejection itself is a failure (and a drop).
+        while (metrics.failures.load(Ordering::Relaxed) == 0 || metrics.healthy.load(Ordering::Relaxed))
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(metrics.failures.load(Ordering::Relaxed), 1);
+        for _ in 0..3 {
+            tx.send(interval()).await.unwrap();
+        }
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        assert_eq!(requests.load(Ordering::Relaxed), 1, "nothing more is sent once the receiver said no");
+        assert_eq!(metrics.attempts.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.dropped.load(Ordering::Relaxed), 1);
+        assert!(metrics.healthy.load(Ordering::Relaxed), "off on purpose is not unready");
+    }
 }

@@ -152,11 +152,15 @@ fn start_exporters(
             service_name_override: config.resource.service_name.clone(),
             extra_attributes: extra.clone(),
         };
-        let (tx, task) = exporters::spawn_otlp(otlp, resource, telemetry.clone())
+        let (tx, task) = exporters::spawn_otlp(otlp, resource.clone(), telemetry.clone())
             .with_context(|| format!("invalid OTLP endpoint {}", otlp.endpoint))?;
         senders.push(("otlp", tx));
         tasks.push(task);
-        destinations.push(format!("OTLP {}", otlp.endpoint));
+        let (tx, task) = exporters::spawn_otlp_metrics(otlp, resource, telemetry.clone())
+            .with_context(|| format!("invalid OTLP endpoint {}", otlp.endpoint))?;
+        senders.push(("otlp_metrics", tx));
+        tasks.push(task);
+        destinations.push(format!("OTLP {} (profiles and metrics)", otlp.endpoint));
     }
     if let Some(p) = &config.export.pyroscope {
         let labels = crate::export::pyroscope::PushLabels {

@@ -16,13 +16,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use profiler_common::offcpu::{HistKey, Histogram};
+use profiler_common::offcpu::{HistKey, Histogram, HIST_OFFCPU, HIST_RUNQ};
 
 use crate::{
     aggregate::{self, Aggregate, Aggregator},
     bpf::{BpfError, OffCpuRecord, SampleSource},
+    export::otlp_metrics::{LatencyKind, ProcessHistogram},
     process::ProcessTable,
-    profile::{Profile, ValueType},
+    profile::{ProcessMeta, Profile, ValueType},
     symbolize::{elf::FileResolver, Symbolizer},
     telemetry::Telemetry,
 };
@@ -45,6 +46,9 @@ pub struct RawInterval {
     pub end: SystemTime,
     pub aggregate: Aggregate,
     pub off_cpu: Vec<OffCpuRecord>,
+    /// Per-process latency histograms (off-CPU mode), cleared at every cut
+    /// so each covers exactly this interval.
+    pub histograms: Vec<(HistKey, Histogram)>,
     /// The interval ended because the agent is stopping.
     pub last: bool,
 }
@@ -53,6 +57,9 @@ pub struct RawInterval {
 pub struct IntervalProfiles {
     pub cpu: Profile,
     pub off_cpu: Option<Profile>,
+    /// The interval's run-queue and off-CPU latency histograms per process
+    /// (empty without off-CPU tracing).
+    pub latency: Vec<ProcessHistogram>,
 }
 
 /// Samples until `control.stop`, emitting an interval at every cut and a
@@ -83,11 +90,12 @@ pub fn sample_intervals<S: SampleSource>(
         if last || control.cut.swap(false, Ordering::AcqRel) {
             let end = SystemTime::now();
             // Latency histograms are cleared every interval so they stay
-            // per-interval; exporting them as OTLP metrics is a later step.
-            let _histograms: Vec<(HistKey, Histogram)> = source.take_histograms()?;
+            // per-interval (the OTLP metrics exporter sends them as deltas).
+            let histograms = source.take_histograms()?;
             let kernel = source.stats()?;
             telemetry.set_kernel(kernel);
-            let raw = RawInterval { start, end, aggregate: agg.take(), off_cpu: source.take_off_cpu()?, last };
+            let raw =
+                RawInterval { start, end, aggregate: agg.take(), off_cpu: source.take_off_cpu()?, histograms, last };
             // The final interval must not be lost to a full queue: wait.
             let sent = if last { out.send(raw).map_err(|_| ()) } else { try_send(out, raw) };
             if sent.is_err() {
@@ -157,7 +165,58 @@ pub fn symbolize_one<R: FileResolver>(
         symbolizer.symbolize(&agg, &mut procs, &mut p);
         p
     });
-    IntervalProfiles { cpu, off_cpu: off }
+    let latency = process_histograms(&raw.histograms, &[Some(&cpu), off.as_ref()], procs);
+    IntervalProfiles { cpu, off_cpu: off, latency }
+}
+
+/// The kernel's histograms with what is known of their processes: from the
+/// profiles, else the process table, else a cheap look at `/proc` (a process
+/// that only waited or slept has no samples, and reading its maps just to
+/// name it is not worth it).
+fn process_histograms(
+    hists: &[(HistKey, Histogram)],
+    profiles: &[Option<&Profile>],
+    procs: &Mutex<ProcessTable>,
+) -> Vec<ProcessHistogram> {
+    let mut known: std::collections::HashMap<u32, ProcessMeta> = std::collections::HashMap::new();
+    hists
+        .iter()
+        .filter_map(|(key, h)| {
+            let kind = match key.kind {
+                HIST_RUNQ => LatencyKind::RunQueue,
+                HIST_OFFCPU => LatencyKind::OffCpu,
+                _ => return None,
+            };
+            let process = known
+                .entry(key.tgid)
+                .or_insert_with(|| {
+                    let pid = key.tgid;
+                    if let Some(m) = profiles.iter().flatten().find_map(|p| p.processes.get(&pid)) {
+                        return m.clone();
+                    }
+                    let cached = procs.lock().unwrap_or_else(|e| e.into_inner()).get(pid);
+                    match cached {
+                        Some(info) => ProcessMeta {
+                            pid,
+                            name: info.name.clone(),
+                            exe_path: info.exe_path.clone(),
+                            container_id: info.container_id.clone(),
+                        },
+                        None => {
+                            let dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+                            let name = std::fs::read_to_string(dir.join("comm"))
+                                .map(|s| s.trim_end_matches('\n').to_owned())
+                                .unwrap_or_default();
+                            let exe_path =
+                                std::fs::read_link(dir.join("exe")).ok().map(|p| p.to_string_lossy().into_owned());
+                            ProcessMeta { pid, name, exe_path, container_id: None }
+                        }
+                    }
+                })
+                .clone();
+            Some(ProcessHistogram { process, kind, histogram: *h })
+        })
+        .collect()
 }
 
 /// A process table sized for a long-running daemon.
@@ -213,6 +272,53 @@ mod tests {
         assert!(p.off_cpu.as_ref().is_some_and(|o| o.samples.is_empty()));
     }
 
+    /// A source whose only data is one run-queue and one off-CPU histogram
+    /// for the test process itself (never sampled, not in the table).
+    struct Histograms(Vec<(HistKey, Histogram)>);
+    impl SampleSource for Histograms {
+        fn poll(&mut self, _: &mut Vec<profiler_common::Sample>, _: Duration) -> Result<usize, BpfError> {
+            Ok(0)
+        }
+        fn stats(&self) -> Result<crate::bpf::KernelStats, BpfError> {
+            Ok(Default::default())
+        }
+        fn take_histograms(&mut self) -> Result<Vec<(HistKey, Histogram)>, BpfError> {
+            Ok(std::mem::take(&mut self.0))
+        }
+    }
+
+    #[test]
+    fn latency_histograms_reach_the_exporters_with_their_process() {
+        let pid = std::process::id();
+        let mut h = crate::latency::empty();
+        h.buckets[12] = 5;
+        h.max_ns = 3_000;
+        let mut src = Histograms(vec![
+            (HistKey { tgid: pid, kind: HIST_RUNQ }, h),
+            (HistKey { tgid: pid, kind: HIST_OFFCPU }, h),
+            (HistKey { tgid: pid, kind: 7 }, h),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let procs = Mutex::new(ProcessTable::new(dir.path(), NonZeroUsize::new(4).unwrap()));
+        let control = Control::default();
+        control.stop.store(true, Ordering::Relaxed);
+        let (tx, rx) = sync_channel(2);
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &Telemetry::default()).unwrap();
+        drop(tx);
+        let raw = rx.recv().unwrap();
+        assert_eq!(raw.histograms.len(), 3, "taken at the cut, as the kernel gave them");
+        let mut sym = Symbolizer::new(NoSymbols, KernelSymbols::default(), NonZeroUsize::new(16).unwrap());
+        let p = symbolize_one(&raw, &mut sym, &procs, 19, true);
+        let kinds: Vec<LatencyKind> = p.latency.iter().map(|l| l.kind).collect();
+        assert_eq!(kinds, [LatencyKind::RunQueue, LatencyKind::OffCpu], "unknown kinds are skipped");
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        for l in &p.latency {
+            assert_eq!(l.process.pid, pid);
+            assert_eq!(l.process.name, comm.trim_end(), "named from /proc without reading its maps");
+            assert_eq!(crate::latency::count(&l.histogram), 5);
+        }
+    }
+
     #[test]
     fn a_full_queue_drops_and_counts_intervals_but_never_the_last() {
         let mut src = FakeSource::default();
@@ -228,6 +334,7 @@ mod tests {
             end: SystemTime::now(),
             aggregate: Aggregate::default(),
             off_cpu: vec![],
+            histograms: vec![],
             last: false,
         })
         .unwrap();

@@ -176,7 +176,7 @@ pub async fn deliver<T, F, Fut>(
                 next_attempt = Instant::now();
             }
             Attempt::Reject(why) => {
-                log::warn!("backend rejected a profile, dropping it: {why}");
+                log::warn!("the backend rejected an export, dropping it: {why}");
                 buffer.pop_front();
                 metrics.dropped.fetch_add(1, Ordering::Relaxed);
                 metrics.healthy.store(false, Ordering::Relaxed);

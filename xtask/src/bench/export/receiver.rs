@@ -17,6 +17,7 @@ use anyhow::{Context as _, Result};
 use flate2::read::GzDecoder;
 
 const PATH: &str = "/v1development/profiles";
+const METRICS_PATH: &str = "/v1/metrics";
 /// Largest request head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 
@@ -144,6 +145,12 @@ fn serve(mut conn: TcpStream, state: &State) -> Result<(), String> {
         let at = Instant::now();
         let mut parts = request_line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        if method == "POST" && path == METRICS_PATH {
+            // The daemon also sends OTLP metrics to the same endpoint; they
+            // are not what this benchmark measures.
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            continue;
+        }
         if method != "POST" || path != PATH {
             let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
             state.errors.lock().unwrap_or_else(|p| p.into_inner()).push(format!("unexpected {request_line}"));
