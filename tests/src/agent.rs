@@ -73,11 +73,7 @@ impl RecordOutput {
 
     /// Panics (with the agent's stderr) unless the agent exited with 0.
     pub fn assert_success(&self) -> &Self {
-        assert!(
-            self.status.success(),
-            "profiler-agent record failed\n{}",
-            self.context()
-        );
+        assert!(self.status.success(), "profiler-agent record failed\n{}", self.context());
         self
     }
 
@@ -88,15 +84,14 @@ impl RecordOutput {
     /// Reads an output file, panicking with context if it is missing.
     pub fn read(&self, name: &str) -> Vec<u8> {
         let path = self.path(name);
-        std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}\n{}", path.display(), self.context()))
+        std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}\n{}", path.display(), self.context()))
     }
 
     /// Parses `cpu.folded`.
     pub fn folded(&self) -> Folded {
         let bytes = self.read("cpu.folded");
-        let text = String::from_utf8(bytes)
-            .unwrap_or_else(|e| panic!("cpu.folded is not UTF-8: {e}\n{}", self.context()));
+        let text =
+            String::from_utf8(bytes).unwrap_or_else(|e| panic!("cpu.folded is not UTF-8: {e}\n{}", self.context()));
         parse_folded(&text)
     }
 }
@@ -141,12 +136,7 @@ impl RunningAgent {
         let pid = self.pid() as libc::pid_t;
         // SAFETY: plain kill(2) on our own child, which has not been reaped.
         let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(
-            rc,
-            0,
-            "kill({pid}, {sig}) failed: {}",
-            std::io::Error::last_os_error()
-        );
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed: {}", std::io::Error::last_os_error());
     }
 
     /// Waits for the agent to exit (killing it and panicking after `timeout`).
@@ -175,30 +165,16 @@ impl Drop for RunningAgent {
 
 /// Starts `profiler-agent record <args> --output-dir <fresh tempdir>/out`.
 pub fn spawn_record(args: &[&str]) -> RunningAgent {
-    let tmp = tempfile::Builder::new()
-        .prefix("profiler-it-")
-        .tempdir()
-        .expect("create tempdir");
+    let tmp = tempfile::Builder::new().prefix("profiler-it-").tempdir().expect("create tempdir");
     let out = tmp.path().join("out");
     let mut cmd = Command::new(agent_bin());
     cmd.arg("record").args(args).arg("--output-dir").arg(&out);
     cmd.current_dir(tmp.path());
     let (stdout, stderr) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
-    cmd.stdin(Stdio::null())
-        .stdout(stdout.try_clone().unwrap())
-        .stderr(stderr.try_clone().unwrap());
+    cmd.stdin(Stdio::null()).stdout(stdout.try_clone().unwrap()).stderr(stderr.try_clone().unwrap());
     let start = Instant::now();
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
-    RunningAgent {
-        child: Some(child),
-        out,
-        stdout,
-        stderr,
-        start,
-        tmp: Some(tmp),
-    }
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+    RunningAgent { child: Some(child), out, stdout, stderr, start, tmp: Some(tmp) }
 }
 
 /// Runs `profiler-agent record <args> --output-dir <fresh tempdir>/out` to completion.
@@ -216,28 +192,14 @@ pub fn run_agent(args: &[&str], timeout: Duration) -> AgentRun {
 /// Runs any command with stdin closed, capturing stdout and stderr.
 pub fn run_command(mut cmd: Command, timeout: Duration) -> AgentRun {
     let (mut stdout, mut stderr) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
-    cmd.stdin(Stdio::null())
-        .stdout(stdout.try_clone().unwrap())
-        .stderr(stderr.try_clone().unwrap());
+    cmd.stdin(Stdio::null()).stdout(stdout.try_clone().unwrap()).stderr(stderr.try_clone().unwrap());
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     let status = wait_timeout(&mut child, timeout, start, &mut stderr);
-    AgentRun {
-        status,
-        stdout: read_all(&mut stdout),
-        stderr: read_all(&mut stderr),
-        elapsed: start.elapsed(),
-    }
+    AgentRun { status, stdout: read_all(&mut stdout), stderr: read_all(&mut stderr), elapsed: start.elapsed() }
 }
 
-fn wait_timeout(
-    child: &mut Child,
-    timeout: Duration,
-    start: Instant,
-    stderr: &mut File,
-) -> ExitStatus {
+fn wait_timeout(child: &mut Child, timeout: Duration, start: Instant, stderr: &mut File) -> ExitStatus {
     loop {
         if let Some(status) = child.try_wait().expect("wait for child") {
             return status;
@@ -270,20 +232,13 @@ pub fn sampling_fds(pid: u32) -> usize {
         return 0;
     };
     dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|t| {
-            t.as_os_str() == "anon_inode:[perf_event]" || t.as_os_str() == "anon_inode:bpf_link"
-        })
+        .filter(|t| t.as_os_str() == "anon_inode:[perf_event]" || t.as_os_str() == "anon_inode:bpf_link")
         .count()
 }
 
 /// A pid that no process uses right now (highest free one below `pid_max`).
 pub fn unused_pid() -> u32 {
-    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(32768);
-    (2..max)
-        .rev()
-        .find(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-        .expect("some pid is free")
+    let max: u32 =
+        std::fs::read_to_string("/proc/sys/kernel/pid_max").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(32768);
+    (2..max).rev().find(|pid| !Path::new(&format!("/proc/{pid}")).exists()).expect("some pid is free")
 }

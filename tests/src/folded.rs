@@ -53,11 +53,7 @@ impl Stack {
 
     /// The innermost frame that is not a kernel frame (None if there is none).
     pub fn last_user_frame(&self) -> Option<&str> {
-        self.functions()
-            .iter()
-            .rev()
-            .map(String::as_str)
-            .find(|f| !is_kernel(f))
+        self.functions().iter().rev().map(String::as_str).find(|f| !is_kernel(f))
     }
 
     /// True if no user frame follows a kernel frame, i.e. the kernel frames
@@ -89,18 +85,12 @@ pub fn parse_folded(text: &str) -> Folded {
         if line.trim().is_empty() {
             continue;
         }
-        let (stack, count) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("cpu.folded line {}: no count: {line:?}", n + 1));
-        let count: u64 = count
-            .parse()
-            .unwrap_or_else(|e| panic!("cpu.folded line {}: bad count ({e}): {line:?}", n + 1));
+        let (stack, count) =
+            line.rsplit_once(' ').unwrap_or_else(|| panic!("cpu.folded line {}: no count: {line:?}", n + 1));
+        let count: u64 =
+            count.parse().unwrap_or_else(|e| panic!("cpu.folded line {}: bad count ({e}): {line:?}", n + 1));
         let frames: Vec<String> = stack.split(';').map(str::to_string).collect();
-        assert!(
-            !frames[0].is_empty(),
-            "cpu.folded line {}: empty process name: {line:?}",
-            n + 1
-        );
+        assert!(!frames[0].is_empty(), "cpu.folded line {}: empty process name: {line:?}", n + 1);
         stacks.push(Stack { frames, count });
     }
     Folded { stacks }
@@ -109,10 +99,7 @@ pub fn parse_folded(text: &str) -> Folded {
 impl Folded {
     /// As `(frames, count)` pairs, process name first in each frame list.
     pub fn pairs(&self) -> Vec<(Vec<String>, u64)> {
-        self.stacks
-            .iter()
-            .map(|s| (s.frames.clone(), s.count))
-            .collect()
+        self.stacks.iter().map(|s| (s.frames.clone(), s.count)).collect()
     }
 
     pub fn total(&self) -> u64 {
@@ -125,25 +112,16 @@ impl Folded {
     }
 
     pub fn processes(&self) -> BTreeSet<String> {
-        self.stacks
-            .iter()
-            .map(|s| s.process().to_string())
-            .collect()
+        self.stacks.iter().map(|s| s.process().to_string()).collect()
     }
 
     pub fn filter(&self, keep: impl Fn(&Stack) -> bool) -> Folded {
-        Folded {
-            stacks: self.stacks.iter().filter(|s| keep(s)).cloned().collect(),
-        }
+        Folded { stacks: self.stacks.iter().filter(|s| keep(s)).cloned().collect() }
     }
 
     /// Sum of the counts of the stacks for which `pred` holds.
     pub fn count_where(&self, pred: impl Fn(&Stack) -> bool) -> u64 {
-        self.stacks
-            .iter()
-            .filter(|s| pred(s))
-            .map(|s| s.count)
-            .sum()
+        self.stacks.iter().filter(|s| pred(s)).map(|s| s.count).sum()
     }
 
     /// Samples whose stack contains frames matching `pattern` in order.
@@ -163,10 +141,7 @@ impl Folded {
 
     /// Every distinct function frame (process names excluded).
     pub fn function_names(&self) -> BTreeSet<&str> {
-        self.stacks
-            .iter()
-            .flat_map(|s| s.functions().iter().map(String::as_str))
-            .collect()
+        self.stacks.iter().flat_map(|s| s.functions().iter().map(String::as_str)).collect()
     }
 
     /// The `max` heaviest lines, for assertion messages.
@@ -187,10 +162,7 @@ impl Folded {
 
 /// The frame name without its `_[k]` / `_[i]` suffix.
 pub fn base_name(frame: &str) -> &str {
-    frame
-        .strip_suffix(KERNEL_SUFFIX)
-        .or_else(|| frame.strip_suffix(INLINED_SUFFIX))
-        .unwrap_or(frame)
+    frame.strip_suffix(KERNEL_SUFFIX).or_else(|| frame.strip_suffix(INLINED_SUFFIX)).unwrap_or(frame)
 }
 
 pub fn is_kernel(frame: &str) -> bool {
@@ -205,10 +177,7 @@ pub fn is_inlined(frame: &str) -> bool {
 /// removed, also accepting compiler clones such as `name.constprop.0`.
 pub fn frame_is(frame: &str, name: &str) -> bool {
     let base = base_name(frame);
-    base == name
-        || base
-            .strip_prefix(name)
-            .is_some_and(|rest| rest.starts_with('.'))
+    base == name || base.strip_prefix(name).is_some_and(|rest| rest.starts_with('.'))
 }
 
 #[cfg(test)]

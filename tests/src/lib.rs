@@ -21,16 +21,10 @@ pub use workload::Workload;
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "integration tests need root: run `sudo -E cargo xtask test` (euid is {euid})"
-    );
+    assert_eq!(euid, 0, "integration tests need root: run `sudo -E cargo xtask test` (euid is {euid})");
 }
 
 /// The workspace root (the parent of this package).
 pub fn workspace_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent directory")
-        .to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent directory").to_path_buf()
 }

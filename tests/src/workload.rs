@@ -8,13 +8,8 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 /// gcc flags that keep every frame on a frame-pointer-walkable stack.
-pub const C_FP_FLAGS: &[&str] = &[
-    "-O1",
-    "-fno-omit-frame-pointer",
-    "-mno-omit-leaf-frame-pointer",
-    "-fno-optimize-sibling-calls",
-    "-fno-inline",
-];
+pub const C_FP_FLAGS: &[&str] =
+    &["-O1", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer", "-fno-optimize-sibling-calls", "-fno-inline"];
 
 /// How long a workload runs before the agent is started, so it is hot and
 /// has its mappings in place.
@@ -97,19 +92,12 @@ impl Workload {
         std::fs::write(&src, source).expect("write Rust source");
         let bin = dir.path().join(name);
         let mut cmd = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()));
-        cmd.args([
-            "--edition",
-            "2021",
-            "--crate-type",
-            "bin",
-            "--crate-name",
-            name,
-        ])
-        .args(["-C", "opt-level=1", "-C", "force-frame-pointers=yes", "-g"])
-        .args(extra)
-        .arg("-o")
-        .arg(&bin)
-        .arg(&src);
+        cmd.args(["--edition", "2021", "--crate-type", "bin", "--crate-name", name])
+            .args(["-C", "opt-level=1", "-C", "force-frame-pointers=yes", "-g"])
+            .args(extra)
+            .arg("-o")
+            .arg(&bin)
+            .arg(&src);
         compile(cmd);
         Self::start(name, bin, dir)
     }
@@ -122,12 +110,7 @@ impl Workload {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start workload {}: {e}", bin.display()));
-        let mut w = Workload {
-            child,
-            name: name.to_string(),
-            bin,
-            _dir: dir,
-        };
+        let mut w = Workload { child, name: name.to_string(), bin, _dir: dir };
         std::thread::sleep(Duration::from_millis(50));
         w.assert_running();
         w
@@ -161,12 +144,7 @@ impl Workload {
     pub fn boost(&self) {
         // SAFETY: setpriority(2) on our own child; no memory is passed.
         let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, self.pid() as libc::id_t, -20) };
-        assert_eq!(
-            rc,
-            0,
-            "setpriority(-20) failed: {}",
-            std::io::Error::last_os_error()
-        );
+        assert_eq!(rc, 0, "setpriority(-20) failed: {}", std::io::Error::last_os_error());
     }
 
     pub fn assert_running(&mut self) {
@@ -184,8 +162,7 @@ impl Workload {
                 return Duration::from_nanos(ns);
             }
         }
-        let stat =
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
         let rest = &stat[stat.rfind(')').expect("comm in stat") + 2..];
         let fields: Vec<&str> = rest.split_whitespace().collect();
         // fields[0] is field 3 (state); utime and stime are fields 14 and 15.
@@ -204,16 +181,11 @@ impl Drop for Workload {
 }
 
 fn workdir() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("profiler-workload-")
-        .tempdir()
-        .expect("create workload tempdir")
+    tempfile::Builder::new().prefix("profiler-workload-").tempdir().expect("create workload tempdir")
 }
 
 fn compile(mut cmd: Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
     assert!(
         out.status.success(),
         "compiling workload failed: {cmd:?}: {}\n{}{}",

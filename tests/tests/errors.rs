@@ -18,18 +18,11 @@ const EARLY_EXIT: Duration = Duration::from_secs(10);
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("profiler-err-")
-        .tempdir()
-        .expect("tempdir")
+    tempfile::Builder::new().prefix("profiler-err-").tempdir().expect("tempdir")
 }
 
 fn expect_failure(run: &AgentRun, what: &str) {
-    assert!(
-        !run.status.success(),
-        "{what}: agent exited successfully\n{}",
-        run.context()
-    );
+    assert!(!run.status.success(), "{what}: agent exited successfully\n{}", run.context());
     assert!(
         run.elapsed < EARLY_EXIT,
         "{what}: agent took {:.1?} to fail (limit {EARLY_EXIT:?}): it did not fail before recording\n{}",
@@ -51,11 +44,7 @@ fn assert_stderr_has(run: &AgentRun, what: &str, needles: &[&str]) {
 
 fn assert_no_profile(dir: &Path) {
     for name in ["cpu.folded", "cpu.pb.gz", "cpu.svg"] {
-        assert!(
-            !dir.join(name).exists(),
-            "{} was written",
-            dir.join(name).display()
-        );
+        assert!(!dir.join(name).exists(), "{} was written", dir.join(name).display());
     }
 }
 
@@ -65,18 +54,7 @@ fn nonexistent_pid_is_rejected() {
     let tmp = tempdir();
     let out = tmp.path().join("out");
     let pid = unused_pid().to_string();
-    let run = run_agent(
-        &[
-            "record",
-            "--pid",
-            &pid,
-            "--duration",
-            "30",
-            "--output-dir",
-            out.to_str().unwrap(),
-        ],
-        TIMEOUT,
-    );
+    let run = run_agent(&["record", "--pid", &pid, "--duration", "30", "--output-dir", out.to_str().unwrap()], TIMEOUT);
     expect_failure(&run, "nonexistent pid");
     assert_stderr_has(&run, "nonexistent pid", &[&pid]);
     assert_no_profile(&out);
@@ -90,41 +68,20 @@ fn output_dir_below_regular_file_is_rejected() {
     std::fs::write(&file, b"not a directory\n").unwrap();
     let out = file.join("profile");
     let out_str = out.to_str().unwrap();
-    let run = run_agent(
-        &["record", "--duration", "30", "--output-dir", out_str],
-        TIMEOUT,
-    );
+    let run = run_agent(&["record", "--duration", "30", "--output-dir", out_str], TIMEOUT);
     expect_failure(&run, "output dir below a regular file");
     assert_stderr_has(&run, "output dir below a regular file", &[out_str]);
-    assert!(
-        file.is_file(),
-        "{} is no longer a regular file",
-        file.display()
-    );
-    assert_eq!(
-        std::fs::read(&file).unwrap(),
-        b"not a directory\n",
-        "file was modified"
-    );
-    let entries: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(
-        entries,
-        vec!["regular-file"],
-        "agent created files next to it"
-    );
+    assert!(file.is_file(), "{} is no longer a regular file", file.display());
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a directory\n", "file was modified");
+    let entries: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(entries, vec!["regular-file"], "agent created files next to it");
 }
 
 #[test]
 fn output_dir_in_proc_is_rejected() {
     require_root();
     let out = "/proc/profiler-test-dir";
-    let run = run_agent(
-        &["record", "--duration", "30", "--output-dir", out],
-        TIMEOUT,
-    );
+    let run = run_agent(&["record", "--duration", "30", "--output-dir", out], TIMEOUT);
     expect_failure(&run, "output dir in /proc");
     assert_stderr_has(&run, "output dir in /proc", &[out]);
     assert!(!Path::new(out).exists(), "{out} exists");
@@ -136,15 +93,7 @@ fn unknown_format_is_rejected() {
     let tmp = tempdir();
     let out = tmp.path().join("out");
     let run = run_agent(
-        &[
-            "record",
-            "--format",
-            "folded,bogus",
-            "--duration",
-            "30",
-            "--output-dir",
-            out.to_str().unwrap(),
-        ],
+        &["record", "--format", "folded,bogus", "--duration", "30", "--output-dir", out.to_str().unwrap()],
         TIMEOUT,
     );
     expect_failure(&run, "unknown format");
@@ -157,16 +106,7 @@ fn bad_duration_is_rejected() {
     require_root();
     let tmp = tempdir();
     let out = tmp.path().join("out");
-    let run = run_agent(
-        &[
-            "record",
-            "--duration",
-            "abc",
-            "--output-dir",
-            out.to_str().unwrap(),
-        ],
-        TIMEOUT,
-    );
+    let run = run_agent(&["record", "--duration", "abc", "--output-dir", out.to_str().unwrap()], TIMEOUT);
     expect_failure(&run, "bad duration");
     assert_stderr_has(&run, "bad duration", &["abc", "duration"]);
     assert_no_profile(&out);
@@ -210,10 +150,7 @@ fn unprivileged_user_is_told_which_capabilities() {
     std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o777)).unwrap();
     let out = writable.join("out");
 
-    cmd.arg(&bin)
-        .args(["record", "--duration", "30", "--output-dir"])
-        .arg(&out)
-        .current_dir(&writable);
+    cmd.arg(&bin).args(["record", "--duration", "30", "--output-dir"]).arg(&out).current_dir(&writable);
     let run = run_command(cmd, TIMEOUT);
     expect_failure(&run, "unprivileged");
     assert_stderr_has(&run, "unprivileged", &["CAP_BPF", "CAP_PERFMON"]);

@@ -47,10 +47,7 @@ fn check_syscall_workload(all: &Folded, ctx_tail: &str) {
 
     let kernel = p.count_where(|s| s.has_kernel_frames());
     let share = kernel as f64 / total as f64;
-    eprintln!(
-        "sys_heavy: {kernel} of {total} samples have kernel frames ({:.1}%)",
-        share * 100.0
-    );
+    eprintln!("sys_heavy: {kernel} of {total} samples have kernel frames ({:.1}%)", share * 100.0);
     assert!(
         share >= MIN_KERNEL_SHARE,
         "only {kernel} of {total} sys_heavy samples ({:.1}%) have _[k] frames, want >= {:.0}%\n{ctx}",
@@ -58,29 +55,16 @@ fn check_syscall_workload(all: &Folded, ctx_tail: &str) {
         MIN_KERNEL_SHARE * 100.0
     );
 
-    let misplaced: Vec<String> = p
-        .stacks
-        .iter()
-        .filter(|s| !s.kernel_frames_innermost())
-        .map(|s| s.line())
-        .collect();
-    assert!(
-        misplaced.is_empty(),
-        "user frames after (inner to) kernel frames in:\n{}\n{ctx}",
-        misplaced.join("\n")
-    );
+    let misplaced: Vec<String> = p.stacks.iter().filter(|s| !s.kernel_frames_innermost()).map(|s| s.line()).collect();
+    assert!(misplaced.is_empty(), "user frames after (inner to) kernel frames in:\n{}\n{ctx}", misplaced.join("\n"));
 
     // The syscall is attributed to the user function that made it.
     let from_caller = p.count_where(|s| {
         s.has_kernel_frames()
             && s.has_subsequence(&["main", "do_getppid"])
-            && s.last_user_frame()
-                .is_some_and(|f| frame_is(f, "do_getppid"))
+            && s.last_user_frame().is_some_and(|f| frame_is(f, "do_getppid"))
     });
-    assert!(
-        from_caller > 0,
-        "no sample has main;do_getppid followed directly by kernel frames\n{ctx}"
-    );
+    assert!(from_caller > 0, "no sample has main;do_getppid followed directly by kernel frames\n{ctx}");
 }
 
 #[test]
@@ -104,33 +88,18 @@ fn system_wide_kernel_frames_are_innermost() {
     check_syscall_workload(&all, &out.context());
 
     // Every process, not only ours: kernel frames only ever close a stack.
-    let misplaced: Vec<String> = all
-        .stacks
-        .iter()
-        .filter(|s| !s.kernel_frames_innermost())
-        .map(|s| s.line())
-        .take(20)
-        .collect();
+    let misplaced: Vec<String> =
+        all.stacks.iter().filter(|s| !s.kernel_frames_innermost()).map(|s| s.line()).take(20).collect();
     assert!(
         misplaced.is_empty(),
         "system-wide profile has user frames inner to kernel frames:\n{}",
         misplaced.join("\n")
     );
     assert!(
-        all.stacks
-            .iter()
-            .all(|s| s.functions().iter().all(|f| !f.is_empty())),
+        all.stacks.iter().all(|s| s.functions().iter().all(|f| !f.is_empty())),
         "empty frame names in cpu.folded:\n{}",
         all.top(20)
     );
-    let kernel_names = all
-        .function_names()
-        .into_iter()
-        .filter(|f| is_kernel(f))
-        .count();
-    assert!(
-        kernel_names > 0,
-        "no kernel frame anywhere\n{}",
-        all.top(20)
-    );
+    let kernel_names = all.function_names().into_iter().filter(|f| is_kernel(f)).count();
+    assert!(kernel_names > 0, "no kernel frame anywhere\n{}", all.top(20));
 }

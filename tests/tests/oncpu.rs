@@ -98,8 +98,7 @@ fn fp_stacks_leaf_ratio_and_sample_rate() {
     for leaf in ["leaf_alpha", "leaf_beta"] {
         let with_leaf = p.count_with_frame(leaf);
         let ordered = p.count_where(|s| {
-            s.has_subsequence(&["main", "middle", leaf])
-                && s.last_user_frame().is_some_and(|f| frame_is(f, leaf))
+            s.has_subsequence(&["main", "middle", leaf]) && s.last_user_frame().is_some_and(|f| frame_is(f, leaf))
         });
         let fraction = ordered as f64 / with_leaf as f64;
         assert!(
@@ -132,10 +131,7 @@ fn fp_stacks_leaf_ratio_and_sample_rate() {
         );
         let (more, _) = record_measuring_share(&w);
         let more = more.folded().process("fp_ratio");
-        let (a, b) = (
-            more.count_with_frame("leaf_alpha"),
-            more.count_with_frame("leaf_beta"),
-        );
+        let (a, b) = (more.count_with_frame("leaf_alpha"), more.count_with_frame("leaf_beta"));
         runs.push((a, b));
         pooled_alpha += a;
         pooled_beta += b;
@@ -177,10 +173,7 @@ fn pid_filter_samples_only_the_given_process() {
         chosen.pid()
     );
     let chosen_samples = all.process("pid_chosen");
-    assert!(
-        chosen_samples.total() > 0,
-        "pid_chosen has no samples\n{ctx}"
-    );
+    assert!(chosen_samples.total() > 0, "pid_chosen has no samples\n{ctx}");
     assert!(
         chosen_samples.count_with_subsequence(&["main", "busy_loop"]) > 0,
         "no pid_chosen stack has main;busy_loop\n{ctx}"
@@ -199,14 +192,7 @@ fn repeated_pid_samples_each_given_process() {
         w.warm_up();
     }
 
-    let out = record(&[
-        "--pid",
-        &first.pid_arg(),
-        "--pid",
-        &second.pid_arg(),
-        "--duration",
-        "3",
-    ]);
+    let out = record(&["--pid", &first.pid_arg(), "--pid", &second.pid_arg(), "--duration", "3"]);
     out.assert_success();
     let all = out.folded();
     let ctx = format!("cpu.folded:\n{}\n{}", all.top(20), out.context());

@@ -17,31 +17,14 @@ fn stop_with(signal: i32, name: &str) {
     w.warm_up();
     let mut agent = spawn_record(&["--pid", &w.pid_arg()]);
     std::thread::sleep(RECORD_FOR);
-    assert!(
-        agent.is_running(),
-        "agent exited before the signal\n{}",
-        agent.wait(STOP_TIMEOUT).context()
-    );
+    assert!(agent.is_running(), "agent exited before the signal\n{}", agent.wait(STOP_TIMEOUT).context());
     agent.signal(signal);
     let out = agent.wait(STOP_TIMEOUT);
-    assert!(
-        out.status.success(),
-        "agent stopped by signal {signal} should exit 0\n{}",
-        out.context()
-    );
+    assert!(out.status.success(), "agent stopped by signal {signal} should exit 0\n{}", out.context());
     let folded = out.folded();
     let p = folded.process(name);
-    assert!(
-        p.total() > 0,
-        "cpu.folded has no samples for {name}:\n{}\n{}",
-        folded.top(10),
-        out.context()
-    );
-    assert!(
-        p.count_with_subsequence(&["main", "busy_loop"]) > 0,
-        "no {name} stack has main;busy_loop:\n{}",
-        p.top(10)
-    );
+    assert!(p.total() > 0, "cpu.folded has no samples for {name}:\n{}\n{}", folded.top(10), out.context());
+    assert!(p.count_with_subsequence(&["main", "busy_loop"]) > 0, "no {name} stack has main;busy_loop:\n{}", p.top(10));
     eprintln!("{name}: {} samples in ~{RECORD_FOR:?}", p.total());
 }
 

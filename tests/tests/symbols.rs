@@ -81,24 +81,16 @@ fn check_demangled(name: &str, extra_rustc_flags: &[&str]) {
     let ctx = format!("{name} stacks:\n{}\n{}", p.top(15), out.context());
     assert!(p.total() > 0, "no samples for {name}\n{ctx}");
 
-    let mangled: Vec<&str> = p
-        .function_names()
-        .into_iter()
-        .filter(|f| f.starts_with("_ZN") || f.starts_with("_R"))
-        .collect();
+    let mangled: Vec<&str> =
+        p.function_names().into_iter().filter(|f| f.starts_with("_ZN") || f.starts_with("_R")).collect();
     assert!(mangled.is_empty(), "mangled frames: {mangled:?}\n{ctx}");
 
     let names = p.function_names();
     for want in ["work::spin_hot", "work::drive", "Burn>::burn"] {
-        assert!(
-            names.iter().any(|f| f.contains(want)),
-            "no frame contains {want:?}; frames: {names:#?}\n{ctx}"
-        );
+        assert!(names.iter().any(|f| f.contains(want)), "no frame contains {want:?}; frames: {names:#?}\n{ctx}");
     }
     assert!(
-        names
-            .iter()
-            .any(|f| f.contains(" as ") && f.contains("work::Cold")),
+        names.iter().any(|f| f.contains(" as ") && f.contains("work::Cold")),
         "the trait method frame should read <..::work::Cold as ..::work::Burn>::burn\n{ctx}"
     );
 
@@ -107,10 +99,7 @@ fn check_demangled(name: &str, extra_rustc_flags: &[&str]) {
         !is_kernel(leaf) && !is_inlined(leaf) && base_name(leaf).contains("work::spin_hot")
     });
     let share = hot as f64 / p.total() as f64;
-    eprintln!(
-        "{name}: spin_hot is the leaf of {hot} of {} samples",
-        p.total()
-    );
+    eprintln!("{name}: spin_hot is the leaf of {hot} of {} samples", p.total());
     assert!(
         share >= MIN_HOT_LEAF_SHARE,
         "work::spin_hot is the leaf of only {hot} of {} samples ({:.1}%), want >= {:.0}%\n{ctx}",

@@ -104,35 +104,12 @@ fn overhead(duration: u64) -> Result<()> {
     let mut rows = Vec::new();
     for hz in FREQUENCIES {
         let hz_s = hz.to_string();
-        step(format!(
-            "bench: profiler-agent record at {hz} Hz for {duration} s"
-        ));
+        step(format!("bench: profiler-agent record at {hz} Hz for {duration} s"));
         let out = tmp.0.join(format!("agent-{hz}"));
         let mut cmd = Command::new(&agent);
-        cmd.args([
-            "record",
-            "--duration",
-            &secs,
-            "--frequency",
-            &hz_s,
-            "--format",
-            "folded",
-            "--output-dir",
-        ])
-        .arg(&out);
-        let m = measure(
-            cmd,
-            "profiler-agent record",
-            &tmp.0.join(format!("agent-{hz}.log")),
-            duration,
-            true,
-        )?;
-        rows.push(Row {
-            tool: "profiler-agent",
-            hz,
-            m,
-            samples: folded_samples(&out),
-        });
+        cmd.args(["record", "--duration", &secs, "--frequency", &hz_s, "--format", "folded", "--output-dir"]).arg(&out);
+        let m = measure(cmd, "profiler-agent record", &tmp.0.join(format!("agent-{hz}.log")), duration, true)?;
+        rows.push(Row { tool: "profiler-agent", hz, m, samples: folded_samples(&out) });
 
         if let Some(perf) = &perf {
             step(format!("bench: perf record at {hz} Hz for {duration} s"));
@@ -140,19 +117,8 @@ fn overhead(duration: u64) -> Result<()> {
             cmd.args(["record", "-e", "cpu-clock", "-F", &hz_s, "-a", "-g", "-o"])
                 .arg(tmp.0.join(format!("perf-{hz}.data")))
                 .args(["--", "sleep", &secs]);
-            let m = measure(
-                cmd,
-                "perf record",
-                &tmp.0.join(format!("perf-{hz}.log")),
-                duration,
-                false,
-            )?;
-            rows.push(Row {
-                tool: "perf",
-                hz,
-                m,
-                samples: None,
-            });
+            let m = measure(cmd, "perf record", &tmp.0.join(format!("perf-{hz}.log")), duration, false)?;
+            rows.push(Row { tool: "perf", hz, m, samples: None });
         }
     }
     print_table(&rows, ncpu, duration);
@@ -165,10 +131,7 @@ fn folded_samples(dir: &Path) -> Option<u64> {
     for entry in fs::read_dir(dir).ok()?.flatten() {
         if entry.path().extension().is_some_and(|e| e == "folded") {
             let text = fs::read_to_string(entry.path()).ok()?;
-            let n: u64 = text
-                .lines()
-                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-                .sum();
+            let n: u64 = text.lines().filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok()).sum();
             *total.get_or_insert(0) += n;
         }
     }
@@ -176,13 +139,10 @@ fn folded_samples(dir: &Path) -> Option<u64> {
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    env::split_paths(&env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| {
-            use std::os::unix::fs::PermissionsExt as _;
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+    env::split_paths(&env::var_os("PATH")?).map(|d| d.join(name)).find(|p| {
+        use std::os::unix::fs::PermissionsExt as _;
+        p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
 
 fn print_table(rows: &[Row], ncpu: usize, duration: u64) {
@@ -190,26 +150,14 @@ fn print_table(rows: &[Row], ncpu: usize, duration: u64) {
     println!("Profiling overhead: {ncpu} CPUs busy, {duration} s per run; CPU % are of one core.");
     println!(
         "{:<15} {:>3} {:>7} {:>11} {:>6} {:>10} {:>9} {:>8} {:>12} {:>8}",
-        "tool",
-        "Hz",
-        "wall s",
-        "user+sys %",
-        "BPF %",
-        "ns/BPF run",
-        "BPF runs",
-        "total %",
-        "peak RSS MB",
-        "samples"
+        "tool", "Hz", "wall s", "user+sys %", "BPF %", "ns/BPF run", "BPF runs", "total %", "peak RSS MB", "samples"
     );
     for r in rows {
         let wall = r.m.wall.as_secs_f64();
         let cpu = r.m.cpu.as_secs_f64() / wall * 100.0;
         let bpf = r.m.bpf_ns as f64 / 1e9 / wall * 100.0;
         let (bpf_s, per_run, runs) = if r.m.bpf_progs > 0 {
-            let per =
-                r.m.bpf_ns
-                    .checked_div(r.m.bpf_runs)
-                    .map_or("-".into(), |n| n.to_string());
+            let per = r.m.bpf_ns.checked_div(r.m.bpf_runs).map_or("-".into(), |n| n.to_string());
             (format!("{bpf:.3}"), per, r.m.bpf_runs.to_string())
         } else {
             ("-".into(), "-".into(), "-".into())
@@ -233,10 +181,7 @@ fn print_table(rows: &[Row], ncpu: usize, duration: u64) {
     if rows.iter().any(|r| r.tool == "perf") {
         println!("(perf: its sampling work in the kernel is not charged to it, so its figure is a lower bound)");
     }
-    let agent = |hz| {
-        rows.iter()
-            .find(|r| r.tool == "profiler-agent" && r.hz == hz)
-    };
+    let agent = |hz| rows.iter().find(|r| r.tool == "profiler-agent" && r.hz == hz);
     if let Some(r) = agent(99) {
         let wall = r.m.wall.as_secs_f64();
         let total = (r.m.cpu.as_secs_f64() + r.m.bpf_ns as f64 / 1e9) / wall * 100.0;
@@ -246,18 +191,9 @@ fn print_table(rows: &[Row], ncpu: usize, duration: u64) {
             verdict(total <= TARGET_CPU_PCT)
         );
     }
-    let rss = rows
-        .iter()
-        .filter(|r| r.tool == "profiler-agent")
-        .map(|r| r.m.rss_kb)
-        .max()
-        .unwrap_or(0);
+    let rss = rows.iter().filter(|r| r.tool == "profiler-agent").map(|r| r.m.rss_kb).max().unwrap_or(0);
     let rss_mb = rss as f64 / 1024.0;
-    let ok = if rss_mb <= TARGET_RSS_MB {
-        "met"
-    } else {
-        "NOT met"
-    };
+    let ok = if rss_mb <= TARGET_RSS_MB { "met" } else { "NOT met" };
     println!("Target: agent peak RSS <= {TARGET_RSS_MB} MB: {rss_mb:.1} MB ({ok})");
 }
 
@@ -304,14 +240,10 @@ impl BpfStats {
             return Ok(BpfStats::Fd { _held: fd });
         }
         let old = fs::read_to_string(BPF_STATS).with_context(|| {
-            format!(
-                "cannot read {BPF_STATS}; the kernel needs BPF run-time statistics (Linux >= 5.1)"
-            )
+            format!("cannot read {BPF_STATS}; the kernel needs BPF run-time statistics (Linux >= 5.1)")
         })?;
         fs::write(BPF_STATS, "1").with_context(|| format!("cannot enable {BPF_STATS}"))?;
-        Ok(BpfStats::Sysctl {
-            old: old.trim().to_owned(),
-        })
+        Ok(BpfStats::Sysctl { old: old.trim().to_owned() })
     }
 }
 

@@ -29,13 +29,8 @@ pub fn cargo(tools: &setup::Tools) -> Result<Command> {
 /// Runs `cmd` with inherited stdio; fails with `what` and a hint if it does not succeed.
 pub fn run_cmd(cmd: &mut Command, what: &str) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let st = cmd
-        .status()
-        .with_context(|| format!("{what}: cannot start {shown}"))?;
-    ensure!(
-        st.success(),
-        "{what} failed ({st}); the output above says why. Command: {shown}"
-    );
+    let st = cmd.status().with_context(|| format!("{what}: cannot start {shown}"))?;
+    ensure!(st.success(), "{what} failed ({st}); the output above says why. Command: {shown}");
     Ok(())
 }
 
@@ -56,8 +51,7 @@ pub fn target_dir() -> Result<PathBuf> {
         "`cargo metadata` failed; fix Cargo.toml or set CARGO_TARGET_DIR: {}",
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    let json =
-        String::from_utf8(out.stdout).context("`cargo metadata` printed non-UTF-8 output")?;
+    let json = String::from_utf8(out.stdout).context("`cargo metadata` printed non-UTF-8 output")?;
     json_string_field(&json, "target_directory")
         .map(PathBuf::from)
         .context("`cargo metadata` output has no target_directory; set CARGO_TARGET_DIR")
@@ -97,11 +91,7 @@ pub fn build_agent(tools: &setup::Tools, release: bool) -> Result<PathBuf> {
     }
     run_cmd(&mut cmd, "building profiler-agent")?;
     let bin = target_dir()?.join(profile).join("profiler-agent");
-    ensure!(
-        bin.is_file(),
-        "cargo built profiler-agent but {} does not exist",
-        bin.display()
-    );
+    ensure!(bin.is_file(), "cargo built profiler-agent but {} does not exist", bin.display());
     Ok(bin)
 }
 
@@ -120,10 +110,7 @@ mod tests {
     #[test]
     fn finds_escaped_target_dir() {
         let json = r#"{"packages":[],"target_directory":"/a/b \"c\"\\d\u00e9","version":1}"#;
-        assert_eq!(
-            json_string_field(json, "target_directory").as_deref(),
-            Some("/a/b \"c\"\\d\u{e9}")
-        );
+        assert_eq!(json_string_field(json, "target_directory").as_deref(), Some("/a/b \"c\"\\d\u{e9}"));
         assert_eq!(json_string_field(json, "missing"), None);
     }
 }

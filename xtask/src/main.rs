@@ -15,10 +15,7 @@ use std::{process::ExitCode, sync::OnceLock, time::Instant};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    about = "Developer tasks for the profiler workspace"
-)]
+#[command(name = "cargo xtask", about = "Developer tasks for the profiler workspace")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

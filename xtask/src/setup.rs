@@ -33,8 +33,7 @@ impl Tools {
     pub fn env(&self) -> Result<Vec<(OsString, OsString)>> {
         let old = env::var_os("PATH").unwrap_or_default();
         let dirs = std::iter::once(self.bin_dir.clone()).chain(env::split_paths(&old));
-        let path =
-            env::join_paths(dirs).context("cannot build PATH: a directory name contains ':'")?;
+        let path = env::join_paths(dirs).context("cannot build PATH: a directory name contains ':'")?;
         Ok(vec![("PATH".into(), path)])
     }
 
@@ -55,8 +54,7 @@ pub fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = nonempty("XDG_CACHE_HOME") {
         return Ok(PathBuf::from(dir).join("profiler-xtask"));
     }
-    let home = nonempty("HOME")
-        .context("cannot pick a cache directory: set PROFILER_CACHE_DIR (or HOME)")?;
+    let home = nonempty("HOME").context("cannot pick a cache directory: set PROFILER_CACHE_DIR (or HOME)")?;
     Ok(PathBuf::from(home).join(".cache/profiler-xtask"))
 }
 
@@ -64,10 +62,7 @@ pub fn cache_dir() -> Result<PathBuf> {
 pub fn run() -> Result<Tools> {
     let cache = cache_dir()?;
     fs::create_dir_all(&cache).with_context(|| {
-        format!(
-            "cannot create the cache directory {}; set PROFILER_CACHE_DIR to a writable directory",
-            cache.display()
-        )
+        format!("cannot create the cache directory {}; set PROFILER_CACHE_DIR to a writable directory", cache.display())
     })?;
     let _lock = lock(&cache)?;
 
@@ -86,14 +81,10 @@ fn lock(cache: &Path) -> Result<File> {
     let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        step(format!(
-            "setup: waiting for another `cargo xtask setup` (lock {})",
-            path.display()
-        ));
+        step(format!("setup: waiting for another `cargo xtask setup` (lock {})", path.display()));
         // SAFETY: as above.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("cannot lock {}", path.display()));
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot lock {}", path.display()));
         }
     }
     Ok(file)
@@ -102,28 +93,16 @@ fn lock(cache: &Path) -> Result<File> {
 /// Runs a command, returns its trimmed stdout; the error names the command.
 fn output(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {shown}; is it installed and on PATH?"))?;
-    ensure!(
-        out.status.success(),
-        "{shown} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    let out = cmd.output().with_context(|| format!("cannot run {shown}; is it installed and on PATH?"))?;
+    ensure!(out.status.success(), "{shown} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Runs a command with inherited stdio; the error says `what` failed and `fix`.
 fn status(cmd: &mut Command, what: &str, fix: &str) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let st = cmd
-        .status()
-        .with_context(|| format!("cannot run {shown}: {what} failed; {fix}"))?;
-    ensure!(
-        st.success(),
-        "{shown} exited with {st}: {what} failed; {fix}"
-    );
+    let st = cmd.status().with_context(|| format!("cannot run {shown}: {what} failed; {fix}"))?;
+    ensure!(st.success(), "{shown} exited with {st}: {what} failed; {fix}");
     Ok(())
 }
 
@@ -138,31 +117,17 @@ fn nightly_rustc() -> Command {
 }
 
 fn ensure_nightly() -> Result<()> {
-    let list = output(rustup().args(["toolchain", "list"])).context(
-        "rustup is required to get the nightly toolchain; install it from https://rustup.rs",
-    )?;
+    let list = output(rustup().args(["toolchain", "list"]))
+        .context("rustup is required to get the nightly toolchain; install it from https://rustup.rs")?;
     // `nightly-x86_64-unknown-linux-gnu`, not a dated `nightly-2026-05-19-...`.
-    let has_nightly = list
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .any(|name| {
-            name == "nightly"
-                || name
-                    .strip_prefix("nightly-")
-                    .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
-        });
+    let has_nightly = list.lines().filter_map(|l| l.split_whitespace().next()).any(|name| {
+        name == "nightly"
+            || name.strip_prefix("nightly-").is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+    });
     if !has_nightly {
         step("setup: installing the nightly toolchain (needed to build the eBPF programs)");
         status(
-            rustup().args([
-                "toolchain",
-                "install",
-                "nightly",
-                "--profile",
-                "minimal",
-                "--component",
-                "rust-src",
-            ]),
+            rustup().args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]),
             "installing the nightly toolchain",
             "check network access to static.rust-lang.org, or install it by hand: \
              `rustup toolchain install nightly --profile minimal --component rust-src`",
@@ -186,11 +151,7 @@ fn ensure_rust_src(sysroot: &Path) -> Result<()> {
             "adding rust-src to the nightly toolchain",
             "check network access, or run `rustup component add rust-src --toolchain nightly` by hand",
         )?;
-        ensure!(
-            core.is_dir(),
-            "rust-src was added but {} is still missing; reinstall nightly",
-            core.display()
-        );
+        ensure!(core.is_dir(), "rust-src was added but {} is still missing; reinstall nightly", core.display());
     }
     Ok(())
 }
@@ -204,13 +165,8 @@ fn nightly_llvm_major() -> Result<String> {
         .map(str::trim)
         .with_context(|| format!("`rustc +nightly -vV` printed no `LLVM version:` line:\n{vv}"))?;
     let major = version.split('.').next().unwrap_or_default();
-    ensure!(
-        !major.is_empty() && major.bytes().all(|b| b.is_ascii_digit()),
-        "cannot parse LLVM version {version:?}"
-    );
-    step(format!(
-        "setup: nightly toolchain with rust-src, LLVM {version}"
-    ));
+    ensure!(!major.is_empty() && major.bytes().all(|b| b.is_ascii_digit()), "cannot parse LLVM version {version:?}");
+    step(format!("setup: nightly toolchain with rust-src, LLVM {version}"));
     Ok(major.to_owned())
 }
 
@@ -220,11 +176,7 @@ fn nightly_libllvm(sysroot: &Path) -> Result<PathBuf> {
     let mut found: Vec<PathBuf> = fs::read_dir(&lib)
         .with_context(|| format!("cannot list {}", lib.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libLLVM.so."))
-        })
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
         .collect();
     found.sort();
     found.into_iter().next().with_context(|| {
@@ -250,14 +202,8 @@ fn force_symlink(target: &Path, link: &Path) -> Result<()> {
 /// `bpf-linker 0.13.0` if the binary runs, else why not.
 fn linker_version(linker: &Path) -> Result<String> {
     match Command::new(linker).arg("--version").output() {
-        Ok(out) if out.status.success() => {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        }
-        Ok(out) => bail!(
-            "{} --version failed: {}",
-            linker.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
+        Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+        Ok(out) => bail!("{} --version failed: {}", linker.display(), String::from_utf8_lossy(&out.stderr).trim()),
         Err(e) if e.kind() == ErrorKind::NotFound => bail!("{} is not installed", linker.display()),
         Err(e) => Err(e).with_context(|| format!("cannot run {}", linker.display())),
     }
@@ -270,11 +216,7 @@ fn ensure_bpf_linker(cache: &Path, sysroot: &Path, llvm_major: &str) -> Result<T
     let link = lib.join("libLLVM.so");
     // bpf-linker's RUNPATH is `lib`, and it needs the library by its soname
     // (`libLLVM.so.22.1-rust-...`), so put that name next to libLLVM.so too.
-    let soname_link = lib.join(
-        llvm_so
-            .file_name()
-            .context("libLLVM path has no file name")?,
-    );
+    let soname_link = lib.join(llvm_so.file_name().context("libLLVM path has no file name")?);
     let tools_root = cache.join("tools");
     let bin_dir = tools_root.join("bin");
     let linker = bin_dir.join("bpf-linker");
@@ -310,9 +252,6 @@ fn ensure_bpf_linker(cache: &Path, sysroot: &Path, llvm_major: &str) -> Result<T
         ),
     )?;
     let version = linker_version(&linker).context("bpf-linker was installed but does not run")?;
-    step(format!(
-        "setup: {version} installed at {}",
-        linker.display()
-    ));
+    step(format!("setup: {version} installed at {}", linker.display()));
     Ok(Tools { bin_dir })
 }

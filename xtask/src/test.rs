@@ -21,33 +21,16 @@ pub fn run(extra: &[String]) -> Result<()> {
 
     step("test: unit tests");
     let mut unit = build::cargo(&tools)?;
-    unit.args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "profiler-ebpf",
-        "--exclude",
-        "profiler-integration-tests",
-    ]);
+    unit.args(["test", "--workspace", "--exclude", "profiler-ebpf", "--exclude", "profiler-integration-tests"]);
     if !extra.is_empty() {
         unit.arg("--").args(extra);
     }
     build::run_cmd(&mut unit, "unit tests")?;
 
-    step(format!(
-        "test: integration tests, one at a time (PROFILER_AGENT_BIN={})",
-        agent.display()
-    ));
+    step(format!("test: integration tests, one at a time (PROFILER_AGENT_BIN={})", agent.display()));
     let mut integ = build::cargo(&tools)?;
     integ
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "profiler-integration-tests",
-            "--",
-            "--test-threads=1",
-        ])
+        .args(["test", "--release", "-p", "profiler-integration-tests", "--", "--test-threads=1"])
         .args(extra)
         .env("PROFILER_AGENT_BIN", &agent);
     build::run_cmd(&mut integ, "integration tests")?;

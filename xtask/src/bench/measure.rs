@@ -42,21 +42,11 @@ struct Prog {
 /// Runs `cmd` to completion (stdout/stderr into `log`) and measures it; with
 /// `bpf`, also the BPF programs it loads. Stops it (SIGINT, then SIGKILL) if it
 /// runs 60 s past `duration` or the bench is interrupted.
-pub fn measure(
-    mut cmd: Command,
-    name: &str,
-    log: &Path,
-    duration: u64,
-    bpf: bool,
-) -> Result<Measured> {
+pub fn measure(mut cmd: Command, name: &str, log: &Path, duration: u64, bpf: bool) -> Result<Measured> {
     let file = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-    cmd.stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file);
+    cmd.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
     let start = Instant::now();
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {name} ({cmd:?})"))?;
+    let child = cmd.spawn().with_context(|| format!("cannot start {name} ({cmd:?})"))?;
     let pid = child.id() as libc::pid_t;
     drop(child); // reaped below with wait4, which also returns its rusage
     let mut progs = BTreeMap::<u32, Prog>::new();
@@ -91,10 +81,7 @@ pub fn measure(
     m.cpu = tv(rusage.ru_utime) + tv(rusage.ru_stime);
     m.rss_kb = m.rss_kb.max(rusage.ru_maxrss as u64);
     for prog in progs.values() {
-        let own = prog
-            .fd
-            .as_ref()
-            .and_then(|fd| fdinfo_counters(&format!("/proc/self/fdinfo/{}", fd.as_raw_fd())));
+        let own = prog.fd.as_ref().and_then(|fd| fdinfo_counters(&format!("/proc/self/fdinfo/{}", fd.as_raw_fd())));
         let (ns, runs) = own.unwrap_or_default();
         m.bpf_ns += ns.max(prog.ns);
         m.bpf_runs += runs.max(prog.runs);
@@ -103,24 +90,16 @@ pub fn measure(
 
     ensure!(!interrupted(), "interrupted; {name} was stopped");
     if stopping.is_some() {
-        bail!(
-            "{name} did not exit {duration} s + 60 s after it started; its output:\n{}",
-            tail(log)
-        );
+        bail!("{name} did not exit {duration} s + 60 s after it started; its output:\n{}", tail(log));
     }
     if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!(
-            "{name} failed (wait status {status:#x}); last lines of its output:\n{}",
-            tail(log)
-        );
+        bail!("{name} failed (wait status {status:#x}); last lines of its output:\n{}", tail(log));
     }
     if bpf && !progs.is_empty() && m.bpf_runs == 0 {
         step("bench: warning: the BPF programs report 0 runs; were the kernel's BPF statistics turned off?");
     }
     if bpf && progs.is_empty() {
-        step(format!(
-            "bench: warning: no BPF programs seen in /proc/{pid}/fdinfo; BPF figures are 0"
-        ));
+        step(format!("bench: warning: no BPF programs seen in /proc/{pid}/fdinfo; BPF figures are 0"));
     }
     Ok(m)
 }
@@ -162,10 +141,7 @@ fn scan_progs(pid: libc::pid_t, progs: &mut BTreeMap<u32, Prog>) {
         let Some(id) = field(&info, "prog_id:").and_then(|v| u32::try_from(v).ok()) else {
             continue;
         };
-        let prog = progs.entry(id).or_insert_with(|| Prog {
-            fd: prog_fd_by_id(id),
-            ..Prog::default()
-        });
+        let prog = progs.entry(id).or_insert_with(|| Prog { fd: prog_fd_by_id(id), ..Prog::default() });
         if is_prog {
             prog.ns = prog.ns.max(field(&info, "run_time_ns:").unwrap_or(0));
             prog.runs = prog.runs.max(field(&info, "run_cnt:").unwrap_or(0));
@@ -180,14 +156,7 @@ fn prog_fd_by_id(id: u32) -> Option<OwnedFd> {
     // union bpf_attr { struct { __u32 prog_id, next_id, open_flags; } }
     let attr: [u32; 4] = [id, 0, 0, 0];
     // SAFETY: attr is a valid, zero-padded bpf_attr of the given size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_GET_FD_BY_ID,
-            attr.as_ptr(),
-            size_of_val(&attr),
-        )
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, attr.as_ptr(), size_of_val(&attr)) };
     // SAFETY: on success the kernel returned a new fd that nobody else owns.
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -199,14 +168,7 @@ pub fn bpf_enable_stats() -> Option<OwnedFd> {
     // union bpf_attr { struct { __u32 type; } enable_stats; }, BPF_STATS_RUN_TIME = 0
     let attr: [u32; 2] = [0, 0];
     // SAFETY: attr is a valid, zero-padded bpf_attr of the given size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_ENABLE_STATS,
-            attr.as_ptr(),
-            size_of_val(&attr),
-        )
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, attr.as_ptr(), size_of_val(&attr)) };
     // SAFETY: on success the kernel returned a new fd that nobody else owns.
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -218,9 +180,7 @@ fn fdinfo_counters(path: &str) -> Option<(u64, u64)> {
 
 /// The number after `key` on the line starting with it.
 fn field(text: &str, key: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().parse().ok())
+    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok())
 }
 
 fn vm_hwm_kb(pid: libc::pid_t) -> Option<u64> {

@@ -259,5 +259,4 @@ mod tests {
             "pid,process,kind,count,p50_ns,p95_ns,p99_ns,max_ns\n7,a_b,runqueue,3,1,2,2,2\n"
         );
     }
-
 }
