@@ -8,22 +8,19 @@
 //! profile is still worth sending.
 
 use std::error::Error as StdError;
-use std::io::Write as _;
-use std::str::FromStr as _;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use opentelemetry_proto::tonic::collector::profiles::v1development::profiles_service_client::ProfilesServiceClient;
 use opentelemetry_proto::tonic::collector::profiles::v1development::{
     ExportProfilesPartialSuccess, ExportProfilesServiceRequest, ExportProfilesServiceResponse,
 };
 use prost::Message as _;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, CONTENT_TYPE};
 use tonic::codec::CompressionEncoding;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use super::transport::{self, Transport};
 
 /// Proposed (opentelemetry-proto PR #857) marker of the development wire
 /// format; receivers read a missing header as version 1, which is what
@@ -146,22 +143,6 @@ pub struct OtlpProfilesClient {
     transport: Transport,
 }
 
-enum Transport {
-    Grpc {
-        /// Boxed: it is most of the client's size, and there is one per client.
-        endpoint: Box<Endpoint>,
-        /// Created on first use: tonic channels need a Tokio runtime, and
-        /// this way `new` does not.
-        channel: OnceLock<Channel>,
-        metadata: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
-    },
-    Http {
-        client: reqwest::Client,
-        url: String,
-        headers: HeaderMap,
-    },
-}
-
 impl OtlpProfilesClient {
     /// Validates `config` and prepares the transport. Nothing is connected
     /// yet: the receiver may come up later, connections are made on export.
@@ -170,18 +151,9 @@ impl OtlpProfilesClient {
     ///
     /// [`OtlpError::Config`] for an unusable endpoint or header.
     pub fn new(config: ClientConfig) -> Result<Self, OtlpError> {
-        // `host:4317` would parse as a URL with scheme `host`; say what is
-        // wrong instead of failing on every export.
-        if !(config.endpoint.starts_with("http://") || config.endpoint.starts_with("https://")) {
-            return Err(OtlpError::Config(format!(
-                "endpoint {:?} must start with http:// or https://",
-                config.endpoint
-            )));
-        }
-        let transport = match config.protocol {
-            Protocol::Grpc => grpc_transport(&config)?,
-            Protocol::HttpProtobuf => http_transport(&config)?,
-        };
+        let base = config.endpoint.trim_end_matches('/');
+        let url = if base.ends_with(HTTP_PATH) { base.to_owned() } else { format!("{base}{HTTP_PATH}") };
+        let transport = Transport::new(&config, url, header_pairs(&config))?;
         Ok(Self { config, transport })
     }
 
@@ -195,9 +167,6 @@ impl OtlpProfilesClient {
     ///
     /// See [`OtlpError`]; [`OtlpError::retryable`] says whether to try again.
     pub async fn export(&self, req: ExportProfilesServiceRequest) -> Result<ExportOutcome, OtlpError> {
-        // Belt and braces over the transports' own timeouts: whatever phase
-        // hangs (TLS, HTTP/2 handshake, a half-sent body), the call ends.
-        let budget = self.config.connect_timeout.saturating_add(self.config.request_timeout);
         let call = async {
             match &self.transport {
                 Transport::Grpc { endpoint, channel, metadata } => {
@@ -207,7 +176,7 @@ impl OtlpProfilesClient {
                 Transport::Http { client, url, headers } => self.export_http(client, url, headers, req).await,
             }
         };
-        tokio::time::timeout(budget, call).await.unwrap_or_else(|_| Err(self.timeout()))
+        transport::within_budget(&self.config, call).await
     }
 
     async fn export_grpc(
@@ -228,31 +197,7 @@ impl OtlpProfilesClient {
         }
         match client.export(request).await {
             Ok(resp) => Ok(ExportOutcome::from_partial(resp.into_inner().partial_success)),
-            Err(status) => Err(self.classify_status(status)),
-        }
-    }
-
-    /// Turns a client-side `Status` back into what happened: tonic reports
-    /// its own timeout as `Cancelled` and a failed connect as `Unavailable`,
-    /// keeping the cause in the source chain.
-    fn classify_status(&self, status: tonic::Status) -> OtlpError {
-        let mut cause: Option<&(dyn StdError + 'static)> = StdError::source(&status);
-        let (mut timed_out, mut connect) = (status.code() == tonic::Code::DeadlineExceeded, false);
-        while let Some(err) = cause {
-            timed_out |= err.is::<tonic::TimeoutExpired>();
-            connect |= err.is::<tonic::ConnectError>();
-            cause = err.source();
-        }
-        if timed_out {
-            self.timeout()
-        } else if connect {
-            OtlpError::Connect { endpoint: self.config.endpoint.clone(), source: Box::new(status) }
-        } else {
-            OtlpError::Status {
-                endpoint: self.config.endpoint.clone(),
-                code: status.code(),
-                message: status.message().to_owned(),
-            }
+            Err(status) => Err(transport::classify_status(&self.config, status)),
         }
     }
 
@@ -263,12 +208,12 @@ impl OtlpProfilesClient {
         headers: &HeaderMap,
         req: ExportProfilesServiceRequest,
     ) -> Result<ExportOutcome, OtlpError> {
-        let body = gzip(&req.encode_to_vec())?;
+        let body = transport::gzip(&req.encode_to_vec())?;
         let sent = client.post(url).headers(headers.clone()).body(body).send().await;
-        let resp = sent.map_err(|e| self.classify_reqwest(e))?;
+        let resp = sent.map_err(|e| transport::classify_reqwest(&self.config, e))?;
         let status = resp.status();
         let protobuf = resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().ends_with(b"protobuf"));
-        let bytes = resp.bytes().await.map_err(|e| self.classify_reqwest(e))?;
+        let bytes = resp.bytes().await.map_err(|e| transport::classify_reqwest(&self.config, e))?;
         if status.is_success() {
             // A receiver that accepted the data but sent an unexpected body
             // (empty, JSON) still accepted it; only the details are lost.
@@ -280,64 +225,6 @@ impl OtlpProfilesClient {
         }
         Err(OtlpError::Http { endpoint: url.to_owned(), status: status.as_u16(), body: error_body(&bytes, protobuf) })
     }
-
-    fn classify_reqwest(&self, e: reqwest::Error) -> OtlpError {
-        let endpoint = self.config.endpoint.clone();
-        if e.is_timeout() {
-            self.timeout()
-        } else if e.is_connect() {
-            OtlpError::Connect { endpoint, source: Box::new(e) }
-        } else {
-            OtlpError::Transport { endpoint, source: Box::new(e) }
-        }
-    }
-
-    fn timeout(&self) -> OtlpError {
-        OtlpError::Timeout { endpoint: self.config.endpoint.clone(), timeout: self.config.request_timeout }
-    }
-}
-
-fn grpc_transport(config: &ClientConfig) -> Result<Transport, OtlpError> {
-    if config.endpoint.starts_with("https://") {
-        // tonic is built without a TLS feature; failing here beats an opaque
-        // handshake error on every export.
-        return Err(OtlpError::Config(format!(
-            "{}: gRPC over TLS is not built in; use http:// or the HTTP protocol",
-            config.endpoint
-        )));
-    }
-    let endpoint = Endpoint::from_shared(config.endpoint.clone())
-        .map_err(|e| OtlpError::Config(format!("endpoint {:?}: {e}", config.endpoint)))?
-        .connect_timeout(config.connect_timeout)
-        .timeout(config.request_timeout);
-    let mut metadata = Vec::with_capacity(config.headers.len() + 1);
-    for (k, v) in header_pairs(config) {
-        let key = AsciiMetadataKey::from_str(k).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
-        let value = AsciiMetadataValue::from_str(v).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
-        metadata.push((key, value));
-    }
-    Ok(Transport::Grpc { endpoint: Box::new(endpoint), channel: OnceLock::new(), metadata })
-}
-
-fn http_transport(config: &ClientConfig) -> Result<Transport, OtlpError> {
-    let base = config.endpoint.trim_end_matches('/');
-    let url = if base.ends_with(HTTP_PATH) { base.to_owned() } else { format!("{base}{HTTP_PATH}") };
-    reqwest::Url::parse(&url).map_err(|e| OtlpError::Config(format!("endpoint {url:?}: {e}")))?;
-    let mut headers = HeaderMap::new();
-    for (k, v) in header_pairs(config) {
-        let key = HeaderName::from_str(k).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
-        let value = HeaderValue::from_str(v).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
-        headers.insert(key, value);
-    }
-    // Inserted last so a configured header cannot mislabel the body.
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
-    headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    let client = reqwest::Client::builder()
-        .connect_timeout(config.connect_timeout)
-        .timeout(config.request_timeout)
-        .build()
-        .map_err(|e| OtlpError::Config(format!("HTTP client: {e}")))?;
-    Ok(Transport::Http { client, url, headers })
 }
 
 /// Configured headers, then the version marker unless configured already.
@@ -345,13 +232,6 @@ fn header_pairs(config: &ClientConfig) -> impl Iterator<Item = (&str, &str)> {
     let configured = config.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let has_version = config.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(VERSION_HEADER));
     configured.chain((!has_version).then_some((VERSION_HEADER, WIRE_VERSION)))
-}
-
-fn gzip(bytes: &[u8]) -> Result<Vec<u8>, OtlpError> {
-    // Profiles compress well; a quarter of the raw size avoids most regrowth.
-    let mut gz = GzEncoder::new(Vec::with_capacity(bytes.len() / 4), Compression::default());
-    gz.write_all(bytes).map_err(OtlpError::Encode)?;
-    gz.finish().map_err(OtlpError::Encode)
 }
 
 /// `google.rpc.Status`, the body OTLP/HTTP receivers send with an error.

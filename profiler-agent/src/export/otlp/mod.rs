@@ -12,6 +12,7 @@
 pub mod client;
 mod dictionary;
 pub mod profiles;
+pub(crate) mod transport;
 
 #[cfg(test)]
 mod client_tests;

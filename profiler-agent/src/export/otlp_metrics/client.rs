@@ -5,24 +5,18 @@
 //! never retries and says through [`OtlpError::retryable`] whether the
 //! caller should.
 
-use std::error::Error as StdError;
-use std::io::Write as _;
-use std::str::FromStr as _;
-use std::sync::OnceLock;
-
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use prost::Message as _;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE};
+use reqwest::header::HeaderMap;
 use tonic::codec::CompressionEncoding;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::export::otlp::{ClientConfig, OtlpError, Protocol};
+use crate::export::otlp::transport::{self, Transport};
+use crate::export::otlp::{ClientConfig, OtlpError};
 
 /// The OTLP/HTTP path of the metrics signal.
 pub const HTTP_PATH: &str = "/v1/metrics";
@@ -50,20 +44,6 @@ pub struct OtlpMetricsClient {
     transport: Transport,
 }
 
-enum Transport {
-    Grpc {
-        endpoint: Box<Endpoint>,
-        /// Created on first use, inside the runtime (see the profiles client).
-        channel: OnceLock<Channel>,
-        metadata: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
-    },
-    Http {
-        client: reqwest::Client,
-        url: String,
-        headers: HeaderMap,
-    },
-}
-
 impl OtlpMetricsClient {
     /// Validates `config` and prepares the transport; nothing connects yet.
     ///
@@ -71,16 +51,8 @@ impl OtlpMetricsClient {
     ///
     /// [`OtlpError::Config`] for an unusable endpoint or header.
     pub fn new(config: ClientConfig) -> Result<Self, OtlpError> {
-        if !(config.endpoint.starts_with("http://") || config.endpoint.starts_with("https://")) {
-            return Err(OtlpError::Config(format!(
-                "endpoint {:?} must start with http:// or https://",
-                config.endpoint
-            )));
-        }
-        let transport = match config.protocol {
-            Protocol::Grpc => grpc_transport(&config)?,
-            Protocol::HttpProtobuf => http_transport(&config)?,
-        };
+        let headers = config.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let transport = Transport::new(&config, http_url(&config.endpoint), headers)?;
         Ok(Self { config, transport })
     }
 
@@ -98,7 +70,6 @@ impl OtlpMetricsClient {
     ///
     /// See [`OtlpError`]; [`OtlpError::retryable`] says whether to try again.
     pub async fn export(&self, req: ExportMetricsServiceRequest) -> Result<MetricsOutcome, OtlpError> {
-        let budget = self.config.connect_timeout.saturating_add(self.config.request_timeout);
         let call = async {
             match &self.transport {
                 Transport::Grpc { endpoint, channel, metadata } => {
@@ -108,7 +79,7 @@ impl OtlpMetricsClient {
                 Transport::Http { client, url, headers } => self.export_http(client, url, headers, req).await,
             }
         };
-        tokio::time::timeout(budget, call).await.unwrap_or_else(|_| Err(self.timeout()))
+        transport::within_budget(&self.config, call).await
     }
 
     async fn export_grpc(
@@ -127,30 +98,7 @@ impl OtlpMetricsClient {
         }
         match client.export(request).await {
             Ok(resp) => Ok(MetricsOutcome::from_partial(resp.into_inner().partial_success)),
-            Err(status) => Err(self.classify_status(status)),
-        }
-    }
-
-    /// tonic reports its own timeout as `Cancelled` and a failed connect as
-    /// `Unavailable`, with the cause in the source chain.
-    fn classify_status(&self, status: tonic::Status) -> OtlpError {
-        let mut cause: Option<&(dyn StdError + 'static)> = StdError::source(&status);
-        let (mut timed_out, mut connect) = (status.code() == tonic::Code::DeadlineExceeded, false);
-        while let Some(err) = cause {
-            timed_out |= err.is::<tonic::TimeoutExpired>();
-            connect |= err.is::<tonic::ConnectError>();
-            cause = err.source();
-        }
-        if timed_out {
-            self.timeout()
-        } else if connect {
-            OtlpError::Connect { endpoint: self.config.endpoint.clone(), source: Box::new(status) }
-        } else {
-            OtlpError::Status {
-                endpoint: self.config.endpoint.clone(),
-                code: status.code(),
-                message: status.message().to_owned(),
-            }
+            Err(status) => Err(transport::classify_status(&self.config, status)),
         }
     }
 
@@ -161,11 +109,11 @@ impl OtlpMetricsClient {
         headers: &HeaderMap,
         req: ExportMetricsServiceRequest,
     ) -> Result<MetricsOutcome, OtlpError> {
-        let body = gzip(&req.encode_to_vec())?;
+        let body = transport::gzip(&req.encode_to_vec())?;
         let sent = client.post(url).headers(headers.clone()).body(body).send().await;
-        let resp = sent.map_err(|e| self.classify_reqwest(e))?;
+        let resp = sent.map_err(|e| transport::classify_reqwest(&self.config, e))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| self.classify_reqwest(e))?;
+        let bytes = resp.bytes().await.map_err(|e| transport::classify_reqwest(&self.config, e))?;
         if status.is_success() {
             let partial = ExportMetricsServiceResponse::decode(bytes.as_ref()).ok().and_then(|r| r.partial_success);
             return Ok(MetricsOutcome::from_partial(partial));
@@ -174,41 +122,6 @@ impl OtlpMetricsClient {
         let body: String = text.trim().chars().take(512).collect();
         Err(OtlpError::Http { endpoint: url.to_owned(), status: status.as_u16(), body })
     }
-
-    fn classify_reqwest(&self, e: reqwest::Error) -> OtlpError {
-        let endpoint = self.config.endpoint.clone();
-        if e.is_timeout() {
-            self.timeout()
-        } else if e.is_connect() {
-            OtlpError::Connect { endpoint, source: Box::new(e) }
-        } else {
-            OtlpError::Transport { endpoint, source: Box::new(e) }
-        }
-    }
-
-    fn timeout(&self) -> OtlpError {
-        OtlpError::Timeout { endpoint: self.config.endpoint.clone(), timeout: self.config.request_timeout }
-    }
-}
-
-fn grpc_transport(config: &ClientConfig) -> Result<Transport, OtlpError> {
-    if config.endpoint.starts_with("https://") {
-        return Err(OtlpError::Config(format!(
-            "{}: gRPC over TLS is not built in; use http:// or the HTTP protocol",
-            config.endpoint
-        )));
-    }
-    let endpoint = Endpoint::from_shared(config.endpoint.clone())
-        .map_err(|e| OtlpError::Config(format!("endpoint {:?}: {e}", config.endpoint)))?
-        .connect_timeout(config.connect_timeout)
-        .timeout(config.request_timeout);
-    let mut metadata = Vec::with_capacity(config.headers.len());
-    for (k, v) in &config.headers {
-        let key = AsciiMetadataKey::from_str(k).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
-        let value = AsciiMetadataValue::from_str(v).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
-        metadata.push((key, value));
-    }
-    Ok(Transport::Grpc { endpoint: Box::new(endpoint), channel: OnceLock::new(), metadata })
 }
 
 /// The metrics URL for the shared OTLP endpoint: the base plus `/v1/metrics`,
@@ -222,29 +135,4 @@ pub fn http_url(endpoint: &str) -> String {
     }
     let base = base.strip_suffix(PROFILES_PATH).unwrap_or(base);
     format!("{base}{HTTP_PATH}")
-}
-
-fn http_transport(config: &ClientConfig) -> Result<Transport, OtlpError> {
-    let url = http_url(&config.endpoint);
-    reqwest::Url::parse(&url).map_err(|e| OtlpError::Config(format!("endpoint {url:?}: {e}")))?;
-    let mut headers = HeaderMap::new();
-    for (k, v) in &config.headers {
-        let key = HeaderName::from_str(k).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
-        let value = HeaderValue::from_str(v).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
-        headers.insert(key, value);
-    }
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
-    headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    let client = reqwest::Client::builder()
-        .connect_timeout(config.connect_timeout)
-        .timeout(config.request_timeout)
-        .build()
-        .map_err(|e| OtlpError::Config(format!("HTTP client: {e}")))?;
-    Ok(Transport::Http { client, url, headers })
-}
-
-fn gzip(bytes: &[u8]) -> Result<Vec<u8>, OtlpError> {
-    let mut gz = GzEncoder::new(Vec::with_capacity(bytes.len() / 4), Compression::default());
-    gz.write_all(bytes).map_err(OtlpError::Encode)?;
-    gz.finish().map_err(OtlpError::Encode)
 }
