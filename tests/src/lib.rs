@@ -9,6 +9,7 @@
 //! - [`sched`]: off-CPU outputs, scheduler counters, recording windows.
 
 pub mod agent;
+pub mod daemon;
 pub mod folded;
 pub mod sched;
 pub mod workload;

@@ -18,10 +18,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_integration_tests::{agent_bin, require_root, workload::C_FP_FLAGS, workspace_dir, Workload};
+use profiler_integration_tests::{daemon::Daemon, require_root, workload::C_FP_FLAGS, workspace_dir, Workload};
 use serde_json::Value;
 
-const INTERVAL: &str = "2s";
 /// How long the daemon runs before SIGTERM.
 const RUN: Duration = Duration::from_secs(9);
 const NAP_NS: f64 = 20e6;
@@ -124,44 +123,6 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-struct Daemon(Child);
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        Daemon(
-            Command::new(agent_bin())
-                .arg("run")
-                .args(args)
-                .args(["--export-interval", INTERVAL, "--http-listen", "127.0.0.1:0"])
-                .env("PROFILER_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("start profiler-agent run"),
-        )
-    }
-
-    /// SIGTERM, then the exit status within 20 s.
-    fn stop(mut self) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "the daemon did not exit within 20 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -12,7 +12,8 @@ use std::{
 };
 
 use profiler_integration_tests::{
-    agent_bin, require_root,
+    daemon::Daemon,
+    require_root,
     workload::{C_FP_FLAGS, FP_RATIO_C},
     workspace_dir, Workload,
 };
@@ -51,7 +52,6 @@ int main(void) {
 /// tests' tolerance.
 const RATIO: f64 = 3.0;
 const RATIO_TOLERANCE: f64 = 0.15;
-const INTERVAL: &str = "2s";
 
 struct Receiver {
     child: Child,
@@ -100,55 +100,6 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-struct Daemon(Child);
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        Daemon(
-            Command::new(agent_bin())
-                .arg("run")
-                .args(args)
-                .args(["--export-interval", INTERVAL, "--http-listen", "127.0.0.1:0"])
-                .env("PROFILER_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("start profiler-agent run"),
-        )
-    }
-
-    /// SIGTERM, then the exit status within 20 s.
-    fn stop(mut self) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "the daemon did not exit within 20 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn rss_kb(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
-            })
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
