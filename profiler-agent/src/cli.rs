@@ -130,6 +130,42 @@ pub struct RecordArgs {
     /// kernels whose BTF lacks the tracepoints (for testing that path).
     #[arg(long, hide = true, requires = "off_cpu")]
     pub off_cpu_raw_tracepoints: bool,
+    /// How user stacks are walked. `cfi` reads the `.eh_frame` unwind tables
+    /// of every mapped file, so code built without frame pointers (most
+    /// distribution binaries: glibc, python3) has complete stacks, and falls
+    /// back to frame pointers where a file has no table (JIT code).
+    /// `frame-pointer` costs no table memory but truncates such stacks.
+    #[arg(long, value_enum, default_value = "cfi", value_name = "METHOD")]
+    pub unwinder: Unwinder,
+    /// Kernel memory for CFI tables (`32MiB`, `512KiB`). Tables are shared
+    /// by every process mapping the same file (libc is built once); when
+    /// full, the least recently sampled files' tables are evicted and those
+    /// frames fall back to frame pointers.
+    #[arg(long, value_parser = parse_table_memory, default_value = "32MiB", value_name = "SIZE")]
+    pub unwind_table_memory: u64,
+}
+
+/// How user stacks are walked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unwinder {
+    /// CFI (.eh_frame) tables, frame pointers where there are none.
+    Cfi,
+    /// Frame pointers only (the kernel's walk).
+    FramePointer,
+}
+
+/// Bounds of the CFI table memory: below 64 KiB not even libc fits; above
+/// 128 MiB the kernel's binary search needs more than its 24 steps.
+pub const MIN_TABLE_MEMORY: u64 = 64 << 10;
+pub const MAX_TABLE_MEMORY: u64 = 128 << 20;
+
+pub fn parse_table_memory(text: &str) -> Result<u64, String> {
+    let bytes = crate::config::values::parse_bytes(text)?;
+    if !(MIN_TABLE_MEMORY..=MAX_TABLE_MEMORY).contains(&bytes) {
+        return Err(format!("must be between 64KiB and 128MiB, got {bytes} bytes"));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

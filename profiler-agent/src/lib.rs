@@ -18,3 +18,4 @@ pub mod process;
 pub mod profile;
 pub mod symbolize;
 pub mod telemetry;
+pub mod unwind;

@@ -9,8 +9,12 @@
 pub mod offcpu;
 pub mod sample;
 pub mod stats;
+pub mod unwind;
 
-pub use sample::{Sample, MAX_STACK_DEPTH, SAMPLE_FLAG_KERNEL_TRUNCATED, SAMPLE_FLAG_USER_TRUNCATED};
+pub use sample::{
+    Sample, MAX_STACK_DEPTH, SAMPLE_FLAG_KERNEL_TRUNCATED, SAMPLE_FLAG_UNKNOWN_MAPPING, SAMPLE_FLAG_USER_PARTIAL,
+    SAMPLE_FLAG_USER_TRUNCATED,
+};
 pub use stats::{Stat, STAT_COUNT};
 
 /// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`).

@@ -11,6 +11,12 @@ pub const MAX_STACK_DEPTH: usize = 127;
 pub const SAMPLE_FLAG_USER_TRUNCATED: u32 = 1 << 0;
 /// The kernel stack filled the whole buffer, so outer frames may be missing.
 pub const SAMPLE_FLAG_KERNEL_TRUNCATED: u32 = 1 << 1;
+/// Some user frames were unwound by frame pointer for want of a table, so
+/// the stack may miss frames or end early.
+pub const SAMPLE_FLAG_USER_PARTIAL: u32 = 1 << 2;
+/// The unwinder met a pc in no mapping it knows: the agent should (re)load
+/// the process's mappings (new process, exec, `dlopen`).
+pub const SAMPLE_FLAG_UNKNOWN_MAPPING: u32 = 1 << 3;
 
 /// A stack sample. Stacks are innermost first, as the kernel returns them;
 /// `kernel_len`/`user_len` say how many entries are valid.

@@ -41,10 +41,28 @@ pub enum Stat {
     StacksReused = 15,
     /// Latencies not recorded because the histogram map was full.
     HistogramMapFull = 16,
+    /// User stacks unwound to their outermost frame (`_start`, a thread's
+    /// start routine, or a zero frame pointer).
+    UnwindComplete = 17,
+    /// Frames unwound by frame pointer because their pc is in no mapping
+    /// the unwinder knows (a process or `dlopen` not loaded yet, JIT code).
+    UnwindNoMapping = 18,
+    /// Frames unwound by frame pointer because their file has no table
+    /// (no CFI, unreadable, evicted) or no FDE covers the pc.
+    UnwindNoTable = 19,
+    /// Unwinds stopped at a CFI rule the kernel cannot evaluate.
+    UnwindUnsupported = 20,
+    /// Unwinds stopped because a user stack read faulted (or the frame
+    /// pointer chain led nowhere).
+    UnwindReadFault = 21,
+    /// Unwinds stopped at the frame limit.
+    UnwindDepthLimit = 22,
+    /// Stacks with at least one frame unwound by frame pointer.
+    UnwindPartial = 23,
 }
 
 /// Number of counters; the size of the `STATS` array.
-pub const STAT_COUNT: u32 = 17;
+pub const STAT_COUNT: u32 = 24;
 
 impl Stat {
     /// Every counter, in index order.
@@ -66,6 +84,13 @@ impl Stat {
         Stat::StackMapFull,
         Stat::StacksReused,
         Stat::HistogramMapFull,
+        Stat::UnwindComplete,
+        Stat::UnwindNoMapping,
+        Stat::UnwindNoTable,
+        Stat::UnwindUnsupported,
+        Stat::UnwindReadFault,
+        Stat::UnwindDepthLimit,
+        Stat::UnwindPartial,
     ];
 
     /// A stable snake_case name, used in summaries and metric labels.
@@ -88,6 +113,13 @@ impl Stat {
             Stat::StackMapFull => "stack_store_failed",
             Stat::StacksReused => "stacks_reused",
             Stat::HistogramMapFull => "histogram_map_full",
+            Stat::UnwindComplete => "unwind_complete",
+            Stat::UnwindNoMapping => "unwind_no_mapping",
+            Stat::UnwindNoTable => "unwind_no_table",
+            Stat::UnwindUnsupported => "unwind_unsupported_rule",
+            Stat::UnwindReadFault => "unwind_read_fault",
+            Stat::UnwindDepthLimit => "unwind_depth_limit",
+            Stat::UnwindPartial => "unwind_partial",
         }
     }
 }

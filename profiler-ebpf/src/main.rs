@@ -11,6 +11,7 @@ mod maps;
 mod offcpu;
 mod oncpu;
 mod stack;
+mod unwind;
 
 #[cfg(not(test))]
 #[panic_handler]

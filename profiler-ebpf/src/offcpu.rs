@@ -228,8 +228,8 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
         t.reused += 1;
         count(Stat::StacksReused);
     } else {
-        t.kernel_stack = capture(ctx, false);
-        t.user_stack = capture(ctx, true);
+        t.kernel_stack = capture(ctx, tgid, false);
+        t.user_stack = capture(ctx, tgid, true);
         // A stack that could not be stored is not reused: the next block
         // at this place tries again.
         let stored = t.kernel_stack != STACK_LOST && t.user_stack != STACK_LOST;
@@ -358,10 +358,11 @@ const STACK_LOST: u64 = 0;
 /// Captures the current kernel or user stack, stores it in `STACKS` under
 /// the hash of its content, and returns the hash (0: no stack).
 #[inline(always)]
-fn capture<C: EbpfContext>(ctx: &C, user: bool) -> u64 {
+fn capture<C: EbpfContext>(ctx: &C, tgid: u32, user: bool) -> u64 {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 0 };
     let buf = unsafe { &mut *buf };
-    let got = if user { stack::user_stack(ctx, &mut buf.ips) } else { stack::kernel_stack(ctx, &mut buf.ips) };
+    let got =
+        if user { stack::user_stack(ctx, tgid, &mut buf.ips) } else { stack::kernel_stack(ctx, &mut buf.ips) };
     if got.frames == 0 {
         return 0;
     }

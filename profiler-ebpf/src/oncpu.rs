@@ -72,8 +72,9 @@ fn try_sample(ctx: &PerfEventContext) {
         s.flags |= SAMPLE_FLAG_KERNEL_TRUNCATED;
         count(Stat::KernelStackTruncated);
     }
-    let u = stack::user_stack(ctx, &mut s.user);
+    let u = stack::user_stack(ctx, tgid, &mut s.user);
     s.user_len = u.frames;
+    s.flags |= u.flags;
     if u.truncated {
         s.flags |= SAMPLE_FLAG_USER_TRUNCATED;
         count(Stat::UserStackTruncated);

@@ -11,6 +11,7 @@ use crate::{
     aggregate::Aggregator,
     bpf::{BpfError, SampleSource},
     process::ProcessTable,
+    unwind::Feed,
 };
 
 /// How long one poll waits for samples. Short enough that stopping is
@@ -25,6 +26,7 @@ pub fn collect<S: SampleSource>(
     procs: &mut ProcessTable,
     stop: &AtomicBool,
     progress: &AtomicU64,
+    unwind: Option<&Feed>,
 ) -> Result<(), BpfError> {
     let mut batch = Vec::with_capacity(256);
     loop {
@@ -35,6 +37,9 @@ pub fn collect<S: SampleSource>(
             let comm = String::from_utf8_lossy(s.comm_bytes());
             procs.observe(s.tgid, &comm);
             agg.add(s);
+        }
+        if let Some(feed) = unwind {
+            feed.note(batch.iter().map(|s| (s.tgid, s.flags)));
         }
         progress.store(agg.samples(), Ordering::Relaxed);
         if stopping && batch.is_empty() {
@@ -60,7 +65,7 @@ mod tests {
         let mut agg = Aggregator::new(100);
         let stop = AtomicBool::new(true);
         let progress = AtomicU64::new(0);
-        collect(&mut src, &mut agg, &mut procs, &stop, &progress).unwrap();
+        collect(&mut src, &mut agg, &mut procs, &stop, &progress, None).unwrap();
         assert_eq!(progress.load(Ordering::Relaxed), 10);
         assert_eq!(agg.len(), 10);
         assert!(src.queue.is_empty());

@@ -9,6 +9,7 @@ use crate::{
     bpf::{KernelStats, ProgramRunTime},
     latency::{human_ns, Percentiles},
     symbolize::SymbolizeStats,
+    unwind::UnwindStats,
 };
 
 /// Latency figures of one process.
@@ -54,6 +55,8 @@ pub struct Summary {
     /// Per-program BPF run time, when `kernel.bpf_stats_enabled` is on.
     pub run_time: Vec<ProgramRunTime>,
     pub scheduler: Option<SchedulerSummary>,
+    /// The CFI table thread's figures, when CFI unwinding was on.
+    pub unwind: Option<UnwindStats>,
     pub files: Vec<PathBuf>,
 }
 
@@ -103,6 +106,9 @@ impl Summary {
             "Frames: {:.1}% of {} unsymbolized ({} outside any known mapping; {} processes exited before they could be inspected).",
             share, self.symbols.frames, self.symbols.unknown_mapping, self.vanished_processes
         );
+        if let Some(u) = &self.unwind {
+            self.render_unwind(&mut s, u);
+        }
         if let Some(sched) = &self.scheduler {
             self.render_scheduler(&mut s, sched);
         }
@@ -122,6 +128,42 @@ impl Summary {
             let _ = writeln!(s, "Wrote {}", files.join(", "));
         }
         s
+    }
+
+    fn render_unwind(&self, s: &mut String, u: &UnwindStats) {
+        let k = |stat| self.kernel.get(stat);
+        let _ = writeln!(
+            s,
+            "Unwinding: {} user stacks complete, {} partly by frame pointer ({} frames outside known mappings, {} without a table); \
+             stopped early: {} unsupported rule, {} read fault, {} depth limit.",
+            k(Stat::UnwindComplete),
+            k(Stat::UnwindPartial),
+            k(Stat::UnwindNoMapping),
+            k(Stat::UnwindNoTable),
+            k(Stat::UnwindUnsupported),
+            k(Stat::UnwindReadFault),
+            k(Stat::UnwindDepthLimit),
+        );
+        let _ = writeln!(
+            s,
+            "Unwind tables: {} files, {} rows, {} bytes of kernel map memory (budget {} bytes), {} evicted.",
+            u.tables, u.rows, u.table_bytes, u.budget_bytes, u.evicted
+        );
+        let per_mb = if u.cfi_bytes_built == 0 {
+            0.0
+        } else {
+            u.build_time.as_secs_f64() * 1e3 / (u.cfi_bytes_built as f64 / 1e6)
+        };
+        let _ = writeln!(
+            s,
+            "Unwind tables built: {} for {} processes in {:.1} ms ({:.1} ms per MB of CFI); {} files without usable CFI; {} requests dropped.",
+            u.built,
+            u.processes,
+            u.build_time.as_secs_f64() * 1e3,
+            per_mb,
+            u.build_errors,
+            u.requests_dropped
+        );
     }
 
     fn render_scheduler(&self, s: &mut String, sched: &SchedulerSummary) {

@@ -51,3 +51,41 @@ pub fn sample(tgid: u32, tid: u32, comm: &str, kernel: &[u64], user: &[u64]) -> 
     s.user_len = user.len() as u32;
     s
 }
+
+/// An in-memory [`UnwindMaps`](super::UnwindMaps): a rows array and a
+/// process map the test can inspect.
+pub struct FakeUnwindMaps {
+    pub rows: Vec<profiler_common::unwind::UnwindRow>,
+    pub processes: std::collections::HashMap<u32, Box<profiler_common::unwind::ProcessMappings>>,
+}
+
+impl FakeUnwindMaps {
+    pub fn new(capacity: u32) -> Self {
+        Self { rows: vec![Default::default(); capacity as usize], processes: Default::default() }
+    }
+}
+
+impl super::UnwindMaps for FakeUnwindMaps {
+    fn capacity(&self) -> u32 {
+        self.rows.len() as u32
+    }
+
+    fn write_rows(&mut self, start: u32, rows: &[profiler_common::unwind::UnwindRow]) -> Result<(), BpfError> {
+        let end = start as usize + rows.len();
+        if end > self.rows.len() {
+            return Err(BpfError::RowsOutOfRange { start: start.into(), end: end as u64, capacity: self.capacity() });
+        }
+        self.rows[start as usize..end].copy_from_slice(rows);
+        Ok(())
+    }
+
+    fn set_process(&mut self, tgid: u32, m: &profiler_common::unwind::ProcessMappings) -> Result<(), BpfError> {
+        self.processes.insert(tgid, Box::new(*m));
+        Ok(())
+    }
+
+    fn remove_process(&mut self, tgid: u32) -> Result<(), BpfError> {
+        self.processes.remove(&tgid);
+        Ok(())
+    }
+}

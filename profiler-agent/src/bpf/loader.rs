@@ -19,7 +19,7 @@ use profiler_common::{
     Sample, STAT_COUNT,
 };
 
-use super::{btf::StructOffsets, BpfError, KernelStats, MapOccupancy, OffCpuRecord, ProgramRunTime, SampleSource};
+use super::{btf::StructOffsets, unwind_maps::EbpfUnwindMaps, BpfError, KernelStats, MapOccupancy, OffCpuRecord, ProgramRunTime, SampleSource};
 
 /// The eBPF object built by `build.rs` from `profiler-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -35,6 +35,16 @@ pub struct LoadOptions {
     pub pids: Vec<u32>,
     /// Off-CPU and scheduler-latency tracing, when wanted.
     pub off_cpu: Option<OffCpuOptions>,
+    /// CFI unwinding of user stacks; `None` walks frame pointers only.
+    pub unwind: Option<UnwindOptions>,
+}
+
+/// Options of the CFI unwinder.
+#[derive(Clone, Debug)]
+pub struct UnwindOptions {
+    /// Rows the kernel's table array holds (8 bytes each): the table memory
+    /// budget.
+    pub rows: u32,
 }
 
 /// Options of the scheduler programs.
@@ -55,6 +65,10 @@ const SCHED_PROGRAMS: [(&str, &str, &str); 4] = [
     ("sched_process_exit", "sched_process_exit", "sched_process_exit_raw"),
 ];
 
+/// The unwinder's exec hook (BTF program, raw-tracepoint fallback).
+const EXEC_BTF: &str = "sched_process_exec";
+const EXEC_RAW: &str = "sched_process_exec_raw";
+
 /// The loaded and attached programs, and the maps the agent reads.
 pub struct EbpfSource {
     // Field order matters for drop: the ring buffer and maps go before the
@@ -64,6 +78,8 @@ pub struct EbpfSource {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ebpf: Ebpf,
     off_cpu: bool,
+    /// Rows of the unwind array while its maps have not been taken.
+    unwind_rows: Option<u32>,
 }
 
 /// Attaches a scheduler tracepoint through BTF, or through a raw tracepoint
@@ -90,6 +106,10 @@ fn attach_sched(
     if !force_raw {
         log::info!("attaching tp_btf/{tracepoint} failed ({btf_error}); falling back to raw_tracepoint");
     }
+    attach_raw(ebpf, tracepoint, raw_name)
+}
+
+fn attach_raw(ebpf: &mut Ebpf, tracepoint: &'static str, raw_name: &'static str) -> Result<(), BpfError> {
     let p: &mut RawTracePoint = ebpf
         .program_mut(raw_name)
         .ok_or(BpfError::Missing(raw_name))?
@@ -123,8 +143,12 @@ impl EbpfSource {
         let cpus = aya::util::online_cpus().map_err(|(path, e)| BpfError::Cpus(path, e))?;
         let ring_bytes = ring_buffer_bytes(cpus.len(), opts.frequency);
         let wakeup_bytes = u64::from(ring_bytes / 4);
+        let cfi: u32 = u32::from(opts.unwind.is_some());
+        let unwind_rows = opts.unwind.as_ref().map_or(1, |u| u.rows.max(1));
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("SAMPLES", ring_bytes)
+            .map_max_entries("UNWIND_ROWS", unwind_rows)
+            .override_global("CFI_UNWINDING", &cfi, true)
             .override_global("SAMPLES_WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("FILTER_PIDS", &filter, true)
             .override_global("TASK_PID_OFFSET", &pid_offset, true)
@@ -162,6 +186,20 @@ impl EbpfSource {
                 .map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
         }
 
+        if opts.unwind.is_some() {
+            // The exec program only needs the kernel's BTF when attached
+            // through tp_btf; the raw fallback works without.
+            let btf = match &btf {
+                Some(b) => Some(b.clone()),
+                None => Btf::from_sys_fs().ok(),
+            };
+            let force_raw = opts.off_cpu.as_ref().is_some_and(|o| o.force_raw_tracepoints);
+            match &btf {
+                Some(btf) => attach_sched(&mut ebpf, btf, force_raw, "sched_process_exec", EXEC_BTF, EXEC_RAW)?,
+                None => attach_raw(&mut ebpf, "sched_process_exec", EXEC_RAW)?,
+            }
+        }
+
         if let Some(btf) = &btf {
             let force_raw = opts.off_cpu.as_ref().is_some_and(|o| o.force_raw_tracepoints);
             for (tracepoint, btf_name, raw_name) in SCHED_PROGRAMS {
@@ -173,7 +211,16 @@ impl EbpfSource {
             .map_err(|source| BpfError::Map { name: "SAMPLES", source })?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(BpfError::Missing("STATS"))?)
             .map_err(|source| BpfError::Map { name: "STATS", source })?;
-        Ok(Self { samples, stats, logger, ebpf, off_cpu: opts.off_cpu.is_some() })
+        Ok(Self { samples, stats, logger, ebpf, off_cpu: opts.off_cpu.is_some(), unwind_rows: opts.unwind.as_ref().map(|_| unwind_rows) })
+    }
+
+    /// The unwinder's maps, for the table thread; `None` without CFI
+    /// unwinding or when already taken.
+    pub fn take_unwind_maps(&mut self) -> Result<Option<EbpfUnwindMaps>, BpfError> {
+        let Some(capacity) = self.unwind_rows.take() else { return Ok(None) };
+        let rows = self.ebpf.take_map("UNWIND_ROWS").ok_or(BpfError::Missing("UNWIND_ROWS"))?;
+        let processes = self.ebpf.take_map("PROCESSES").ok_or(BpfError::Missing("PROCESSES"))?;
+        EbpfUnwindMaps::new(rows, capacity, processes).map(Some)
     }
 
     fn drain(&mut self, out: &mut Vec<Sample>) -> usize {

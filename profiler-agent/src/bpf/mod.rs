@@ -8,15 +8,18 @@
 pub mod btf;
 pub mod fake;
 mod loader;
+mod unwind_maps;
 
 use std::time::Duration;
 
 use profiler_common::{
     offcpu::{HistKey, Histogram, OffCpuKey, OffCpuValue},
+    unwind::{ProcessMappings, UnwindRow},
     Sample, Stat, STAT_COUNT,
 };
 
-pub use loader::{EbpfSource, LoadOptions, OffCpuOptions};
+pub use loader::{EbpfSource, LoadOptions, OffCpuOptions, UnwindOptions};
+pub use unwind_maps::EbpfUnwindMaps;
 
 /// Errors from loading, attaching and reading the BPF programs.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,10 @@ pub enum BpfError {
     BtfRead(#[source] std::io::Error),
     #[error("the kernel's BTF lacks a needed type: {0}")]
     Btf(#[from] btf::BtfError),
+    #[error("mapping the unwind rows array into memory failed: {0}")]
+    Mmap(#[source] std::io::Error),
+    #[error("rows {start}..{end} are outside the unwind rows array ({capacity} rows)")]
+    RowsOutOfRange { start: u64, end: u64, capacity: u32 },
 }
 
 /// Totals of the kernel-side counters, summed over CPUs.
@@ -133,5 +140,35 @@ pub trait SampleSource {
     /// Threads present in the per-thread scheduler maps.
     fn occupancy(&self) -> Result<MapOccupancy, BpfError> {
         Ok(MapOccupancy::default())
+    }
+}
+
+/// The unwinder's maps as the agent writes them: table rows into one
+/// fixed-size array, and each process's executable mappings. A seam so the
+/// table registry is tested without root.
+pub trait UnwindMaps: Send {
+    /// Rows the array holds (the memory budget).
+    fn capacity(&self) -> u32;
+    /// Writes `rows` at `start`. The range must not be referenced by any
+    /// process's mappings while it is written.
+    fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> Result<(), BpfError>;
+    /// Sets (replaces) the mappings of `tgid`.
+    fn set_process(&mut self, tgid: u32, mappings: &ProcessMappings) -> Result<(), BpfError>;
+    /// Forgets `tgid`; absent is fine.
+    fn remove_process(&mut self, tgid: u32) -> Result<(), BpfError>;
+}
+
+impl<M: UnwindMaps + ?Sized> UnwindMaps for &mut M {
+    fn capacity(&self) -> u32 {
+        (**self).capacity()
+    }
+    fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> Result<(), BpfError> {
+        (**self).write_rows(start, rows)
+    }
+    fn set_process(&mut self, tgid: u32, mappings: &ProcessMappings) -> Result<(), BpfError> {
+        (**self).set_process(tgid, mappings)
+    }
+    fn remove_process(&mut self, tgid: u32) -> Result<(), BpfError> {
+        (**self).remove_process(tgid)
     }
 }

@@ -8,7 +8,7 @@
 //! that were expected, so a typo never silently falls back to a default.
 
 mod env;
-mod values;
+pub(crate) mod values;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -62,11 +62,24 @@ pub struct Sampling {
     pub off_cpu_min_block: HumanDuration,
     /// Only these processes; empty means all.
     pub pids: Vec<u32>,
+    /// How user stacks are walked: `cfi` (`.eh_frame` tables, complete
+    /// stacks for code without frame pointers) or `frame-pointer`.
+    pub unwinder: crate::cli::Unwinder,
+    /// Kernel memory for CFI tables; the least recently sampled files'
+    /// tables are evicted when it is full.
+    pub unwind_table_memory: ByteSize,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Self { frequency: 19, off_cpu: false, off_cpu_min_block: HumanDuration::ZERO, pids: Vec::new() }
+        Self {
+            frequency: 19,
+            off_cpu: false,
+            off_cpu_min_block: HumanDuration::ZERO,
+            pids: Vec::new(),
+            unwinder: crate::cli::Unwinder::Cfi,
+            unwind_table_memory: ByteSize(32 << 20),
+        }
     }
 }
 
@@ -236,6 +249,10 @@ impl Config {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if !(1..=10_000).contains(&self.sampling.frequency) {
             return invalid(format!("sampling.frequency = {}: expected 1 to 10000 Hz", self.sampling.frequency));
+        }
+        let memory = self.sampling.unwind_table_memory.0;
+        if !(crate::cli::MIN_TABLE_MEMORY..=crate::cli::MAX_TABLE_MEMORY).contains(&memory) {
+            return invalid(format!("sampling.unwind_table_memory = {memory} bytes: expected 64KiB to 128MiB"));
         }
         if self.export.interval.0 < Duration::from_secs(1) {
             return invalid(format!("export.interval = {:?}: expected at least 1s", self.export.interval.0));

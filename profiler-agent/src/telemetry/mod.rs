@@ -50,6 +50,8 @@ pub struct Telemetry {
     pub frames: AtomicU64,
     pub frames_unsymbolized: AtomicU64,
     pub attached: AtomicBool,
+    /// The CFI table thread's latest figures (None: frame pointers only).
+    unwind: Mutex<Option<crate::unwind::UnwindStats>>,
     exporters: Mutex<BTreeMap<&'static str, std::sync::Arc<ExporterMetrics>>>,
 }
 
@@ -66,6 +68,10 @@ impl Telemetry {
 
     pub fn set_kernel(&self, k: KernelStats) {
         *self.kernel.lock().unwrap_or_else(|e| e.into_inner()) = k;
+    }
+
+    pub fn set_unwind(&self, u: crate::unwind::UnwindStats) {
+        *self.unwind.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
     }
 
     pub fn record_export(&self, m: &ExporterMetrics, ok: bool, took: Duration) {
@@ -153,6 +159,36 @@ impl Telemetry {
         }
         // `ready` takes the same lock.
         drop(exporters);
+        if let Some(u) = self.unwind.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            let series: [(&str, &str, &str, u64); 8] = [
+                ("profiler_unwind_tables", "gauge", "Files with a CFI table in the kernel.", u.tables),
+                ("profiler_unwind_table_rows", "gauge", "CFI table rows in the kernel.", u.rows),
+                ("profiler_unwind_table_bytes", "gauge", "Kernel map memory used by CFI tables.", u.table_bytes),
+                (
+                    "profiler_unwind_table_budget_bytes",
+                    "gauge",
+                    "Kernel map memory reserved for CFI tables.",
+                    u.budget_bytes,
+                ),
+                ("profiler_unwind_processes", "gauge", "Processes whose mappings the unwinder knows.", u.processes),
+                ("profiler_unwind_tables_evicted_total", "counter", "CFI tables evicted to stay in budget.", u.evicted),
+                (
+                    "profiler_unwind_table_build_errors_total",
+                    "counter",
+                    "Files without usable CFI (none, unreadable, malformed).",
+                    u.build_errors,
+                ),
+                (
+                    "profiler_unwind_requests_dropped_total",
+                    "counter",
+                    "Table requests dropped because the table thread's queue was full.",
+                    u.requests_dropped,
+                ),
+            ];
+            for (name, kind, help, v) in series {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            }
+        }
         if let Some(rss) = rss_bytes() {
             let _ = writeln!(s, "# HELP profiler_resident_memory_bytes Resident set size of the agent.");
             let _ = writeln!(s, "# TYPE profiler_resident_memory_bytes gauge\nprofiler_resident_memory_bytes {rss}");

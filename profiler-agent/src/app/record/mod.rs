@@ -25,12 +25,13 @@ use super::{
 };
 use crate::{
     aggregate::{self, Aggregator},
-    bpf::{EbpfSource, LoadOptions, OffCpuOptions, SampleSource},
-    cli::RecordArgs,
+    bpf::{EbpfSource, LoadOptions, OffCpuOptions, SampleSource, UnwindOptions},
+    cli::{RecordArgs, Unwinder},
     latency,
     process::ProcessTable,
     profile::{Profile, ValueType},
     symbolize::{elf::Blaze, kallsyms::KernelSymbols, Symbolizer},
+    unwind,
 };
 use outputs::Output;
 use profiler_common::offcpu::{Histogram, HIST_OFFCPU, HIST_RUNQ};
@@ -62,8 +63,16 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
             min_block_ns: args.off_cpu_min_block.as_nanos() as u64,
             force_raw_tracepoints: args.off_cpu_raw_tracepoints,
         }),
+        unwind: (args.unwinder == Unwinder::Cfi).then(|| UnwindOptions { rows: unwind::rows_for(args.unwind_table_memory) }),
     };
     let mut source = EbpfSource::load(&opts).context("loading the eBPF programs failed")?;
+    let (tables, feed) = match source.take_unwind_maps().context("setting up CFI unwinding failed")? {
+        Some(maps) => {
+            let (worker, feed) = unwind::Worker::start(maps, &args.pids).context("starting the unwind table thread")?;
+            (Some(worker), Some(feed))
+        }
+        None => (None, None),
+    };
     let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
     let start_wall = SystemTime::now();
     let started = Instant::now();
@@ -77,7 +86,9 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         std::thread::Builder::new().name("collect".into()).spawn(move || {
             let mut agg = Aggregator::new(MAX_UNIQUE_STACKS);
             let mut procs = ProcessTable::new("/proc", NonZeroUsize::new(MAX_PROCESSES).expect("non-zero"));
-            let result = collect(&mut source, &mut agg, &mut procs, &stop, &progress);
+            let result = collect(&mut source, &mut agg, &mut procs, &stop, &progress, feed.as_ref());
+            // Dropping the feed ends the table thread.
+            drop(feed);
             (result, source, agg, procs)
         })?
     };
@@ -98,6 +109,10 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let histograms = source.take_histograms().context("reading the latency histograms failed")?;
     let occupancy = source.occupancy().context("reading the scheduler maps failed")?;
     drop(source);
+    let unwind_stats = match tables {
+        Some(t) => Some(tokio::task::spawn_blocking(move || t.join()).await?),
+        None => None,
+    };
 
     let mut symbolizer = Symbolizer::new(
         Blaze::default(),
@@ -173,6 +188,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         vanished_processes: procs.stats().vanished,
         run_time,
         scheduler,
+        unwind: unwind_stats,
         files,
     };
     eprint!("{}", summary.render());

@@ -22,7 +22,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use super::preflight;
 use crate::{
-    bpf::{EbpfSource, LoadOptions, OffCpuOptions, SampleSource},
+    bpf::{EbpfSource, LoadOptions, OffCpuOptions, SampleSource, UnwindOptions},
+    cli::Unwinder,
+    unwind,
     cli::RunArgs,
     config::Config,
     export::rolling::RollingDir,
@@ -57,8 +59,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             min_block_ns: config.sampling.off_cpu_min_block.0.as_nanos() as u64,
             force_raw_tracepoints: false,
         }),
+        unwind: (config.sampling.unwinder == Unwinder::Cfi)
+            .then(|| UnwindOptions { rows: unwind::rows_for(config.sampling.unwind_table_memory.0) }),
     };
     let mut source = EbpfSource::load(&opts).context("loading the eBPF programs failed")?;
+    let tables = match source.take_unwind_maps().context("setting up CFI unwinding failed")? {
+        Some(maps) => Some(
+            unwind::Worker::start(maps, &config.sampling.pids).context("starting the unwind table thread")?,
+        ),
+        None => None,
+    };
     telemetry.attached.store(true, Ordering::Relaxed);
     let http_task = tokio::spawn(http::serve(listener, telemetry.clone()));
     // Exporters, each behind its own bounded queue.
@@ -79,8 +89,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let sampler = {
         let (procs, control, telemetry) = (procs.clone(), control.clone(), telemetry.clone());
         std::thread::Builder::new().name("sample".into()).spawn(move || {
-            let r = pipeline::sample_intervals(&mut source, &procs, &control, MAX_UNIQUE_STACKS, &raw_tx, &telemetry);
+            let unwind = tables.as_ref().map(|(w, f)| (w, f));
+            let r = pipeline::sample_intervals(
+                &mut source,
+                &procs,
+                &control,
+                MAX_UNIQUE_STACKS,
+                &raw_tx,
+                &telemetry,
+                unwind,
+            );
             drop(source.detach());
+            // The feed goes with `tables`, which ends the table thread.
             r
         })?
     };

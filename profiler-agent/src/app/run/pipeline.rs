@@ -71,7 +71,9 @@ pub fn sample_intervals<S: SampleSource>(
     capacity: usize,
     out: &SyncSender<RawInterval>,
     telemetry: &Telemetry,
+    unwind: Option<(&crate::unwind::Worker, &crate::unwind::Feed)>,
 ) -> Result<(), BpfError> {
+    let feed = unwind.map(|(_, f)| f);
     let mut agg = Aggregator::new(capacity);
     let mut batch = Vec::with_capacity(256);
     let mut start = SystemTime::now();
@@ -86,6 +88,9 @@ pub fn sample_intervals<S: SampleSource>(
                 agg.add(s);
             }
         }
+        if let Some(feed) = feed {
+            feed.note(batch.iter().map(|s| (s.tgid, s.flags)));
+        }
         let last = stopping && batch.is_empty();
         if last || control.cut.swap(false, Ordering::AcqRel) {
             let end = SystemTime::now();
@@ -94,8 +99,16 @@ pub fn sample_intervals<S: SampleSource>(
             let histograms = source.take_histograms()?;
             let kernel = source.stats()?;
             telemetry.set_kernel(kernel);
-            let raw =
-                RawInterval { start, end, aggregate: agg.take(), off_cpu: source.take_off_cpu()?, histograms, last };
+            let off_cpu = source.take_off_cpu()?;
+            if let Some(feed) = feed {
+                // Threads that only block are never sampled on-CPU: their
+                // processes are loaded from the off-CPU records.
+                feed.note(off_cpu.iter().map(|r| (r.key.tgid, 0)));
+            }
+            if let Some((w, _)) = unwind {
+                telemetry.set_unwind(w.stats());
+            }
+            let raw = RawInterval { start, end, aggregate: agg.take(), off_cpu, histograms, last };
             // The final interval must not be lost to a full queue: wait.
             let sent = if last { out.send(raw).map_err(|_| ()) } else { try_send(out, raw) };
             if sent.is_err() {
@@ -254,7 +267,7 @@ mod tests {
         control.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = sync_channel(2);
         let telemetry = Telemetry::default();
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None).unwrap();
         drop(tx);
         let raws: Vec<RawInterval> = rx.into_iter().collect();
         // The cut happens after the first batch (all 3 samples); the final
@@ -303,7 +316,7 @@ mod tests {
         let control = Control::default();
         control.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = sync_channel(2);
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &Telemetry::default()).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &Telemetry::default(), None).unwrap();
         drop(tx);
         let raw = rx.recv().unwrap();
         assert_eq!(raw.histograms.len(), 3, "taken at the cut, as the kernel gave them");
@@ -344,7 +357,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             rx.into_iter().count()
         });
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None).unwrap();
         drop(tx);
         assert_eq!(telemetry.intervals_dropped.load(Ordering::Relaxed), 1);
         assert_eq!(reader.join().unwrap(), 2, "the pre-filled one and the last one");

@@ -1,0 +1,370 @@
+//! Which tables are in the kernel, and which processes use them.
+//!
+//! One table per file (keyed by device and inode, or the vDSO), shared by
+//! every process mapping the file, freed when the last such process exits.
+//! The kernel's rows array is the memory budget: when a new table does not
+//! fit, the tables least recently used by a sampled process are evicted
+//! (their processes fall back to frame pointers there) and counted.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use profiler_common::unwind::{Mapping, ProcessMappings, MAX_MAPPINGS};
+
+use super::{
+    alloc::{Allocator, Range},
+    table::{Segment, TableError, UnwindTable},
+};
+use crate::{
+    bpf::{BpfError, UnwindMaps},
+    process::MapEntry,
+};
+
+/// Identity of a mapped file. Device and inode rather than the build id:
+/// they are in `/proc/PID/maps` already, so a known file costs no read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileId {
+    File { dev: u64, inode: u64 },
+    Vdso,
+}
+
+impl FileId {
+    /// The identity of an executable mapping; `None` for anonymous memory
+    /// (JIT code), which has no table.
+    pub fn of(m: &MapEntry) -> Option<Self> {
+        if m.path == "[vdso]" {
+            return Some(FileId::Vdso);
+        }
+        m.is_file().then(|| FileId::File {
+            dev: (u64::from(m.dev_major) << 32) | u64::from(m.dev_minor),
+            inode: m.inode,
+        })
+    }
+}
+
+/// Where tables come from: the real one reads files through `/proc`; tests
+/// hand out prepared tables.
+pub trait TableSource: Send {
+    fn build(&mut self, tgid: u32, mapping: &MapEntry) -> Result<UnwindTable, TableError>;
+}
+
+/// What a process looks like now: its executable mappings and its start
+/// time (which tells a reused pid from the process it replaced).
+pub trait ProcessReader: Send {
+    /// `None` when the process is gone.
+    fn read(&mut self, tgid: u32) -> Option<(u64, Vec<MapEntry>)>;
+    /// The start time, `None` when gone (cheaper than `read`).
+    fn start_time(&mut self, tgid: u32) -> Option<u64>;
+}
+
+/// Counters and gauges, for the summary and the agent's metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnwindStats {
+    /// Files with a table in the kernel.
+    pub tables: u64,
+    /// Rows in the kernel, and their bytes.
+    pub rows: u64,
+    pub table_bytes: u64,
+    /// Size of the rows array (the budget).
+    pub budget_bytes: u64,
+    /// Processes with mappings in the kernel.
+    pub processes: u64,
+    /// Tables evicted to make room, since start.
+    pub evicted: u64,
+    /// Files whose table could not be built (no CFI, unreadable, malformed).
+    pub build_errors: u64,
+    /// Tables built, the CFI bytes they came from, and the time it took.
+    pub built: u64,
+    pub cfi_bytes_built: u64,
+    pub build_time: Duration,
+    /// Requests dropped because the table thread's queue was full.
+    pub requests_dropped: u64,
+}
+
+#[derive(Debug)]
+struct Table {
+    /// `None` when not in the kernel (no CFI, build failed, evicted, too big).
+    rows: Option<Range>,
+    base: u64,
+    segments: Vec<Segment>,
+    /// Processes mapping the file.
+    users: u32,
+    /// Tick of the last sample of one of those processes.
+    last_used: u64,
+}
+
+#[derive(Debug)]
+struct Process {
+    start_time: u64,
+    /// Executable mappings kept (sorted, at most MAX_MAPPINGS) and their files.
+    mappings: Vec<(MapEntry, Option<FileId>)>,
+    files: HashSet<FileId>,
+    refreshed: Instant,
+}
+
+/// A process asks again for its mappings at most this often: a process
+/// executing JIT code it has no mapping for would otherwise re-read maps
+/// on every sample.
+const REFRESH_INTERVAL: Duration = Duration::from_millis(250);
+
+pub struct Registry<M, T, P> {
+    maps: M,
+    tables_from: T,
+    procs_from: P,
+    alloc: Allocator,
+    tables: HashMap<FileId, Table>,
+    processes: HashMap<u32, Process>,
+    tick: u64,
+    stats: UnwindStats,
+}
+
+/// Errors that stop the table thread (the kernel maps cannot be written).
+#[derive(Debug, thiserror::Error)]
+#[error("updating the unwinder's kernel maps failed: {0}")]
+pub struct RegistryError(#[from] pub BpfError);
+
+impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
+    pub fn new(maps: M, tables_from: T, procs_from: P) -> Self {
+        let capacity = maps.capacity();
+        let stats = UnwindStats {
+            budget_bytes: u64::from(capacity) * std::mem::size_of::<profiler_common::unwind::UnwindRow>() as u64,
+            ..Default::default()
+        };
+        Self {
+            maps,
+            tables_from,
+            procs_from,
+            alloc: Allocator::new(capacity),
+            tables: HashMap::new(),
+            processes: HashMap::new(),
+            tick: 0,
+            stats,
+        }
+    }
+
+    pub fn stats(&self) -> UnwindStats {
+        let rows = u64::from(self.alloc.capacity()) - self.alloc.free_rows();
+        UnwindStats {
+            tables: self.tables.values().filter(|t| t.rows.is_some_and(|r| r.len > 0)).count() as u64,
+            rows,
+            table_bytes: rows * std::mem::size_of::<profiler_common::unwind::UnwindRow>() as u64,
+            processes: self.processes.len() as u64,
+            ..self.stats.clone()
+        }
+    }
+
+    pub fn knows(&self, tgid: u32) -> bool {
+        self.processes.contains_key(&tgid)
+    }
+
+    /// A sample of `tgid` arrived: load the process on first sight, and
+    /// mark its tables as recently used.
+    pub fn seen(&mut self, tgid: u32) -> Result<(), RegistryError> {
+        self.tick += 1;
+        let Some(p) = self.processes.get(&tgid) else { return self.load(tgid) };
+        for f in &p.files {
+            if let Some(t) = self.tables.get_mut(f) {
+                t.last_used = self.tick;
+            }
+        }
+        Ok(())
+    }
+
+    /// The unwinder met a pc in no known mapping of `tgid` (a `dlopen`, an
+    /// exec, or a process not loaded yet): read its mappings again.
+    pub fn refresh(&mut self, tgid: u32) -> Result<(), RegistryError> {
+        if let Some(p) = self.processes.get(&tgid) {
+            if p.refreshed.elapsed() < REFRESH_INTERVAL {
+                return Ok(());
+            }
+        }
+        self.tick += 1;
+        self.load(tgid)
+    }
+
+    /// Reads the process's mappings, builds the tables it lacks, and writes
+    /// its mappings into the kernel.
+    pub fn load(&mut self, tgid: u32) -> Result<(), RegistryError> {
+        let Some((start_time, maps)) = self.procs_from.read(tgid) else {
+            return self.forget(tgid);
+        };
+        if self.processes.get(&tgid).is_some_and(|p| p.start_time != start_time) {
+            self.forget(tgid)?; // the pid was reused
+        }
+        let mappings: Vec<(MapEntry, Option<FileId>)> = maps
+            .into_iter()
+            .take(MAX_MAPPINGS)
+            .map(|m| {
+                let id = FileId::of(&m);
+                (m, id)
+            })
+            .collect();
+        let files: HashSet<FileId> = mappings.iter().filter_map(|(_, f)| *f).collect();
+        let old_files = self.processes.get(&tgid).map(|p| p.files.clone()).unwrap_or_default();
+        // Take references before building, so eviction for this process's
+        // own tables cannot pick its other tables.
+        for f in files.difference(&old_files) {
+            self.tables
+                .entry(*f)
+                .or_insert_with(|| Table { rows: None, base: 0, segments: Vec::new(), users: 0, last_used: 0 })
+                .users += 1;
+        }
+        for f in &files {
+            if let Some(t) = self.tables.get_mut(f) {
+                t.last_used = self.tick;
+            }
+        }
+        let mut built = HashSet::new();
+        for (m, f) in &mappings {
+            let Some(f) = f else { continue };
+            if !old_files.contains(f) && built.insert(*f) && self.tables.get(f).is_some_and(|t| t.rows.is_none()) {
+                self.build(tgid, m, *f)?;
+            }
+        }
+        for f in old_files.difference(&files) {
+            self.release(*f);
+        }
+        self.processes.insert(tgid, Process { start_time, mappings, files, refreshed: Instant::now() });
+        self.write_process(tgid)
+    }
+
+    /// Forgets processes that exited (or whose pid now names another
+    /// process), freeing tables no one uses any more.
+    pub fn sweep(&mut self) -> Result<(), RegistryError> {
+        let gone: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(tgid, p)| self.procs_from.start_time(**tgid) != Some(p.start_time))
+            .map(|(tgid, _)| *tgid)
+            .collect();
+        for tgid in gone {
+            self.forget(tgid)?;
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, tgid: u32) -> Result<(), RegistryError> {
+        let Some(p) = self.processes.remove(&tgid) else { return Ok(()) };
+        self.maps.remove_process(tgid)?;
+        for f in p.files {
+            self.release(f);
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, f: FileId) {
+        let Some(t) = self.tables.get_mut(&f) else { return };
+        t.users = t.users.saturating_sub(1);
+        if t.users == 0 {
+            if let Some(r) = t.rows {
+                self.alloc.free(r);
+            }
+            self.tables.remove(&f);
+        }
+    }
+
+    fn build(&mut self, tgid: u32, m: &MapEntry, f: FileId) -> Result<(), RegistryError> {
+        let started = Instant::now();
+        let table = match self.tables_from.build(tgid, m) {
+            Ok(t) => t,
+            Err(e) => {
+                log::debug!("no unwind table for {} (pid {tgid}): {e}", m.path);
+                self.stats.build_errors += 1;
+                // Keep an empty entry so the next process mapping the file
+                // does not try again.
+                if let Some(t) = self.tables.get_mut(&f) {
+                    t.rows = Some(Range { start: 0, len: 0 });
+                }
+                return Ok(());
+            }
+        };
+        self.stats.built += 1;
+        self.stats.cfi_bytes_built += table.stats.cfi_bytes as u64;
+        self.stats.build_time += started.elapsed();
+        let len = u32::try_from(table.rows.len()).unwrap_or(u32::MAX);
+        let Some(range) = self.allocate(len, f)? else {
+            log::debug!("unwind table of {} ({len} rows) does not fit the budget", m.path);
+            return Ok(());
+        };
+        self.maps.write_rows(range.start, &table.rows)?;
+        if let Some(t) = self.tables.get_mut(&f) {
+            t.rows = Some(range);
+            t.base = table.base;
+            t.segments = table.exec_segments;
+        }
+        Ok(())
+    }
+
+    /// Rows for a new table of `f`, evicting the least recently used other
+    /// tables when the array is full.
+    fn allocate(&mut self, len: u32, f: FileId) -> Result<Option<Range>, RegistryError> {
+        if len > self.alloc.capacity() {
+            return Ok(None);
+        }
+        loop {
+            if let Some(r) = self.alloc.alloc(len) {
+                return Ok(Some(r));
+            }
+            let victim = self
+                .tables
+                .iter()
+                .filter(|(id, t)| **id != f && t.rows.is_some_and(|r| r.len > 0))
+                .min_by_key(|(_, t)| t.last_used)
+                .map(|(id, _)| *id);
+            let Some(victim) = victim else { return Ok(None) };
+            self.evict(victim)?;
+        }
+    }
+
+    fn evict(&mut self, f: FileId) -> Result<(), RegistryError> {
+        let Some(t) = self.tables.get_mut(&f) else { return Ok(()) };
+        let Some(r) = t.rows.take() else { return Ok(()) };
+        self.alloc.free(r);
+        // An evicted table stays out until its file is mapped anew; marking
+        // it empty keeps a busy process from rebuilding it on every refresh.
+        t.rows = Some(Range { start: 0, len: 0 });
+        self.stats.evicted += 1;
+        // Its processes must stop pointing into rows that will be reused.
+        let users: Vec<u32> = self.processes.iter().filter(|(_, p)| p.files.contains(&f)).map(|(t, _)| *t).collect();
+        for tgid in users {
+            self.write_process(tgid)?;
+        }
+        Ok(())
+    }
+
+    fn write_process(&mut self, tgid: u32) -> Result<(), RegistryError> {
+        let Some(p) = self.processes.get(&tgid) else { return Ok(()) };
+        let mut out = Box::<ProcessMappings>::default();
+        for (i, (m, f)) in p.mappings.iter().enumerate().take(MAX_MAPPINGS) {
+            let mut entry = Mapping { start: m.start, end: m.end, ..Default::default() };
+            if let Some(t) = f.and_then(|f| self.tables.get(&f)) {
+                if let (Some(r), Some(vaddr)) = (t.rows, vaddr_of(&t.segments, m.offset)) {
+                    entry.rows_start = r.start;
+                    entry.rows_len = r.len;
+                    // pc - bias = pc - (start - vaddr) - base: the row pc.
+                    entry.bias = m.start.wrapping_sub(vaddr).wrapping_add(t.base);
+                }
+            }
+            out.mappings[i] = entry;
+            out.len = i as u32 + 1;
+        }
+        self.maps.set_process(tgid, &out)?;
+        Ok(())
+    }
+}
+
+/// The ELF virtual address of a mapping's file offset, through the
+/// executable segment it maps. The kernel maps whole pages, so the offset
+/// can be up to a page below the segment's own.
+fn vaddr_of(segments: &[Segment], offset: u64) -> Option<u64> {
+    const PAGE: u64 = 4096;
+    segments
+        .iter()
+        .find(|s| offset >= s.offset & !(PAGE - 1) && offset < s.offset + s.filesz.max(1))
+        .map(|s| s.vaddr.wrapping_add(offset).wrapping_sub(s.offset))
+}
+
+#[cfg(test)]
+mod tests;

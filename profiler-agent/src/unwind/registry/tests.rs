@@ -1,0 +1,193 @@
+use std::collections::HashMap;
+
+use profiler_common::unwind::{UnwindRow, ROW_CFA_RSP};
+
+use super::*;
+use crate::bpf::fake::FakeUnwindMaps;
+
+/// Tables of `rows` rows per file path; counts builds.
+#[derive(Default)]
+struct Tables {
+    sizes: HashMap<String, usize>,
+    builds: Vec<String>,
+}
+
+impl TableSource for &mut Tables {
+    fn build(&mut self, _tgid: u32, m: &MapEntry) -> Result<UnwindTable, TableError> {
+        self.builds.push(m.path.clone());
+        let Some(&n) = self.sizes.get(&m.path) else {
+            return Err(TableError::Io(std::io::Error::other("no such file")));
+        };
+        let rows = (0..n).map(|i| UnwindRow { pc: i as u32 * 16, cfa_offset: 8, rbp_offset: 0, kind: ROW_CFA_RSP });
+        Ok(UnwindTable {
+            base: 0x1000,
+            rows: rows.collect(),
+            exec_segments: vec![Segment { offset: 0x1000, vaddr: 0x1000, filesz: 0x10000 }],
+            stats: Default::default(),
+        })
+    }
+}
+
+/// Processes as (start time, mappings); removing one makes it exit.
+#[derive(Default)]
+struct Procs(HashMap<u32, (u64, Vec<MapEntry>)>);
+
+impl ProcessReader for &mut Procs {
+    fn read(&mut self, tgid: u32) -> Option<(u64, Vec<MapEntry>)> {
+        self.0.get(&tgid).cloned()
+    }
+    fn start_time(&mut self, tgid: u32) -> Option<u64> {
+        self.0.get(&tgid).map(|p| p.0)
+    }
+}
+
+fn file(start: u64, path: &str, inode: u64) -> MapEntry {
+    MapEntry {
+        start,
+        end: start + 0x10000,
+        offset: 0x1000,
+        dev_major: 8,
+        dev_minor: 1,
+        inode,
+        executable: true,
+        path: path.into(),
+        deleted: false,
+    }
+}
+
+fn libc(start: u64) -> MapEntry {
+    file(start, "/lib/libc.so.6", 2)
+}
+
+#[test]
+fn one_table_per_file_shared_by_processes_and_freed_with_the_last() {
+    let mut tables = Tables::default();
+    tables.sizes.insert("/bin/a".into(), 100);
+    tables.sizes.insert("/bin/b".into(), 50);
+    tables.sizes.insert("/lib/libc.so.6".into(), 1000);
+    let mut procs = Procs::default();
+    procs.0.insert(10, (1, vec![file(0x40_0000, "/bin/a", 1), libc(0x7f00_0000)]));
+    procs.0.insert(11, (1, vec![file(0x50_0000, "/bin/b", 3), libc(0x7e00_0000)]));
+    let mut maps = FakeUnwindMaps::new(10_000);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.seen(10).unwrap();
+    r.seen(11).unwrap();
+    r.seen(10).unwrap(); // known: no rebuild
+    let s = r.stats();
+    assert_eq!((s.tables, s.rows, s.processes), (3, 1150, 2));
+    assert_eq!(s.table_bytes, 1150 * 8);
+
+    // Both processes point at the same libc rows, each with its own bias.
+    let a = r.maps.processes[&10].mappings()[1];
+    let b = r.maps.processes[&11].mappings()[1];
+    assert_eq!((a.rows_start, a.rows_len), (b.rows_start, b.rows_len));
+    // A pc at vaddr 0x1010 of libc maps to row pc 0x10 (base 0x1000).
+    assert_eq!(0x7f00_0000 + 0x10 - a.bias, 0x10);
+    assert_eq!(0x7e00_0000 + 0x10 - b.bias, 0x10);
+    assert_eq!(r.maps.rows[a.rows_start as usize + 1].pc, 16);
+
+    // Process 10 exits: its executable's table goes, libc stays for 11.
+    r.procs_from.0.remove(&10);
+    r.sweep().unwrap();
+    let s = r.stats();
+    assert_eq!((s.tables, s.rows, s.processes), (2, 1050, 1));
+    assert!(!r.maps.processes.contains_key(&10));
+    drop(r);
+    assert_eq!(tables.builds, ["/bin/a", "/lib/libc.so.6", "/bin/b"]);
+}
+
+#[test]
+fn exited_and_reused_pids_release_their_tables() {
+    let mut tables = Tables::default();
+    tables.sizes.insert("/bin/a".into(), 10);
+    tables.sizes.insert("/lib/libc.so.6".into(), 20);
+    let mut procs = Procs::default();
+    procs.0.insert(10, (1, vec![file(0x40_0000, "/bin/a", 1), libc(0x7f00_0000)]));
+    let mut maps = FakeUnwindMaps::new(100);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.seen(10).unwrap();
+    assert_eq!(r.stats().rows, 30);
+    // Same pid, new process (different start time) mapping only libc.
+    r.procs_from.0.insert(10, (2, vec![libc(0x7f00_0000)]));
+    r.sweep().unwrap();
+    assert_eq!(r.stats().processes, 0);
+    assert_eq!(r.stats().rows, 0);
+    assert!(r.maps.processes.is_empty());
+    r.seen(10).unwrap();
+    assert_eq!(r.stats().rows, 20);
+}
+
+#[test]
+fn refresh_picks_up_dlopened_files_and_drops_unmapped_ones() {
+    let mut tables = Tables::default();
+    tables.sizes.insert("/bin/a".into(), 10);
+    tables.sizes.insert("/lib/plugin.so".into(), 5);
+    let mut procs = Procs::default();
+    procs.0.insert(10, (1, vec![file(0x40_0000, "/bin/a", 1)]));
+    let mut maps = FakeUnwindMaps::new(100);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.load(10).unwrap();
+    r.procs_from.0.get_mut(&10).unwrap().1.push(file(0x7000_0000, "/lib/plugin.so", 9));
+    r.load(10).unwrap();
+    assert_eq!(r.stats().rows, 15);
+    assert_eq!(r.maps.processes[&10].len, 2);
+    r.procs_from.0.get_mut(&10).unwrap().1.truncate(1);
+    r.load(10).unwrap();
+    assert_eq!(r.stats().rows, 10);
+}
+
+#[test]
+fn eviction_keeps_the_budget_and_points_users_away_from_reused_rows() {
+    let mut tables = Tables::default();
+    for (p, n) in [("/bin/a", 40), ("/bin/b", 40), ("/bin/c", 40)] {
+        tables.sizes.insert(p.into(), n);
+    }
+    let mut procs = Procs::default();
+    procs.0.insert(1, (1, vec![file(0x40_0000, "/bin/a", 1)]));
+    procs.0.insert(2, (1, vec![file(0x40_0000, "/bin/b", 2)]));
+    procs.0.insert(3, (1, vec![file(0x40_0000, "/bin/c", 3)]));
+    let mut maps = FakeUnwindMaps::new(100);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.seen(1).unwrap();
+    r.seen(2).unwrap();
+    r.seen(1).unwrap(); // a is now more recent than b
+    r.seen(3).unwrap(); // does not fit: b (least recently used) goes
+    let s = r.stats();
+    assert_eq!((s.rows, s.evicted, s.tables), (80, 1, 2));
+    assert_eq!(r.maps.processes[&2].mappings()[0].rows_len, 0, "b's process must not use freed rows");
+    assert_ne!(r.maps.processes[&1].mappings()[0].rows_len, 0);
+    assert_ne!(r.maps.processes[&3].mappings()[0].rows_len, 0);
+}
+
+#[test]
+fn files_without_cfi_are_tried_once_and_anonymous_code_has_no_table() {
+    let mut tables = Tables::default();
+    let mut procs = Procs::default();
+    let mut jit = file(0x1000_0000, "", 0);
+    jit.dev_major = 0;
+    procs.0.insert(1, (1, vec![file(0x40_0000, "/bin/go", 1), jit]));
+    procs.0.insert(2, (1, vec![file(0x40_0000, "/bin/go", 1)]));
+    let mut maps = FakeUnwindMaps::new(100);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.seen(1).unwrap();
+    r.seen(2).unwrap();
+    assert_eq!(r.stats().build_errors, 1);
+    let m = r.maps.processes[&1].mappings().to_vec();
+    assert_eq!(m.len(), 2, "JIT code is a known mapping (so it does not ask for refreshes)");
+    assert!(m.iter().all(|m| m.rows_len == 0));
+    drop(r);
+    assert_eq!(tables.builds, ["/bin/go"]);
+}
+
+#[test]
+fn a_table_larger_than_the_budget_is_not_loaded() {
+    let mut tables = Tables::default();
+    tables.sizes.insert("/bin/huge".into(), 500);
+    let mut procs = Procs::default();
+    procs.0.insert(1, (1, vec![file(0x40_0000, "/bin/huge", 1)]));
+    let mut maps = FakeUnwindMaps::new(100);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.seen(1).unwrap();
+    assert_eq!(r.stats().rows, 0);
+    assert_eq!(r.maps.processes[&1].mappings()[0].rows_len, 0);
+}

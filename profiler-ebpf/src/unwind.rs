@@ -1,0 +1,340 @@
+//! User-stack unwinding with CFI tables, for code built without frame
+//! pointers (Debian's glibc, python3, anything `-O2`).
+//!
+//! The agent derives compact tables from each file's `.eh_frame` (one table
+//! per file, shared by every process mapping it) into `UNWIND_ROWS`, and
+//! each process's executable mappings into `PROCESSES`. Per frame: find the
+//! mapping of the pc, binary-search its table, compute the CFA, read the
+//! return address at CFA-8 and, where the row says so, the caller's rbp.
+//! Where no table covers a pc the step falls back to the frame pointer and
+//! the stack is flagged partial.
+//!
+//! The frame loop runs under `bpf_loop`, so the verifier checks one step
+//! instead of every unrolled frame (a plain 127-frame loop around two
+//! binary searches exceeds its complexity limit).
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_task_btf, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
+    macros::{btf_tracepoint, map, raw_tracepoint},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
+use profiler_common::{
+    offcpu::StackTrace,
+    unwind::{
+        Mapping, ProcessMappings, UnwindRow, MAPPING_SEARCH_STEPS, MAX_MAPPINGS, MAX_UNWIND_FRAMES, ROW_CFA_RBP,
+        ROW_CFA_RSP, ROW_END, ROW_NONE, ROW_PLT, ROW_SIGNAL, ROW_SEARCH_STEPS, SIGFRAME_RBP, SIGFRAME_RIP,
+        SIGFRAME_RSP,
+    },
+    Stat, MAX_STACK_DEPTH, SAMPLE_FLAG_UNKNOWN_MAPPING, SAMPLE_FLAG_USER_PARTIAL,
+};
+
+use crate::maps::count;
+
+/// Set by the agent: non-zero to unwind user stacks with CFI tables; 0
+/// leaves them to the kernel's frame-pointer walk (`bpf_get_stack`).
+#[no_mangle]
+static CFI_UNWINDING: u32 = 0;
+
+#[inline(always)]
+pub fn cfi_enabled() -> bool {
+    unsafe { core::ptr::read_volatile(&CFI_UNWINDING) != 0 }
+}
+
+/// Rows of every loaded table, back to back. The agent sizes it at load
+/// time from its table memory budget, allocates ranges in it, and writes
+/// rows through a shared mapping of the array (one syscall per row would
+/// cost ~30k syscalls for libc alone).
+#[map]
+static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Executable mappings per tgid. Not preallocated: 8 KiB per process,
+/// paid only for processes being unwound; the agent inserts and removes.
+#[map]
+static PROCESSES: HashMap<u32, ProcessMappings> = HashMap::with_max_entries(8192, BPF_F_NO_PREALLOC);
+
+/// The frames of the unwind in progress: too big for the BPF stack.
+#[map]
+static FRAMES: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// A mapping without a table, for the cache below.
+const NO_ROWS: u32 = 0;
+
+/// Unwinder registers and bookkeeping, on the caller's stack and handed to
+/// every `step`.
+#[repr(C)]
+struct State {
+    tgid: u32,
+    frames: u32,
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    /// `pc` is exact (the first frame, or restored from a signal frame)
+    /// rather than a return address, which points past its call.
+    exact: u32,
+    /// `SAMPLE_FLAG_*` bits to add to the sample.
+    flags: u32,
+    /// The mapping the last pc fell in, so frames in the same file skip
+    /// the mapping search.
+    cached: Mapping,
+}
+
+/// How one unwind went.
+pub struct Unwound {
+    pub frames: u32,
+    pub flags: u32,
+    pub truncated: bool,
+}
+
+/// Unwinds the current task's user stack into `out`, innermost first.
+/// `None` when the task has no user context (kernel threads).
+#[inline(always)]
+pub fn unwind_user(tgid: u32, out: &mut [u64; MAX_STACK_DEPTH]) -> Option<Unwound> {
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if regs.is_null() {
+        return None;
+    }
+    // x86-64 `struct pt_regs` (stable ABI): bp at 32, ip 128, cs 136, sp 152.
+    let bp = unsafe { bpf_probe_read_kernel(regs.add(32) as *const u64) }.ok()?;
+    let tail = unsafe { bpf_probe_read_kernel(regs.add(128) as *const [u64; 4]) }.ok()?;
+    let (pc, cs, sp) = (tail[0], tail[1], tail[3]);
+    if cs & 3 != 3 || pc == 0 {
+        return None; // a kernel thread: its pt_regs hold no user state
+    }
+    let mut st = State { tgid, frames: 0, pc, sp, bp, exact: 1, flags: 0, cached: Mapping::default() };
+    unsafe {
+        bpf_loop(MAX_UNWIND_FRAMES, step as *mut c_void, (&mut st as *mut State).cast(), 0);
+    }
+    let buf = FRAMES.get_ptr(0)?;
+    let n = st.frames.min(MAX_STACK_DEPTH as u32);
+    for i in 0..MAX_STACK_DEPTH {
+        if i as u32 >= n {
+            break;
+        }
+        out[i] = unsafe { (*buf).ips[i] };
+    }
+    let truncated = st.frames >= MAX_UNWIND_FRAMES;
+    if truncated {
+        count(Stat::UnwindDepthLimit);
+    }
+    if st.flags & SAMPLE_FLAG_USER_PARTIAL != 0 {
+        count(Stat::UnwindPartial);
+    }
+    Some(Unwound { frames: n, flags: st.flags, truncated })
+}
+
+/// Outcome of one step: go on to the next frame or stop.
+const CONTINUE: i64 = 0;
+const STOP: i64 = 1;
+
+/// One frame: records the pc, then finds the caller's registers.
+#[inline(never)]
+extern "C" fn step(_index: u32, ctx: *mut c_void) -> i64 {
+    let st = unsafe { &mut *(ctx as *mut State) };
+    let Some(buf) = FRAMES.get_ptr_mut(0) else { return STOP };
+    let n = st.frames;
+    if n >= MAX_UNWIND_FRAMES {
+        return STOP;
+    }
+    unsafe { (*buf).ips[n as usize % MAX_STACK_DEPTH] = st.pc };
+    st.frames = n + 1;
+    // A return address points after its call, which may be the last
+    // instruction of the function (a call to a noreturn function), so it is
+    // looked up one byte earlier.
+    let lookup_pc = if st.exact != 0 { st.pc } else { st.pc - 1 };
+    st.exact = 0;
+
+    if !in_cached(st, lookup_pc) && !find_mapping(st, lookup_pc) {
+        count(Stat::UnwindNoMapping);
+        st.flags |= SAMPLE_FLAG_UNKNOWN_MAPPING | SAMPLE_FLAG_USER_PARTIAL;
+        return frame_pointer_step(st);
+    }
+    if st.cached.rows_len == NO_ROWS {
+        return no_table(st);
+    }
+    let Some(row) = find_row(&st.cached, lookup_pc) else { return no_table(st) };
+    let cfa = match row.kind {
+        ROW_CFA_RSP => st.sp + row.cfa_offset as u64,
+        ROW_CFA_RBP => st.bp + row.cfa_offset as u64,
+        ROW_PLT => {
+            let extra = if (st.pc & 15) as i8 >= row.rbp_offset { 8 } else { 0 };
+            st.sp + row.cfa_offset as u64 + extra
+        }
+        ROW_NONE => return no_table(st),
+        ROW_END => {
+            count(Stat::UnwindComplete);
+            return STOP;
+        }
+        ROW_SIGNAL => return signal_step(st),
+        _ => {
+            count(Stat::UnwindUnsupported);
+            return STOP;
+        }
+    };
+    let Ok(ra) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
+        count(Stat::UnwindReadFault);
+        return STOP;
+    };
+    if row.rbp_offset != 0 && row.kind != ROW_PLT {
+        let at = cfa.wrapping_add((row.rbp_offset as i64 * 8) as u64);
+        match unsafe { bpf_probe_read_user(at as *const u64) } {
+            Ok(bp) => st.bp = bp,
+            Err(_) => {
+                count(Stat::UnwindReadFault);
+                return STOP;
+            }
+        }
+    }
+    st.sp = cfa;
+    next_pc(st, ra)
+}
+
+#[inline(always)]
+fn next_pc(st: &mut State, pc: u64) -> i64 {
+    if pc == 0 {
+        count(Stat::UnwindComplete);
+        return STOP;
+    }
+    st.pc = pc;
+    CONTINUE
+}
+
+#[inline(always)]
+fn no_table(st: &mut State) -> i64 {
+    count(Stat::UnwindNoTable);
+    st.flags |= SAMPLE_FLAG_USER_PARTIAL;
+    frame_pointer_step(st)
+}
+
+/// The frame-pointer convention: [bp] is the caller's bp, [bp+8] the
+/// return address. A zero bp ends the chain (the ABI's outermost frame).
+#[inline(always)]
+fn frame_pointer_step(st: &mut State) -> i64 {
+    if st.bp == 0 {
+        count(Stat::UnwindComplete);
+        return STOP;
+    }
+    let Ok(pair) = (unsafe { bpf_probe_read_user(st.bp as *const [u64; 2]) }) else {
+        count(Stat::UnwindReadFault);
+        return STOP;
+    };
+    st.sp = st.bp + 16;
+    st.bp = pair[0];
+    next_pc(st, pair[1])
+}
+
+/// `__restore_rt`: rsp points at the `ucontext_t` the kernel saved, whose
+/// registers are the interrupted frame's, pc exact.
+#[inline(always)]
+fn signal_step(st: &mut State) -> i64 {
+    let base = st.sp;
+    let regs = unsafe {
+        (
+            bpf_probe_read_user((base + SIGFRAME_RBP) as *const u64),
+            bpf_probe_read_user((base + SIGFRAME_RSP) as *const u64),
+            bpf_probe_read_user((base + SIGFRAME_RIP) as *const u64),
+        )
+    };
+    let (Ok(bp), Ok(sp), Ok(pc)) = regs else {
+        count(Stat::UnwindReadFault);
+        return STOP;
+    };
+    st.bp = bp;
+    st.sp = sp;
+    st.exact = 1;
+    next_pc(st, pc)
+}
+
+#[inline(always)]
+fn in_cached(st: &State, pc: u64) -> bool {
+    st.cached.end != 0 && pc >= st.cached.start && pc < st.cached.end
+}
+
+/// Binary search of the process's mappings (sorted by start) for `pc`;
+/// caches the hit in `st`.
+#[inline(always)]
+fn find_mapping(st: &mut State, pc: u64) -> bool {
+    let Some(p) = (unsafe { PROCESSES.get(&st.tgid) }) else { return false };
+    let len = (p.len as usize).min(MAX_MAPPINGS);
+    // The last mapping with start <= pc. `get` rather than indexing: the
+    // verifier rejects the panic path of a bounds check it cannot drop.
+    let (mut lo, mut hi) = (0usize, len);
+    for _ in 0..MAPPING_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = (lo + hi) / 2;
+        let Some(m) = p.mappings.get(mid) else { return false };
+        if m.start <= pc {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let Some(m) = p.mappings.get(lo.wrapping_sub(1)) else { return false };
+    if pc >= m.end {
+        return false;
+    }
+    st.cached.start = m.start;
+    st.cached.end = m.end;
+    st.cached.bias = m.bias;
+    st.cached.rows_start = m.rows_start;
+    st.cached.rows_len = m.rows_len;
+    true
+}
+
+/// The row covering `pc` in the mapping's table: the last row whose pc is
+/// at or below it.
+#[inline(always)]
+fn find_row(m: &Mapping, pc: u64) -> Option<UnwindRow> {
+    if pc < m.bias {
+        return None;
+    }
+    let rel = pc - m.bias;
+    if rel > u32::MAX as u64 {
+        return None;
+    }
+    let rel = rel as u32;
+    let (mut lo, mut hi) = (m.rows_start, m.rows_start.wrapping_add(m.rows_len));
+    for _ in 0..ROW_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        let row = UNWIND_ROWS.get(mid)?;
+        if row.pc <= rel {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if lo == m.rows_start {
+        return None;
+    }
+    UNWIND_ROWS.get(lo - 1).copied()
+}
+
+/// An exec replaces every mapping: forget the old ones so the next sample
+/// asks the agent for the new ones instead of unwinding with stale tables.
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: BtfTracePointContext) -> u32 {
+    forget_process();
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sched_process_exec_raw(_ctx: RawTracePointContext) -> i32 {
+    forget_process();
+    0
+}
+
+#[inline(always)]
+fn forget_process() {
+    let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+    let _ = PROCESSES.remove(&tgid);
+}
