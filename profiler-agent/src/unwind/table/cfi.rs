@@ -69,8 +69,8 @@ pub(super) fn collect<'a, S>(
 where
     S: UnwindSection<Slice<'a>>,
 {
-    // Sized from what gcc output averages (a row per ~5 bytes of CFI, an
-    // FDE per ~40) so the vectors rarely grow and copy.
+    // gcc output averages a row per 5-6 bytes of CFI and an FDE per ~40;
+    // reserving a little more means the vectors rarely grow and copy.
     let mut out = Collected { spans: Vec::with_capacity(data.len() / 32), raw: Vec::with_capacity(data.len() / 4) };
     let mut ctx = UnwindContext::new();
     let mut cies: HashMap<usize, CommonInformationEntry<Slice<'a>>> = HashMap::new();
@@ -324,4 +324,61 @@ fn read_sleb128(bytes: &[u8]) -> Option<(i64, &[u8])> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod assemble_tests {
+    use super::*;
+
+    /// FDEs as (start, end, [(pc, cfa_offset)]), in section order.
+    fn table(fdes: &[(u64, u64, &[(u64, u16)])]) -> (u64, Vec<(u32, u8, u16)>, TableStats) {
+        let mut c = Collected::default();
+        for &(start, end, rows) in fdes {
+            let first = c.raw.len() as u32;
+            c.raw.extend(rows.iter().map(|&(pc, off)| RawRow { pc, rule: Rule::new(ROW_CFA_RSP, off, 0) }));
+            c.spans.push(FdeSpan { start, end, first, len: rows.len() as u32 });
+        }
+        let mut stats = TableStats::default();
+        let (base, rows) = assemble(c, &mut stats).unwrap();
+        (base, rows.iter().map(|r| (r.pc, r.kind, r.cfa_offset)).collect(), stats)
+    }
+
+    #[test]
+    fn gaps_order_and_overlaps() {
+        let (base, rows, stats) = table(&[
+            (0x2000, 0x2010, &[(0x2000, 8), (0x2004, 16)]),
+            (0x1000, 0x1010, &[(0x1000, 8)]),
+            // Starts inside the previous FDE: only its part past 0x2010 counts.
+            (0x2008, 0x2020, &[(0x2008, 24), (0x2018, 32)]),
+            // Wholly inside an earlier FDE.
+            (0x1004, 0x1008, &[(0x1004, 40)]),
+            // Adjacent to the previous one, same rule as its last row.
+            (0x2020, 0x2030, &[(0x2020, 32)]),
+        ]);
+        assert_eq!(base, 0x1000);
+        assert_eq!(
+            rows,
+            [
+                (0x0000, ROW_CFA_RSP, 8),
+                (0x0010, ROW_NONE, 0),
+                (0x1000, ROW_CFA_RSP, 8),
+                (0x1004, ROW_CFA_RSP, 16),
+                (0x1010, ROW_CFA_RSP, 24),
+                (0x1018, ROW_CFA_RSP, 32),
+                (0x1030, ROW_NONE, 0),
+            ]
+        );
+        assert_eq!(stats.overlapping_fdes, 2);
+        assert_eq!(stats.rows_before_merge, 2);
+    }
+
+    #[test]
+    fn span_beyond_u32_is_refused() {
+        let mut c = Collected::default();
+        c.raw.push(RawRow { pc: 0, rule: UNSUPPORTED });
+        c.raw.push(RawRow { pc: 1 << 33, rule: UNSUPPORTED });
+        c.spans.push(FdeSpan { start: 0, end: 1, first: 0, len: 1 });
+        c.spans.push(FdeSpan { start: 1 << 33, end: (1 << 33) + 1, first: 1, len: 1 });
+        assert!(matches!(assemble(c, &mut TableStats::default()), Err(TableError::TooBig { .. })));
+    }
 }
