@@ -80,6 +80,14 @@ pub struct EbpfSource {
     off_cpu: bool,
     /// Rows of the unwind array while its maps have not been taken.
     unwind_rows: Option<u32>,
+    /// What `attach` needs, until it has run.
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    opts: LoadOptions,
+    btf: Option<Btf>,
+    cpus: Vec<u32>,
 }
 
 /// Attaches a scheduler tracepoint through BTF, or through a raw tracepoint
@@ -121,8 +129,8 @@ fn attach_raw(ebpf: &mut Ebpf, tracepoint: &'static str, raw_name: &'static str)
 }
 
 impl EbpfSource {
-    /// Loads the programs, fills the pid filter, and attaches the sampler to
-    /// the software cpu-clock event of every online CPU.
+    /// Loads the programs and fills the pid filter; [`attach`](Self::attach)
+    /// starts them.
     pub fn load(opts: &LoadOptions) -> Result<Self, BpfError> {
         if EBPF_OBJECT.is_empty() {
             return Err(BpfError::NotBuilt);
@@ -169,6 +177,28 @@ impl EbpfSource {
             }
         }
 
+        let samples = RingBuf::try_from(ebpf.take_map("SAMPLES").ok_or(BpfError::Missing("SAMPLES"))?)
+            .map_err(|source| BpfError::Map { name: "SAMPLES", source })?;
+        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(BpfError::Missing("STATS"))?)
+            .map_err(|source| BpfError::Map { name: "STATS", source })?;
+        Ok(Self {
+            samples,
+            stats,
+            logger,
+            ebpf,
+            off_cpu: opts.off_cpu.is_some(),
+            unwind_rows: opts.unwind.as_ref().map(|_| unwind_rows),
+            pending: Some(Pending { opts: opts.clone(), btf, cpus }),
+        })
+    }
+
+    /// Attaches the programs: the sampler to the cpu-clock event of every
+    /// online CPU, and the tracepoints. Separate from `load` so the CFI
+    /// tables of `--pid` processes are in the kernel before the first
+    /// sample. Attaching twice is a no-op.
+    pub fn attach(&mut self) -> Result<(), BpfError> {
+        let Some(Pending { opts, btf, cpus }) = self.pending.take() else { return Ok(()) };
+        let ebpf = &mut self.ebpf;
         let program: &mut PerfEvent = ebpf
             .program_mut(ON_CPU_PROGRAM)
             .ok_or(BpfError::Missing(ON_CPU_PROGRAM))?
@@ -195,23 +225,19 @@ impl EbpfSource {
             };
             let force_raw = opts.off_cpu.as_ref().is_some_and(|o| o.force_raw_tracepoints);
             match &btf {
-                Some(btf) => attach_sched(&mut ebpf, btf, force_raw, "sched_process_exec", EXEC_BTF, EXEC_RAW)?,
-                None => attach_raw(&mut ebpf, "sched_process_exec", EXEC_RAW)?,
+                Some(btf) => attach_sched(ebpf, btf, force_raw, "sched_process_exec", EXEC_BTF, EXEC_RAW)?,
+                None => attach_raw(ebpf, "sched_process_exec", EXEC_RAW)?,
             }
         }
 
         if let Some(btf) = &btf {
             let force_raw = opts.off_cpu.as_ref().is_some_and(|o| o.force_raw_tracepoints);
             for (tracepoint, btf_name, raw_name) in SCHED_PROGRAMS {
-                attach_sched(&mut ebpf, btf, force_raw, tracepoint, btf_name, raw_name)?;
+                attach_sched(ebpf, btf, force_raw, tracepoint, btf_name, raw_name)?;
             }
         }
 
-        let samples = RingBuf::try_from(ebpf.take_map("SAMPLES").ok_or(BpfError::Missing("SAMPLES"))?)
-            .map_err(|source| BpfError::Map { name: "SAMPLES", source })?;
-        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(BpfError::Missing("STATS"))?)
-            .map_err(|source| BpfError::Map { name: "STATS", source })?;
-        Ok(Self { samples, stats, logger, ebpf, off_cpu: opts.off_cpu.is_some(), unwind_rows: opts.unwind.as_ref().map(|_| unwind_rows) })
+        Ok(())
     }
 
     /// The unwinder's maps, for the table thread; `None` without CFI

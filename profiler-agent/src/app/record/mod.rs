@@ -73,6 +73,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
+    source.attach().context("attaching the eBPF programs failed")?;
     let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
     let start_wall = SystemTime::now();
     let started = Instant::now();

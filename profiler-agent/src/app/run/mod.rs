@@ -69,6 +69,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    source.attach().context("attaching the eBPF programs failed")?;
     telemetry.attached.store(true, Ordering::Relaxed);
     let http_task = tokio::spawn(http::serve(listener, telemetry.clone()));
     // Exporters, each behind its own bounded queue.
