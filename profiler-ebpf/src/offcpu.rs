@@ -361,8 +361,7 @@ const STACK_LOST: u64 = 0;
 fn capture<C: EbpfContext>(ctx: &C, tgid: u32, user: bool) -> u64 {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 0 };
     let buf = unsafe { &mut *buf };
-    let got =
-        if user { stack::user_stack(ctx, tgid, &mut buf.ips) } else { stack::kernel_stack(ctx, &mut buf.ips) };
+    let got = if user { stack::user_stack(ctx, tgid, &mut buf.ips) } else { stack::kernel_stack(ctx, &mut buf.ips) };
     if got.frames == 0 {
         return 0;
     }

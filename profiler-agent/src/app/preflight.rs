@@ -88,6 +88,18 @@ pub fn prepare_output_dir(dir: &Path) -> Result<(), PreflightError> {
     result.map_err(err)
 }
 
+/// Context for a failed attach. The CFI unwinder's frame loop needs
+/// `bpf_loop` (Linux 5.17); older kernels reject it in the verifier.
+pub fn attach_failed_hint(cfi: bool) -> String {
+    if cfi {
+        "attaching the eBPF programs failed (CFI unwinding needs Linux 5.17 or later; \
+         `--unwinder frame-pointer` does without)"
+            .into()
+    } else {
+        "attaching the eBPF programs failed".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,10 @@ use profiler_common::{
     Sample, STAT_COUNT,
 };
 
-use super::{btf::StructOffsets, unwind_maps::EbpfUnwindMaps, BpfError, KernelStats, MapOccupancy, OffCpuRecord, ProgramRunTime, SampleSource};
+use super::{
+    btf::StructOffsets, unwind_maps::EbpfUnwindMaps, BpfError, KernelStats, MapOccupancy, OffCpuRecord, ProgramRunTime,
+    SampleSource,
+};
 
 /// The eBPF object built by `build.rs` from `profiler-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));

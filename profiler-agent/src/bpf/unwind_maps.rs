@@ -28,10 +28,12 @@ unsafe impl Send for EbpfUnwindMaps {}
 impl EbpfUnwindMaps {
     pub(super) fn new(rows_map: Map, capacity: u32, processes: Map) -> Result<Self, BpfError> {
         let Map::Array(rows_map) = rows_map else {
-            return Err(BpfError::Map { name: "UNWIND_ROWS", source: aya::maps::MapError::InvalidMapType { map_type: 0 } });
+            return Err(BpfError::Map {
+                name: "UNWIND_ROWS",
+                source: aya::maps::MapError::InvalidMapType { map_type: 0 },
+            });
         };
-        let processes =
-            HashMap::try_from(processes).map_err(|source| BpfError::Map { name: "PROCESSES", source })?;
+        let processes = HashMap::try_from(processes).map_err(|source| BpfError::Map { name: "PROCESSES", source })?;
         let page = 4096usize;
         let bytes = (capacity as usize * std::mem::size_of::<UnwindRow>()).div_ceil(page) * page;
         let fd = rows_map.fd().as_fd().as_raw_fd();

@@ -82,7 +82,7 @@ impl Worker {
     /// processes unwind fully), then starts the thread. With no preload
     /// list, every running process is loaded in the background.
     pub fn start<M: UnwindMaps + 'static>(maps: M, preload: &[u32]) -> std::io::Result<(Worker, Feed)> {
-        let mut registry = Registry::new(maps, FileTables::default(), ProcFs::default());
+        let mut registry = Registry::new(maps, FileTables::default(), ProcFs);
         for &pid in preload {
             if let Err(e) = registry.load(pid) {
                 log::warn!("{e}");

@@ -63,7 +63,8 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
             min_block_ns: args.off_cpu_min_block.as_nanos() as u64,
             force_raw_tracepoints: args.off_cpu_raw_tracepoints,
         }),
-        unwind: (args.unwinder == Unwinder::Cfi).then(|| UnwindOptions { rows: unwind::rows_for(args.unwind_table_memory) }),
+        unwind: (args.unwinder == Unwinder::Cfi)
+            .then(|| UnwindOptions { rows: unwind::rows_for(args.unwind_table_memory) }),
     };
     let mut source = EbpfSource::load(&opts).context("loading the eBPF programs failed")?;
     let (tables, feed) = match source.take_unwind_maps().context("setting up CFI unwinding failed")? {
@@ -73,7 +74,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    source.attach().context("attaching the eBPF programs failed")?;
+    source.attach().with_context(|| crate::app::preflight::attach_failed_hint(args.unwinder == Unwinder::Cfi))?;
     let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
     let start_wall = SystemTime::now();
     let started = Instant::now();

@@ -23,13 +23,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::preflight;
 use crate::{
     bpf::{EbpfSource, LoadOptions, OffCpuOptions, SampleSource, UnwindOptions},
-    cli::Unwinder,
-    unwind,
     cli::RunArgs,
+    cli::Unwinder,
     config::Config,
     export::rolling::RollingDir,
     symbolize::{elf::Blaze, kallsyms::KernelSymbols, Symbolizer},
     telemetry::Telemetry,
+    unwind,
 };
 use pipeline::Control;
 
@@ -64,12 +64,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut source = EbpfSource::load(&opts).context("loading the eBPF programs failed")?;
     let tables = match source.take_unwind_maps().context("setting up CFI unwinding failed")? {
-        Some(maps) => Some(
-            unwind::Worker::start(maps, &config.sampling.pids).context("starting the unwind table thread")?,
-        ),
+        Some(maps) => {
+            Some(unwind::Worker::start(maps, &config.sampling.pids).context("starting the unwind table thread")?)
+        }
         None => None,
     };
-    source.attach().context("attaching the eBPF programs failed")?;
+    source
+        .attach()
+        .with_context(|| crate::app::preflight::attach_failed_hint(config.sampling.unwinder == Unwinder::Cfi))?;
     telemetry.attached.store(true, Ordering::Relaxed);
     let http_task = tokio::spawn(http::serve(listener, telemetry.clone()));
     // Exporters, each behind its own bounded queue.

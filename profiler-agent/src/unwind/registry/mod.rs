@@ -37,10 +37,8 @@ impl FileId {
         if m.path == "[vdso]" {
             return Some(FileId::Vdso);
         }
-        m.is_file().then(|| FileId::File {
-            dev: (u64::from(m.dev_major) << 32) | u64::from(m.dev_minor),
-            inode: m.inode,
-        })
+        m.is_file()
+            .then(|| FileId::File { dev: (u64::from(m.dev_major) << 32) | u64::from(m.dev_minor), inode: m.inode })
     }
 }
 

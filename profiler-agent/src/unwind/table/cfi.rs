@@ -331,6 +331,7 @@ mod assemble_tests {
     use super::*;
 
     /// FDEs as (start, end, [(pc, cfa_offset)]), in section order.
+    #[allow(clippy::type_complexity)]
     fn table(fdes: &[(u64, u64, &[(u64, u16)])]) -> (u64, Vec<(u32, u8, u16)>, TableStats) {
         let mut c = Collected::default();
         for &(start, end, rows) in fdes {
