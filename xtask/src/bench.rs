@@ -14,6 +14,7 @@ mod export;
 mod measure;
 mod offcpu;
 mod pingpong;
+mod unwind;
 
 use std::{
     env, fs,
@@ -56,6 +57,15 @@ pub enum Bench {
         #[arg(long, default_value_t = 3)]
         intervals: usize,
     },
+    /// BPF time per sample of CFI against frame-pointer unwinding, table build time and map memory.
+    Unwind {
+        /// Seconds per record run.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Rounds of cfi / frame-pointer runs; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 const FREQUENCIES: [u32; 2] = [19, 99];
@@ -69,6 +79,7 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Overhead { duration } => overhead(duration),
         Bench::Offcpu { duration, rounds } => offcpu::run(duration, rounds),
         Bench::Export { interval, intervals } => export::run(interval, intervals),
+        Bench::Unwind { duration, rounds } => unwind::run(duration, rounds),
     }
 }
 

@@ -1,29 +1,21 @@
 //! The unwinder's maps, written from the agent's table thread.
 
-use std::{
-    os::fd::{AsFd as _, AsRawFd},
-    ptr::NonNull,
-};
+use std::os::fd::{AsFd as _, AsRawFd};
 
 use aya::maps::{HashMap, Map, MapData};
 use profiler_common::unwind::{ProcessMappings, UnwindRow};
 
 use super::{BpfError, UnwindMaps};
 
-/// `UNWIND_ROWS` mapped into the agent's memory, and `PROCESSES`.
+/// `UNWIND_ROWS`, written through shared mappings of its pages, and
+/// `PROCESSES`.
 pub struct EbpfUnwindMaps {
-    rows: NonNull<UnwindRow>,
     capacity: u32,
-    mapped_bytes: usize,
-    // Keeps the array's fd (and so the kernel map) alive while mapped.
-    _rows_map: MapData,
+    rows_map: MapData,
     processes: HashMap<MapData, u32, ProcessMappings>,
 }
 
-// SAFETY: the mapping is owned by this value and only written through
-// `&mut self`; the kernel side reads it concurrently by design (rows are
-// only written in ranges no process refers to yet).
-unsafe impl Send for EbpfUnwindMaps {}
+const PAGE: usize = 4096;
 
 impl EbpfUnwindMaps {
     pub(super) fn new(rows_map: Map, capacity: u32, processes: Map) -> Result<Self, BpfError> {
@@ -34,19 +26,7 @@ impl EbpfUnwindMaps {
             });
         };
         let processes = HashMap::try_from(processes).map_err(|source| BpfError::Map { name: "PROCESSES", source })?;
-        let page = 4096usize;
-        let bytes = (capacity as usize * std::mem::size_of::<UnwindRow>()).div_ceil(page) * page;
-        let fd = rows_map.fd().as_fd().as_raw_fd();
-        // SAFETY: a shared mapping of a BPF_F_MMAPABLE array of exactly
-        // `capacity` 8-byte rows (the kernel rounds the map up to pages).
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(BpfError::Mmap(std::io::Error::last_os_error()));
-        }
-        let rows = NonNull::new(ptr.cast()).ok_or_else(|| BpfError::Mmap(std::io::Error::other("null mapping")))?;
-        Ok(Self { rows, capacity, mapped_bytes: bytes, _rows_map: rows_map, processes })
+        Ok(Self { capacity, rows_map, processes })
     }
 }
 
@@ -60,8 +40,37 @@ impl UnwindMaps for EbpfUnwindMaps {
         if end > u64::from(self.capacity) {
             return Err(BpfError::RowsOutOfRange { start: start.into(), end, capacity: self.capacity });
         }
-        // SAFETY: in bounds (checked above) of a live mapping we own.
-        unsafe { std::ptr::copy_nonoverlapping(rows.as_ptr(), self.rows.as_ptr().add(start as usize), rows.len()) };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // Only the pages being written are mapped, and only while written:
+        // a mapping kept open would count every table in the agent's RSS.
+        let row = std::mem::size_of::<UnwindRow>();
+        let first_page = start as usize * row / PAGE;
+        let end_byte = end as usize * row;
+        let bytes = end_byte.div_ceil(PAGE) * PAGE - first_page * PAGE;
+        let fd = self.rows_map.fd().as_fd().as_raw_fd();
+        // SAFETY: a shared mapping of pages of a BPF_F_MMAPABLE array inside
+        // its `capacity` rows (checked above); the kernel allows page offsets.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                (first_page * PAGE) as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(BpfError::Mmap(std::io::Error::last_os_error()));
+        }
+        // SAFETY: the rows lie within the mapped pages; unmapped right after.
+        unsafe {
+            let dst = ptr.cast::<u8>().add(start as usize * row - first_page * PAGE).cast::<UnwindRow>();
+            std::ptr::copy_nonoverlapping(rows.as_ptr(), dst, rows.len());
+            libc::munmap(ptr, bytes);
+        }
         Ok(())
     }
 
@@ -76,12 +85,5 @@ impl UnwindMaps for EbpfUnwindMaps {
             Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(source) => Err(BpfError::Map { name: "PROCESSES", source }),
         }
-    }
-}
-
-impl Drop for EbpfUnwindMaps {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.rows.as_ptr().cast(), self.mapped_bytes) };
     }
 }
