@@ -53,11 +53,12 @@ pub const SIGFRAME_RBP: u64 = 40 + 10 * 8;
 pub const SIGFRAME_RSP: u64 = 40 + 15 * 8;
 pub const SIGFRAME_RIP: u64 = 40 + 16 * 8;
 
-/// Executable mappings kept per process. Processes with more (rare) keep
-/// the first ones by address; the rest unwind by frame pointer.
-pub const MAX_MAPPINGS: usize = 250;
+/// Slots of the kernel's mappings array, shared by all processes (each
+/// process has a contiguous range, sorted by start): 2 MiB, ~3000
+/// processes of 20 executable mappings.
+pub const MAPPING_SLOTS: u32 = 65_536;
 
-/// One executable mapping of a process, sorted by `start`.
+/// One executable mapping of a process.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Mapping {
@@ -75,30 +76,16 @@ pub struct Mapping {
 
 const _: () = assert!(core::mem::size_of::<Mapping>() == 32);
 
-/// The executable mappings of one process (map value keyed by tgid).
+/// Where a process's mappings are in the mappings array (map value keyed
+/// by tgid).
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct ProcessMappings {
-    /// Valid entries in `mappings`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessEntry {
+    pub start: u32,
     pub len: u32,
-    pub _pad: u32,
-    pub mappings: [Mapping; MAX_MAPPINGS],
 }
 
-const _: () = assert!(core::mem::size_of::<ProcessMappings>() == 8 + 32 * MAX_MAPPINGS);
-
-impl Default for ProcessMappings {
-    fn default() -> Self {
-        Self { len: 0, _pad: 0, mappings: [Mapping::default(); MAX_MAPPINGS] }
-    }
-}
-
-impl ProcessMappings {
-    /// The valid mappings.
-    pub fn mappings(&self) -> &[Mapping] {
-        &self.mappings[..(self.len as usize).min(MAX_MAPPINGS)]
-    }
-}
+const _: () = assert!(core::mem::size_of::<ProcessEntry>() == 8);
 
 /// Frames the kernel unwinder walks at most; also the stack buffer size.
 pub const MAX_UNWIND_FRAMES: u32 = crate::MAX_STACK_DEPTH as u32;
@@ -106,12 +93,12 @@ pub const MAX_UNWIND_FRAMES: u32 = crate::MAX_STACK_DEPTH as u32;
 /// Iterations of the table binary search: enough for 2^24 rows, more than
 /// the rows array can hold.
 pub const ROW_SEARCH_STEPS: u32 = 24;
-/// Iterations of the mapping binary search (2^8 > MAX_MAPPINGS).
-pub const MAPPING_SEARCH_STEPS: u32 = 8;
+/// Iterations of the mapping binary search (2^16 = MAPPING_SLOTS).
+pub const MAPPING_SEARCH_STEPS: u32 = 17;
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for UnwindRow {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Mapping {}
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for ProcessMappings {}
+unsafe impl aya::Pod for ProcessEntry {}

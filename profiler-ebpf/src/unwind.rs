@@ -22,9 +22,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use profiler_common::{
-    offcpu::StackTrace,
     unwind::{
-        Mapping, ProcessMappings, UnwindRow, MAPPING_SEARCH_STEPS, MAX_MAPPINGS, MAX_UNWIND_FRAMES, ROW_CFA_RBP,
+        Mapping, ProcessEntry, UnwindRow, MAPPING_SEARCH_STEPS, MAPPING_SLOTS, MAX_UNWIND_FRAMES, ROW_CFA_RBP,
         ROW_CFA_RSP, ROW_END, ROW_NONE, ROW_PLT, ROW_SEARCH_STEPS, ROW_SIGNAL, SIGFRAME_RBP, SIGFRAME_RIP,
         SIGFRAME_RSP,
     },
@@ -50,16 +49,25 @@ pub fn cfi_enabled() -> bool {
 #[map]
 static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// Executable mappings per tgid. Not preallocated: 8 KiB per process,
-/// paid only for processes being unwound; the agent inserts and removes.
+/// Where each process's executable mappings are in `MAPPINGS`; the agent
+/// inserts and removes.
 #[map]
-static PROCESSES: HashMap<u32, ProcessMappings> = HashMap::with_max_entries(8192, BPF_F_NO_PREALLOC);
+static PROCESSES: HashMap<u32, ProcessEntry> = HashMap::with_max_entries(16_384, 0);
+
+/// Executable mappings of every process, a sorted range per process. An
+/// array rather than a per-process value: the binary search then indexes
+/// through map lookups the verifier does not need to track, where pointer
+/// arithmetic into one big value made it follow every search path (a
+/// second of load time, or over its limit).
+#[map]
+static MAPPINGS: Array<Mapping> = Array::with_max_entries(MAPPING_SLOTS, BPF_F_MMAPABLE);
 
 /// The frames of the unwind in progress: too big for the BPF stack.
 #[map]
-static FRAMES: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+static FRAMES: PerCpuArray<[u64; FRAME_SLOTS]> = PerCpuArray::with_max_entries(1, 0);
+const FRAME_SLOTS: usize = 128;
+const _: () = assert!(FRAME_SLOTS.is_power_of_two() && FRAME_SLOTS >= MAX_UNWIND_FRAMES as usize);
 
-const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// A mapping without a table, for the cache below.
@@ -79,6 +87,10 @@ struct State {
     exact: u32,
     /// `SAMPLE_FLAG_*` bits to add to the sample.
     flags: u32,
+    /// Set when a step ended the walk, so a walk that ran out of
+    /// iterations is told from one that ended on the last.
+    stopped: u32,
+    _pad: u32,
     /// The mapping the last pc fell in, so frames in the same file skip
     /// the mapping search.
     cached: Mapping,
@@ -106,7 +118,8 @@ pub fn unwind_user(tgid: u32, out: &mut [u64; MAX_STACK_DEPTH]) -> Option<Unwoun
     if cs & 3 != 3 || pc == 0 {
         return None; // a kernel thread: its pt_regs hold no user state
     }
-    let mut st = State { tgid, frames: 0, pc, sp, bp, exact: 1, flags: 0, cached: Mapping::default() };
+    let mut st =
+        State { tgid, frames: 0, pc, sp, bp, exact: 1, flags: 0, stopped: 0, _pad: 0, cached: Mapping::default() };
     unsafe {
         bpf_loop(MAX_UNWIND_FRAMES, step as *mut c_void, (&mut st as *mut State).cast(), 0);
     }
@@ -116,9 +129,9 @@ pub fn unwind_user(tgid: u32, out: &mut [u64; MAX_STACK_DEPTH]) -> Option<Unwoun
         if i as u32 >= n {
             break;
         }
-        out[i] = unsafe { (*buf).ips[i] };
+        out[i] = unsafe { (*buf)[i] };
     }
-    let truncated = st.frames >= MAX_UNWIND_FRAMES;
+    let truncated = st.stopped == 0;
     if truncated {
         count(Stat::UnwindDepthLimit);
     }
@@ -133,16 +146,29 @@ const CONTINUE: i64 = 0;
 const STOP: i64 = 1;
 
 /// One frame: records the pc, then finds the caller's registers.
+///
+/// The frame slot comes from bpf_loop's index, not from a counter in
+/// `State`: the verifier checks a callback again for every distinct state
+/// it is entered with, and a counter it has to track precisely (a bound
+/// check, an array index) made that 127 passes and 1.3 s of load time.
 #[inline(never)]
-extern "C" fn step(_index: u32, ctx: *mut c_void) -> i64 {
+extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     let st = unsafe { &mut *(ctx as *mut State) };
-    let Some(buf) = FRAMES.get_ptr_mut(0) else { return STOP };
-    let n = st.frames;
-    if n >= MAX_UNWIND_FRAMES {
-        return STOP;
+    let r = step_frame(index, st);
+    if r == STOP {
+        st.stopped = 1;
     }
-    unsafe { (*buf).ips[n as usize % MAX_STACK_DEPTH] = st.pc };
-    st.frames = n + 1;
+    r
+}
+
+#[inline(always)]
+fn step_frame(index: u32, st: &mut State) -> i64 {
+    let Some(buf) = FRAMES.get_ptr_mut(0) else { return STOP };
+    // bpf_loop keeps the index below MAX_UNWIND_FRAMES; the mask into a
+    // power-of-two buffer is for the verifier, which loses a plain bounds
+    // check across LLVM's register copies.
+    unsafe { (*buf)[index as usize & (FRAME_SLOTS - 1)] = st.pc };
+    st.frames = index + 1;
     // A return address points after its call, which may be the last
     // instruction of the function (a call to a noreturn function), so it is
     // looked up one byte earlier.
@@ -260,23 +286,24 @@ fn in_cached(st: &State, pc: u64) -> bool {
 #[inline(always)]
 fn find_mapping(st: &mut State, pc: u64) -> bool {
     let Some(p) = (unsafe { PROCESSES.get(&st.tgid) }) else { return false };
-    let len = (p.len as usize).min(MAX_MAPPINGS);
-    // The last mapping with start <= pc. `get` rather than indexing: the
-    // verifier rejects the panic path of a bounds check it cannot drop.
-    let (mut lo, mut hi) = (0usize, len);
+    // The last mapping with start <= pc.
+    let (first, mut lo, mut hi) = (p.start, p.start, p.start.wrapping_add(p.len));
     for _ in 0..MAPPING_SEARCH_STEPS {
         if lo >= hi {
             break;
         }
-        let mid = (lo + hi) / 2;
-        let Some(m) = p.mappings.get(mid) else { return false };
+        let mid = lo + (hi - lo) / 2;
+        let Some(m) = MAPPINGS.get(mid) else { return false };
         if m.start <= pc {
             lo = mid + 1;
         } else {
             hi = mid;
         }
     }
-    let Some(m) = p.mappings.get(lo.wrapping_sub(1)) else { return false };
+    if lo == first {
+        return false;
+    }
+    let Some(m) = MAPPINGS.get(lo - 1) else { return false };
     if pc >= m.end {
         return false;
     }

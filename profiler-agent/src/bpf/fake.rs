@@ -56,7 +56,7 @@ pub fn sample(tgid: u32, tid: u32, comm: &str, kernel: &[u64], user: &[u64]) -> 
 /// process map the test can inspect.
 pub struct FakeUnwindMaps {
     pub rows: Vec<profiler_common::unwind::UnwindRow>,
-    pub processes: std::collections::HashMap<u32, Box<profiler_common::unwind::ProcessMappings>>,
+    pub processes: std::collections::HashMap<u32, Vec<profiler_common::unwind::Mapping>>,
 }
 
 impl FakeUnwindMaps {
@@ -79,8 +79,8 @@ impl super::UnwindMaps for FakeUnwindMaps {
         Ok(())
     }
 
-    fn set_process(&mut self, tgid: u32, m: &profiler_common::unwind::ProcessMappings) -> Result<(), BpfError> {
-        self.processes.insert(tgid, Box::new(*m));
+    fn set_process(&mut self, tgid: u32, m: &[profiler_common::unwind::Mapping]) -> Result<(), BpfError> {
+        self.processes.insert(tgid, m.to_vec());
         Ok(())
     }
 

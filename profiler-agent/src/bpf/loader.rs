@@ -248,8 +248,9 @@ impl EbpfSource {
     pub fn take_unwind_maps(&mut self) -> Result<Option<EbpfUnwindMaps>, BpfError> {
         let Some(capacity) = self.unwind_rows.take() else { return Ok(None) };
         let rows = self.ebpf.take_map("UNWIND_ROWS").ok_or(BpfError::Missing("UNWIND_ROWS"))?;
+        let mappings = self.ebpf.take_map("MAPPINGS").ok_or(BpfError::Missing("MAPPINGS"))?;
         let processes = self.ebpf.take_map("PROCESSES").ok_or(BpfError::Missing("PROCESSES"))?;
-        EbpfUnwindMaps::new(rows, capacity, processes).map(Some)
+        EbpfUnwindMaps::new(rows, capacity, mappings, processes).map(Some)
     }
 
     fn drain(&mut self, out: &mut Vec<Sample>) -> usize {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use profiler_common::{
     offcpu::{HistKey, Histogram, OffCpuKey, OffCpuValue},
-    unwind::{ProcessMappings, UnwindRow},
+    unwind::{Mapping, UnwindRow},
     Sample, Stat, STAT_COUNT,
 };
 
@@ -56,6 +56,8 @@ pub enum BpfError {
     Mmap(#[source] std::io::Error),
     #[error("rows {start}..{end} are outside the unwind rows array ({capacity} rows)")]
     RowsOutOfRange { start: u64, end: u64, capacity: u32 },
+    #[error("the unwinder's mappings array is full ({0} slots); this process unwinds by frame pointer")]
+    MappingsFull(u32),
 }
 
 /// Totals of the kernel-side counters, summed over CPUs.
@@ -152,8 +154,8 @@ pub trait UnwindMaps: Send {
     /// Writes `rows` at `start`. The range must not be referenced by any
     /// process's mappings while it is written.
     fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> Result<(), BpfError>;
-    /// Sets (replaces) the mappings of `tgid`.
-    fn set_process(&mut self, tgid: u32, mappings: &ProcessMappings) -> Result<(), BpfError>;
+    /// Sets (replaces) the executable mappings of `tgid`, sorted by start.
+    fn set_process(&mut self, tgid: u32, mappings: &[Mapping]) -> Result<(), BpfError>;
     /// Forgets `tgid`; absent is fine.
     fn remove_process(&mut self, tgid: u32) -> Result<(), BpfError>;
 }
@@ -165,7 +167,7 @@ impl<M: UnwindMaps + ?Sized> UnwindMaps for &mut M {
     fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> Result<(), BpfError> {
         (**self).write_rows(start, rows)
     }
-    fn set_process(&mut self, tgid: u32, mappings: &ProcessMappings) -> Result<(), BpfError> {
+    fn set_process(&mut self, tgid: u32, mappings: &[Mapping]) -> Result<(), BpfError> {
         (**self).set_process(tgid, mappings)
     }
     fn remove_process(&mut self, tgid: u32) -> Result<(), BpfError> {

@@ -1,33 +1,87 @@
 //! The unwinder's maps, written from the agent's table thread.
 
-use std::os::fd::{AsFd as _, AsRawFd};
+use std::{
+    collections::HashMap as StdHashMap,
+    os::fd::{AsFd as _, AsRawFd},
+};
 
 use aya::maps::{HashMap, Map, MapData};
-use profiler_common::unwind::{ProcessMappings, UnwindRow};
+use profiler_common::unwind::{Mapping, ProcessEntry, UnwindRow, MAPPING_SLOTS};
 
 use super::{BpfError, UnwindMaps};
+use crate::unwind::alloc::{Allocator, Range};
 
-/// `UNWIND_ROWS`, written through shared mappings of its pages, and
-/// `PROCESSES`.
+/// `UNWIND_ROWS` and `MAPPINGS`, written through short-lived shared
+/// mappings of their pages, and `PROCESSES`, which points each process at
+/// its range of `MAPPINGS`.
 pub struct EbpfUnwindMaps {
     capacity: u32,
-    rows_map: MapData,
-    processes: HashMap<MapData, u32, ProcessMappings>,
+    rows: MapData,
+    mappings: MapData,
+    /// Free and used ranges of `MAPPINGS`, and each process's range.
+    mapping_slots: Allocator,
+    ranges: StdHashMap<u32, Range>,
+    processes: HashMap<MapData, u32, ProcessEntry>,
 }
 
 const PAGE: usize = 4096;
 
-impl EbpfUnwindMaps {
-    pub(super) fn new(rows_map: Map, capacity: u32, processes: Map) -> Result<Self, BpfError> {
-        let Map::Array(rows_map) = rows_map else {
-            return Err(BpfError::Map {
-                name: "UNWIND_ROWS",
-                source: aya::maps::MapError::InvalidMapType { map_type: 0 },
-            });
-        };
-        let processes = HashMap::try_from(processes).map_err(|source| BpfError::Map { name: "PROCESSES", source })?;
-        Ok(Self { capacity, rows_map, processes })
+fn array(map: Map, name: &'static str) -> Result<MapData, BpfError> {
+    match map {
+        Map::Array(data) => Ok(data),
+        _ => Err(BpfError::Map { name, source: aya::maps::MapError::InvalidMapType { map_type: 0 } }),
     }
+}
+
+impl EbpfUnwindMaps {
+    pub(super) fn new(rows: Map, capacity: u32, mappings: Map, processes: Map) -> Result<Self, BpfError> {
+        Ok(Self {
+            capacity,
+            rows: array(rows, "UNWIND_ROWS")?,
+            mappings: array(mappings, "MAPPINGS")?,
+            mapping_slots: Allocator::new(MAPPING_SLOTS),
+            ranges: StdHashMap::new(),
+            processes: HashMap::try_from(processes).map_err(|source| BpfError::Map { name: "PROCESSES", source })?,
+        })
+    }
+}
+
+/// Writes `items` at index `start` of a BPF_F_MMAPABLE array of `T`.
+/// Only the pages written are mapped, and only while written: a mapping
+/// kept open would count every table in the agent's RSS, and one syscall
+/// per element would cost ~30k syscalls for libc's table alone.
+fn write_array<T: Copy>(map: &MapData, start: u32, items: &[T]) -> Result<(), BpfError> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let size = std::mem::size_of::<T>();
+    let first_page = start as usize * size / PAGE;
+    let end_byte = (start as usize + items.len()) * size;
+    let bytes = end_byte.div_ceil(PAGE) * PAGE - first_page * PAGE;
+    let fd = map.fd().as_fd().as_raw_fd();
+    // SAFETY: a shared mapping of whole pages of the array; the caller
+    // checked that the elements lie inside it, and the kernel accepts page
+    // offsets into array maps.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            (first_page * PAGE) as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(BpfError::Mmap(std::io::Error::last_os_error()));
+    }
+    // SAFETY: the elements lie within the mapped pages; unmapped right after.
+    unsafe {
+        let dst = ptr.cast::<u8>().add(start as usize * size - first_page * PAGE).cast::<T>();
+        std::ptr::copy_nonoverlapping(items.as_ptr(), dst, items.len());
+        libc::munmap(ptr, bytes);
+    }
+    Ok(())
 }
 
 impl UnwindMaps for EbpfUnwindMaps {
@@ -40,45 +94,27 @@ impl UnwindMaps for EbpfUnwindMaps {
         if end > u64::from(self.capacity) {
             return Err(BpfError::RowsOutOfRange { start: start.into(), end, capacity: self.capacity });
         }
-        if rows.is_empty() {
-            return Ok(());
-        }
-        // Only the pages being written are mapped, and only while written:
-        // a mapping kept open would count every table in the agent's RSS.
-        let row = std::mem::size_of::<UnwindRow>();
-        let first_page = start as usize * row / PAGE;
-        let end_byte = end as usize * row;
-        let bytes = end_byte.div_ceil(PAGE) * PAGE - first_page * PAGE;
-        let fd = self.rows_map.fd().as_fd().as_raw_fd();
-        // SAFETY: a shared mapping of pages of a BPF_F_MMAPABLE array inside
-        // its `capacity` rows (checked above); the kernel allows page offsets.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                (first_page * PAGE) as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(BpfError::Mmap(std::io::Error::last_os_error()));
-        }
-        // SAFETY: the rows lie within the mapped pages; unmapped right after.
-        unsafe {
-            let dst = ptr.cast::<u8>().add(start as usize * row - first_page * PAGE).cast::<UnwindRow>();
-            std::ptr::copy_nonoverlapping(rows.as_ptr(), dst, rows.len());
-            libc::munmap(ptr, bytes);
+        write_array(&self.rows, start, rows)
+    }
+
+    fn set_process(&mut self, tgid: u32, mappings: &[Mapping]) -> Result<(), BpfError> {
+        let len = u32::try_from(mappings.len()).unwrap_or(u32::MAX);
+        // A new range, then the switch, then the old range freed: the
+        // kernel never sees a half-written list.
+        let range = self.mapping_slots.alloc(len).ok_or(BpfError::MappingsFull(MAPPING_SLOTS))?;
+        write_array(&self.mappings, range.start, mappings)?;
+        let entry = ProcessEntry { start: range.start, len };
+        self.processes.insert(tgid, entry, 0).map_err(|source| BpfError::Map { name: "PROCESSES", source })?;
+        if let Some(old) = self.ranges.insert(tgid, range) {
+            self.mapping_slots.free(old);
         }
         Ok(())
     }
 
-    fn set_process(&mut self, tgid: u32, mappings: &ProcessMappings) -> Result<(), BpfError> {
-        self.processes.insert(tgid, mappings, 0).map_err(|source| BpfError::Map { name: "PROCESSES", source })
-    }
-
     fn remove_process(&mut self, tgid: u32) -> Result<(), BpfError> {
+        if let Some(old) = self.ranges.remove(&tgid) {
+            self.mapping_slots.free(old);
+        }
         match self.processes.remove(&tgid) {
             Ok(()) => Ok(()),
             // The kernel forgets a process itself when it execs.

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_common::unwind::{Mapping, ProcessMappings, MAX_MAPPINGS};
+use profiler_common::unwind::Mapping;
 
 use super::{
     alloc::{Allocator, Range},
@@ -96,7 +96,7 @@ struct Table {
 #[derive(Debug)]
 struct Process {
     start_time: u64,
-    /// Executable mappings kept (sorted, at most MAX_MAPPINGS) and their files.
+    /// Executable mappings (sorted) and their files.
     mappings: Vec<(MapEntry, Option<FileId>)>,
     files: HashSet<FileId>,
     refreshed: Instant,
@@ -193,7 +193,6 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         }
         let mappings: Vec<(MapEntry, Option<FileId>)> = maps
             .into_iter()
-            .take(MAX_MAPPINGS)
             .map(|m| {
                 let id = FileId::of(&m);
                 (m, id)
@@ -334,8 +333,8 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
 
     fn write_process(&mut self, tgid: u32) -> Result<(), RegistryError> {
         let Some(p) = self.processes.get(&tgid) else { return Ok(()) };
-        let mut out = Box::<ProcessMappings>::default();
-        for (i, (m, f)) in p.mappings.iter().enumerate().take(MAX_MAPPINGS) {
+        let mut out = Vec::with_capacity(p.mappings.len());
+        for (m, f) in &p.mappings {
             let mut entry = Mapping { start: m.start, end: m.end, ..Default::default() };
             if let Some(t) = f.and_then(|f| self.tables.get(&f)) {
                 if let (Some(r), Some(vaddr)) = (t.rows, vaddr_of(&t.segments, m.offset)) {
@@ -345,11 +344,16 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
                     entry.bias = m.start.wrapping_sub(vaddr).wrapping_add(t.base);
                 }
             }
-            out.mappings[i] = entry;
-            out.len = i as u32 + 1;
+            out.push(entry);
         }
-        self.maps.set_process(tgid, &out)?;
-        Ok(())
+        match self.maps.set_process(tgid, &out) {
+            // Full: this process unwinds by frame pointer; others go on.
+            Err(e @ BpfError::MappingsFull(_)) => {
+                log::warn!("pid {tgid}: {e}");
+                Ok(())
+            }
+            other => Ok(other?),
+        }
     }
 }
 

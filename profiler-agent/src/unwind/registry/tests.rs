@@ -78,8 +78,8 @@ fn one_table_per_file_shared_by_processes_and_freed_with_the_last() {
     assert_eq!(s.table_bytes, 1150 * 8);
 
     // Both processes point at the same libc rows, each with its own bias.
-    let a = r.maps.processes[&10].mappings()[1];
-    let b = r.maps.processes[&11].mappings()[1];
+    let a = r.maps.processes[&10][1];
+    let b = r.maps.processes[&11][1];
     assert_eq!((a.rows_start, a.rows_len), (b.rows_start, b.rows_len));
     // A pc at vaddr 0x1010 of libc maps to row pc 0x10 (base 0x1000).
     assert_eq!(0x7f00_0000 + 0x10 - a.bias, 0x10);
@@ -130,7 +130,7 @@ fn refresh_picks_up_dlopened_files_and_drops_unmapped_ones() {
     r.procs_from.0.get_mut(&10).unwrap().1.push(file(0x7000_0000, "/lib/plugin.so", 9));
     r.load(10).unwrap();
     assert_eq!(r.stats().rows, 15);
-    assert_eq!(r.maps.processes[&10].len, 2);
+    assert_eq!(r.maps.processes[&10].len(), 2);
     r.procs_from.0.get_mut(&10).unwrap().1.truncate(1);
     r.load(10).unwrap();
     assert_eq!(r.stats().rows, 10);
@@ -154,9 +154,9 @@ fn eviction_keeps_the_budget_and_points_users_away_from_reused_rows() {
     r.seen(3).unwrap(); // does not fit: b (least recently used) goes
     let s = r.stats();
     assert_eq!((s.rows, s.evicted, s.tables), (80, 1, 2));
-    assert_eq!(r.maps.processes[&2].mappings()[0].rows_len, 0, "b's process must not use freed rows");
-    assert_ne!(r.maps.processes[&1].mappings()[0].rows_len, 0);
-    assert_ne!(r.maps.processes[&3].mappings()[0].rows_len, 0);
+    assert_eq!(r.maps.processes[&2][0].rows_len, 0, "b's process must not use freed rows");
+    assert_ne!(r.maps.processes[&1][0].rows_len, 0);
+    assert_ne!(r.maps.processes[&3][0].rows_len, 0);
 }
 
 #[test]
@@ -172,7 +172,7 @@ fn files_without_cfi_are_tried_once_and_anonymous_code_has_no_table() {
     r.seen(1).unwrap();
     r.seen(2).unwrap();
     assert_eq!(r.stats().build_errors, 1);
-    let m = r.maps.processes[&1].mappings().to_vec();
+    let m = r.maps.processes[&1].to_vec();
     assert_eq!(m.len(), 2, "JIT code is a known mapping (so it does not ask for refreshes)");
     assert!(m.iter().all(|m| m.rows_len == 0));
     drop(r);
@@ -189,5 +189,5 @@ fn a_table_larger_than_the_budget_is_not_loaded() {
     let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
     r.seen(1).unwrap();
     assert_eq!(r.stats().rows, 0);
-    assert_eq!(r.maps.processes[&1].mappings()[0].rows_len, 0);
+    assert_eq!(r.maps.processes[&1][0].rows_len, 0);
 }
