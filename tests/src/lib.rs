@@ -7,11 +7,13 @@
 //! - [`workload`]: compile a C or Rust program, run it, kill it on drop.
 //! - [`folded`]: parse `cpu.folded` and query the stacks.
 //! - [`sched`]: off-CPU outputs, scheduler counters, recording windows.
+//! - [`unwind`]: the unwind-table summary line, no-frame-pointer checks.
 
 pub mod agent;
 pub mod daemon;
 pub mod folded;
 pub mod sched;
+pub mod unwind;
 pub mod workload;
 
 pub use agent::{agent_bin, record, run_agent, spawn_record, AgentRun, RecordOutput, RunningAgent};

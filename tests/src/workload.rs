@@ -102,6 +102,23 @@ impl Workload {
         Self::start(name, bin, dir)
     }
 
+    /// Runs an existing program (e.g. `/usr/bin/python3`) with `args`; `name`
+    /// is the process name (comm) the agent should report for it.
+    pub fn spawn(name: &str, program: &Path, args: &[&str]) -> Workload {
+        let dir = workdir();
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start workload {}: {e}", program.display()));
+        let mut w = Workload { child, name: name.to_string(), bin: program.to_path_buf(), _dir: dir };
+        std::thread::sleep(Duration::from_millis(50));
+        w.assert_running();
+        w
+    }
+
     /// Runs an already-built binary.
     fn start(name: &str, bin: PathBuf, dir: TempDir) -> Workload {
         let child = Command::new(&bin)
@@ -178,6 +195,18 @@ impl Drop for Workload {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Compiles `source` with `gcc <flags>` into `dir/<name>` without running it
+/// (e.g. a shared library, with `-shared -fPIC` in `flags`); returns its path.
+pub fn build_c(dir: &Path, name: &str, source: &str, flags: &[&str]) -> PathBuf {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source).expect("write C source");
+    let out = dir.join(name);
+    let mut cmd = Command::new(std::env::var("CC").unwrap_or_else(|_| "gcc".into()));
+    cmd.args(flags).arg("-o").arg(&out).arg(&src);
+    compile(cmd);
+    out
 }
 
 fn workdir() -> TempDir {

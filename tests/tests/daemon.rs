@@ -78,6 +78,19 @@ fn daemon_exports_every_interval_serves_health_and_flushes_on_sigterm() {
     assert_eq!(status, 200);
     assert!(metrics.contains("profiler_export_attempts_total{exporter=\"files\"}"), "{metrics}");
     assert!(metrics.contains("profiler_kernel_events_total{kind=\"samples_sent\"}"), "{metrics}");
+    // CFI unwinding is on by default: the --pid process's tables (its
+    // executable, libc, ld.so, the vDSO) are in the kernel and its stacks
+    // unwind to the end.
+    let gauge = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics\n{metrics}"))
+    };
+    assert!(gauge("profiler_unwind_tables") >= 3, "{metrics}");
+    assert!(gauge("profiler_unwind_table_bytes") > 0, "{metrics}");
+    assert_eq!(gauge("profiler_unwind_processes"), 1, "{metrics}");
+    assert!(gauge("profiler_kernel_events_total{kind=\"unwind_complete\"}") > 100, "{metrics}");
 
     let before_stop = files(out.path(), "cpu-", ".pb.gz").len();
     // SAFETY: signalling our own child.
