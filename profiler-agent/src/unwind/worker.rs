@@ -2,7 +2,7 @@
 //! sampling path, fed through a bounded queue.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs,
     path::PathBuf,
     sync::{
@@ -37,24 +37,41 @@ enum Request {
     Refresh(u32),
 }
 
+/// A process's tables are marked used at most this often; the LRU needs
+/// no finer clock, and each message wakes the table thread.
+const SEEN_EVERY: Duration = Duration::from_secs(1);
+/// Processes remembered for that; beyond it the memory is cleared, which
+/// only costs one extra message per process.
+const SEEN_REMEMBERED: usize = 8192;
+
 /// The sampling side's handle on the table thread.
-#[derive(Clone)]
 pub struct Feed {
     tx: SyncSender<Request>,
     dropped: Arc<AtomicU64>,
+    /// When each process was last reported seen.
+    last_seen: Mutex<HashMap<u32, Instant>>,
 }
 
 impl Feed {
-    /// Tells the table thread about a batch of samples: every process seen
-    /// (deduplicated), and those whose unwind met an unknown mapping.
+    /// Tells the table thread about a batch of samples: processes not
+    /// reported within `SEEN_EVERY`, and those whose unwind met an unknown
+    /// mapping (the table thread rate-limits those per process).
     pub fn note(&self, samples: impl IntoIterator<Item = (u32, u32)>) {
-        let mut seen = HashSet::new();
+        let mut batch = HashSet::new();
+        let mut last_seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if last_seen.len() > SEEN_REMEMBERED {
+            last_seen.clear();
+        }
+        let now = Instant::now();
         for (tgid, flags) in samples {
-            if flags & SAMPLE_FLAG_UNKNOWN_MAPPING != 0 {
-                if seen.insert((tgid, true)) {
-                    self.send(Request::Refresh(tgid));
-                }
-            } else if seen.insert((tgid, false)) {
+            let refresh = flags & SAMPLE_FLAG_UNKNOWN_MAPPING != 0;
+            if !batch.insert((tgid, refresh)) {
+                continue;
+            }
+            if refresh {
+                self.send(Request::Refresh(tgid));
+            } else if last_seen.get(&tgid).is_none_or(|t| now.duration_since(*t) >= SEEN_EVERY) {
+                last_seen.insert(tgid, now);
                 self.send(Request::Seen(tgid));
             }
         }
@@ -79,8 +96,11 @@ pub struct Worker {
 
 impl Worker {
     /// Loads `preload` synchronously (so the first samples of `--pid`
-    /// processes unwind fully), then starts the thread. With no preload
-    /// list, every running process is loaded in the background.
+    /// processes unwind fully), then starts the thread. Other processes
+    /// are loaded on their first sample (which itself unwinds by frame
+    /// pointer): loading every process at start cost 0.5 s of CPU on an
+    /// idle 2-CPU VM, for tables most processes never use
+    /// (`cargo xtask bench overhead`).
     pub fn start<M: UnwindMaps + 'static>(maps: M, preload: &[u32]) -> std::io::Result<(Worker, Feed)> {
         let mut registry = Registry::new(maps, FileTables::default(), ProcFs);
         for &pid in preload {
@@ -88,17 +108,14 @@ impl Worker {
                 log::warn!("{e}");
             }
         }
-        let scan_all = preload.is_empty();
         let stats = Arc::new(Mutex::new(registry.stats()));
         let dropped = Arc::new(AtomicU64::new(0));
         let (tx, rx) = sync_channel(QUEUE);
         let handle = {
             let stats = stats.clone();
-            std::thread::Builder::new()
-                .name("unwind-tables".into())
-                .spawn(move || serve(registry, rx, stats, scan_all))?
+            std::thread::Builder::new().name("unwind-tables".into()).spawn(move || serve(registry, rx, stats))?
         };
-        let feed = Feed { tx, dropped: dropped.clone() };
+        let feed = Feed { tx, dropped: dropped.clone(), last_seen: Mutex::new(HashMap::new()) };
         Ok((Worker { handle: Some(handle), stats, dropped }, feed))
     }
 
@@ -121,22 +138,12 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
     mut registry: Registry<M, T, P>,
     rx: Receiver<Request>,
     stats: Arc<Mutex<UnwindStats>>,
-    scan_all: bool,
 ) {
     let publish = |r: &Registry<M, T, P>| {
         if let Ok(mut s) = stats.lock() {
             *s = r.stats();
         }
     };
-    if scan_all {
-        for pid in all_pids() {
-            if let Err(e) = registry.load(pid) {
-                log::warn!("{e}");
-                return;
-            }
-        }
-        publish(&registry);
-    }
     let mut last_sweep = Instant::now();
     loop {
         let result = match rx.recv_timeout(SWEEP_EVERY) {
@@ -162,11 +169,6 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
         publish(&registry);
     }
     publish(&registry);
-}
-
-fn all_pids() -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
 }
 
 /// Tables from the files processes map, opened through `/proc` so files in
@@ -230,6 +232,20 @@ mod tests {
         assert_eq!(parse_start_time("42 (x"), None);
         let own = fs::read_to_string("/proc/self/stat").unwrap();
         assert!(parse_start_time(&own).is_some());
+    }
+
+    #[test]
+    fn feed_reports_each_process_once_a_second_but_every_refresh() {
+        let (tx, rx) = sync_channel(1);
+        let feed = Feed { tx, dropped: Arc::new(AtomicU64::new(0)), last_seen: Mutex::new(HashMap::new()) };
+        feed.note([(7, 0), (7, 0), (7, SAMPLE_FLAG_UNKNOWN_MAPPING)]);
+        // The queue holds one request: the refresh was dropped and counted.
+        assert!(matches!(rx.try_recv(), Ok(Request::Seen(7))));
+        assert_eq!(feed.dropped.load(Ordering::Relaxed), 1);
+        feed.note([(7, 0)]);
+        assert!(rx.try_recv().is_err(), "seen again within a second");
+        feed.note([(7, SAMPLE_FLAG_UNKNOWN_MAPPING)]);
+        assert!(matches!(rx.try_recv(), Ok(Request::Refresh(7))));
     }
 
     proptest! {
