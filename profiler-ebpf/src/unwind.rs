@@ -149,8 +149,8 @@ const STOP: i64 = 1;
 ///
 /// The frame slot comes from bpf_loop's index, not from a counter in
 /// `State`: the verifier checks a callback again for every distinct state
-/// it is entered with, and a counter it has to track precisely (a bound
-/// check, an array index) made that 127 passes and 1.3 s of load time.
+/// it is entered with, and a counter it must track exactly (it indexes the
+/// buffer) would make every iteration distinct.
 #[inline(never)]
 extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     let st = unsafe { &mut *(ctx as *mut State) };
