@@ -191,3 +191,14 @@ fn a_table_larger_than_the_budget_is_not_loaded() {
     assert_eq!(r.stats().rows, 0);
     assert_eq!(r.maps.processes[&1][0].rows_len, 0);
 }
+
+#[test]
+fn vaddr_of_handles_page_rounded_mapping_offsets() {
+    // lld-style layout: the text segment's p_offset is not page aligned, so
+    // the kernel maps from the page below it.
+    let segs = [Segment { offset: 0x1a40, vaddr: 0x2a40, filesz: 0x5000 }];
+    assert_eq!(vaddr_of(&segs, 0x1000), Some(0x2000));
+    assert_eq!(vaddr_of(&segs, 0x1a40), Some(0x2a40));
+    assert_eq!(vaddr_of(&segs, 0x0), None, "a page further down is another segment");
+    assert_eq!(vaddr_of(&segs, 0x7000), None);
+}
