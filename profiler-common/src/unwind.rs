@@ -54,7 +54,7 @@ pub const SIGFRAME_RSP: u64 = 40 + 15 * 8;
 pub const SIGFRAME_RIP: u64 = 40 + 16 * 8;
 
 /// Slots of the kernel's mappings array, shared by all processes (each
-/// process has a contiguous range, sorted by start): 2 MiB, ~3000
+/// process has a contiguous range, sorted by start): 2.5 MiB, ~3000
 /// processes of 20 executable mappings.
 pub const MAPPING_SLOTS: u32 = 65_536;
 
@@ -72,9 +72,22 @@ pub struct Mapping {
     /// Rows in the table; 0: no table (JIT code, unreadable file, evicted),
     /// so pcs here unwind by frame pointer.
     pub rows_len: u32,
+    /// The table's page index: `index_len` slots of the rows array from
+    /// `index_start`, whose `pc` fields hold, for each `INDEX_PAGE` of row
+    /// pcs, the (table-relative) row covering the page's first pc; the last
+    /// slot holds the last row. The rows for a pc in page `p` lie between
+    /// slots `p` and `p + 1`, so the search starts from a few dozen rows
+    /// instead of the whole table. 0: no index, search every row.
+    pub index_start: u32,
+    pub index_len: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Mapping>() == 32);
+const _: () = assert!(core::mem::size_of::<Mapping>() == 40);
+
+/// log2 of the pc range one index slot covers (4 KiB): libc's 28k rows
+/// over 1.6 MB of text are ~70 rows per slot, 7 search steps instead of 15,
+/// for index slots costing 1.5 % of the rows.
+pub const INDEX_PAGE_SHIFT: u32 = 12;
 
 /// Where a process's mappings are in the mappings array (map value keyed
 /// by tgid).

@@ -23,8 +23,8 @@ use aya_ebpf::{
 };
 use profiler_common::{
     unwind::{
-        Mapping, ProcessEntry, UnwindRow, MAPPING_SEARCH_STEPS, MAPPING_SLOTS, MAX_UNWIND_FRAMES, ROW_CFA_RBP,
-        ROW_CFA_RSP, ROW_END, ROW_NONE, ROW_PLT, ROW_SEARCH_STEPS, ROW_SIGNAL, SIGFRAME_RBP, SIGFRAME_RIP,
+        Mapping, ProcessEntry, UnwindRow, INDEX_PAGE_SHIFT, MAPPING_SEARCH_STEPS, MAPPING_SLOTS, MAX_UNWIND_FRAMES,
+        ROW_CFA_RBP, ROW_CFA_RSP, ROW_END, ROW_NONE, ROW_PLT, ROW_SEARCH_STEPS, ROW_SIGNAL, SIGFRAME_RBP, SIGFRAME_RIP,
         SIGFRAME_RSP,
     },
     Stat, MAX_STACK_DEPTH, SAMPLE_FLAG_UNKNOWN_MAPPING, SAMPLE_FLAG_USER_PARTIAL,
@@ -312,6 +312,8 @@ fn find_mapping(st: &mut State, pc: u64) -> bool {
     st.cached.bias = m.bias;
     st.cached.rows_start = m.rows_start;
     st.cached.rows_len = m.rows_len;
+    st.cached.index_start = m.index_start;
+    st.cached.index_len = m.index_len;
     true
 }
 
@@ -328,6 +330,19 @@ fn find_row(m: &Mapping, pc: u64) -> Option<UnwindRow> {
     }
     let rel = rel as u32;
     let (mut lo, mut hi) = (m.rows_start, m.rows_start.wrapping_add(m.rows_len));
+    // Narrow the search to the rows of the pc's page. Measured with
+    // `cargo xtask bench unwind` (per-frame BPF time against the search over
+    // the whole table).
+    let page = rel >> INDEX_PAGE_SHIFT;
+    if page.wrapping_add(1) < m.index_len {
+        let first = UNWIND_ROWS.get(m.index_start.wrapping_add(page))?.pc;
+        let last = UNWIND_ROWS.get(m.index_start.wrapping_add(page + 1))?.pc;
+        if first <= last && last < m.rows_len {
+            lo = m.rows_start + first;
+            hi = m.rows_start + last + 1;
+        }
+    }
+    let start = lo;
     for _ in 0..ROW_SEARCH_STEPS {
         if lo >= hi {
             break;
@@ -340,7 +355,9 @@ fn find_row(m: &Mapping, pc: u64) -> Option<UnwindRow> {
             hi = mid;
         }
     }
-    if lo == m.rows_start {
+    if lo == start {
+        // Not even the range's first row covers the pc: only possible
+        // before the table's first row.
         return None;
     }
     UNWIND_ROWS.get(lo - 1).copied()

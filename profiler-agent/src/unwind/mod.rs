@@ -3,6 +3,7 @@
 //! step with processes by the table thread (`worker`).
 
 pub mod alloc;
+pub mod index;
 pub mod registry;
 pub mod table;
 pub mod worker;

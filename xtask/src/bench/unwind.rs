@@ -32,7 +32,8 @@
 //! std::string, std::vector and iostream, so libstdc++.so.6 is mapped, as
 //! /proc/PID/maps must show) is recorded once with `--pid`, and its
 //! `Unwind tables:` line gives the files, rows and bytes of table memory; the
-//! kernel's per-process mapping entry (8008 bytes) is added to the total.
+//! process's own entries (a 40-byte slot per executable mapping, vDSO
+//! included, and its 8-byte key and value) are added to the total.
 
 mod agent;
 mod workload;
@@ -60,8 +61,14 @@ const HZ: u32 = 99;
 const TARGET_NS_PER_UNWIND: f64 = 10_000.0;
 /// Target for building libc's table, checked by the agent's criterion bench.
 const TARGET_LIBC_BUILD_MS: f64 = 5.0;
-/// Kernel map memory per process for its mapping entry, besides the tables.
-const PROCESS_ENTRY_BYTES: u64 = 8008;
+/// Kernel map memory per process besides the tables: a `Mapping` slot per
+/// executable mapping, and its key and value in the process map.
+const MAPPING_SLOT_BYTES: u64 = 40;
+const PROCESS_KEY_VALUE_BYTES: u64 = 16;
+
+fn process_entry_bytes(executable_mappings: usize) -> u64 {
+    MAPPING_SLOT_BYTES * executable_mappings as u64 + PROCESS_KEY_VALUE_BYTES
+}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Unwinder {
@@ -440,11 +447,13 @@ fn report_memory(rounds: &[Round], svc: &Run, svc_files: &[PathBuf]) {
     let names: Vec<String> = svc_files.iter().map(|f| file_name(f)).collect();
     if let Some(c) = &svc.cfi {
         let t = c.tables;
-        let total = t.bytes + PROCESS_ENTRY_BYTES;
+        // One executable mapping per file, plus the vDSO.
+        let entry = process_entry_bytes(svc_files.len() + 1);
+        let total = t.bytes + entry;
         println!(
             "3. Map memory for uw-service (g++ -O2; maps {}): {} files, {} rows, {} bytes ({:.2} MiB) of unwind \
-             table map memory (budget {} bytes, {:.0} MiB; {} evicted), + {PROCESS_ENTRY_BYTES} bytes for the \
-             kernel's per-process mapping entry = {total} bytes ({:.2} MiB) in all.",
+             table map memory (budget {} bytes, {:.0} MiB; {} evicted), + {entry} bytes for the \
+             process's mapping slots and entry = {total} bytes ({:.2} MiB) in all.",
             names.join(", "),
             t.files,
             t.rows,
@@ -463,12 +472,13 @@ fn report_memory(rounds: &[Round], svc: &Run, svc_files: &[PathBuf]) {
     if let Some(t) = rounds.iter().filter_map(|r| r.cfi.cfi.map(|c| c.tables)).next_back() {
         println!(
             "   For comparison, uw-deep (glibc only): {} files, {} rows, {} bytes ({:.2} MiB) of table memory, {} \
-             bytes with its mapping entry.",
+             bytes with its mapping slots and entry.",
             t.files,
             t.rows,
             t.bytes,
             mib(t.bytes),
-            t.bytes + PROCESS_ENTRY_BYTES
+            // Its executable, libc, ld.so and the vDSO.
+            t.bytes + process_entry_bytes(4)
         );
     }
 }

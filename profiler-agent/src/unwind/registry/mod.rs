@@ -11,10 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_common::unwind::Mapping;
+use profiler_common::unwind::{Mapping, UnwindRow};
 
 use super::{
     alloc::{Allocator, Range},
+    index::page_index,
     table::{Segment, TableError, UnwindTable},
 };
 use crate::{
@@ -85,6 +86,8 @@ pub struct UnwindStats {
 struct Table {
     /// `None` when not in the kernel (no CFI, build failed, evicted, too big).
     rows: Option<Range>,
+    /// Of `rows`, how many are table rows; the rest is the page index.
+    table_rows: u32,
     base: u64,
     segments: Vec<Segment>,
     /// Processes mapping the file.
@@ -205,7 +208,14 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         for f in files.difference(&old_files) {
             self.tables
                 .entry(*f)
-                .or_insert_with(|| Table { rows: None, base: 0, segments: Vec::new(), users: 0, last_used: 0 })
+                .or_insert_with(|| Table {
+                    rows: None,
+                    table_rows: 0,
+                    base: 0,
+                    segments: Vec::new(),
+                    users: 0,
+                    last_used: 0,
+                })
                 .users += 1;
         }
         for f in &files {
@@ -280,14 +290,19 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         self.stats.built += 1;
         self.stats.cfi_bytes_built += table.stats.cfi_bytes as u64;
         self.stats.build_time += started.elapsed();
-        let len = u32::try_from(table.rows.len()).unwrap_or(u32::MAX);
+        let index: Vec<UnwindRow> =
+            page_index(&table.rows).into_iter().map(|row| UnwindRow { pc: row, ..Default::default() }).collect();
+        let table_rows = u32::try_from(table.rows.len()).unwrap_or(u32::MAX);
+        let len = table_rows.saturating_add(index.len() as u32);
         let Some(range) = self.allocate(len, f)? else {
             log::debug!("unwind table of {} ({len} rows) does not fit the budget", m.path);
             return Ok(());
         };
         self.maps.write_rows(range.start, &table.rows)?;
+        self.maps.write_rows(range.start + table_rows, &index)?;
         if let Some(t) = self.tables.get_mut(&f) {
             t.rows = Some(range);
+            t.table_rows = table_rows;
             t.base = table.base;
             t.segments = table.exec_segments;
         }
@@ -339,7 +354,9 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
             if let Some(t) = f.and_then(|f| self.tables.get(&f)) {
                 if let (Some(r), Some(vaddr)) = (t.rows, vaddr_of(&t.segments, m.offset)) {
                     entry.rows_start = r.start;
-                    entry.rows_len = r.len;
+                    entry.rows_len = t.table_rows.min(r.len);
+                    entry.index_start = r.start + entry.rows_len;
+                    entry.index_len = r.len - entry.rows_len;
                     // pc - bias = pc - (start - vaddr) - base: the row pc.
                     entry.bias = m.start.wrapping_sub(vaddr).wrapping_add(t.base);
                 }

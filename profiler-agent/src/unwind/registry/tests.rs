@@ -74,8 +74,10 @@ fn one_table_per_file_shared_by_processes_and_freed_with_the_last() {
     r.seen(11).unwrap();
     r.seen(10).unwrap(); // known: no rebuild
     let s = r.stats();
-    assert_eq!((s.tables, s.rows, s.processes), (3, 1150, 2));
-    assert_eq!(s.table_bytes, 1150 * 8);
+    // Each table also carries its page index: 2 slots for a table within
+    // one 4 KiB page, 5 for libc's 1000 rows 16 bytes apart (4 pages).
+    assert_eq!((s.tables, s.rows, s.processes), (3, 102 + 52 + 1005, 2));
+    assert_eq!(s.table_bytes, (102 + 52 + 1005) * 8);
 
     // Both processes point at the same libc rows, each with its own bias.
     let a = r.maps.processes[&10][1];
@@ -85,12 +87,15 @@ fn one_table_per_file_shared_by_processes_and_freed_with_the_last() {
     assert_eq!(0x7f00_0000 + 0x10 - a.bias, 0x10);
     assert_eq!(0x7e00_0000 + 0x10 - b.bias, 0x10);
     assert_eq!(r.maps.rows[a.rows_start as usize + 1].pc, 16);
+    // libc's index follows its rows: slot 1 is the row covering 0x1000.
+    assert_eq!((a.rows_len, a.index_start, a.index_len), (1000, a.rows_start + 1000, 5));
+    assert_eq!(r.maps.rows[a.index_start as usize + 1].pc, 0x1000 / 16);
 
     // Process 10 exits: its executable's table goes, libc stays for 11.
     r.procs_from.0.remove(&10);
     r.sweep().unwrap();
     let s = r.stats();
-    assert_eq!((s.tables, s.rows, s.processes), (2, 1050, 1));
+    assert_eq!((s.tables, s.rows, s.processes), (2, 52 + 1005, 1));
     assert!(!r.maps.processes.contains_key(&10));
     drop(r);
     assert_eq!(tables.builds, ["/bin/a", "/lib/libc.so.6", "/bin/b"]);
@@ -106,7 +111,7 @@ fn exited_and_reused_pids_release_their_tables() {
     let mut maps = FakeUnwindMaps::new(100);
     let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
     r.seen(10).unwrap();
-    assert_eq!(r.stats().rows, 30);
+    assert_eq!(r.stats().rows, 12 + 22);
     // Same pid, new process (different start time) mapping only libc.
     r.procs_from.0.insert(10, (2, vec![libc(0x7f00_0000)]));
     r.sweep().unwrap();
@@ -114,7 +119,7 @@ fn exited_and_reused_pids_release_their_tables() {
     assert_eq!(r.stats().rows, 0);
     assert!(r.maps.processes.is_empty());
     r.seen(10).unwrap();
-    assert_eq!(r.stats().rows, 20);
+    assert_eq!(r.stats().rows, 22);
 }
 
 #[test]
@@ -129,11 +134,11 @@ fn refresh_picks_up_dlopened_files_and_drops_unmapped_ones() {
     r.load(10).unwrap();
     r.procs_from.0.get_mut(&10).unwrap().1.push(file(0x7000_0000, "/lib/plugin.so", 9));
     r.load(10).unwrap();
-    assert_eq!(r.stats().rows, 15);
+    assert_eq!(r.stats().rows, 12 + 7);
     assert_eq!(r.maps.processes[&10].len(), 2);
     r.procs_from.0.get_mut(&10).unwrap().1.truncate(1);
     r.load(10).unwrap();
-    assert_eq!(r.stats().rows, 10);
+    assert_eq!(r.stats().rows, 12);
 }
 
 #[test]
@@ -153,7 +158,7 @@ fn eviction_keeps_the_budget_and_points_users_away_from_reused_rows() {
     r.seen(1).unwrap(); // a is now more recent than b
     r.seen(3).unwrap(); // does not fit: b (least recently used) goes
     let s = r.stats();
-    assert_eq!((s.rows, s.evicted, s.tables), (80, 1, 2));
+    assert_eq!((s.rows, s.evicted, s.tables), (84, 1, 2));
     assert_eq!(r.maps.processes[&2][0].rows_len, 0, "b's process must not use freed rows");
     assert_ne!(r.maps.processes[&1][0].rows_len, 0);
     assert_ne!(r.maps.processes[&3][0].rows_len, 0);
