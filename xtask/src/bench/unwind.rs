@@ -55,6 +55,13 @@ use crate::{build, is_root, step};
 use agent::{Cfi, Depth, Dropped, RunTime};
 use workload::{Workload, DEEP_EXTRA, DEPTH};
 
+/// Debian's interpreter: stripped, no frame pointers, and a 65k-row table,
+/// where the search of big tables shows (the C workload's own table is tiny).
+const PYTHON: &str = "/usr/bin/python3";
+/// Recurses 40 Python calls deep (which CPython 3.11 runs inside one
+/// native frame) and spins.
+const PYTHON_LOOP: &str = "def f(n):\n    if n == 0:\n        while True: pass\n    return f(n - 1)\nf(40)";
+
 /// Sampling frequency of every run.
 const HZ: u32 = 99;
 /// Target: BPF time per sample when the unwinder walks 64 frames.
@@ -124,6 +131,9 @@ impl Run {
 struct Round {
     cfi: Run,
     fp: Run,
+    /// Debian's python3 (a big, stripped binary without frame pointers)
+    /// under both unwinders, when it is installed.
+    python: Option<(Run, Run)>,
     /// `--pid` of a sleeping process: every run is idle or filtered.
     calibration: Run,
 }
@@ -167,6 +177,7 @@ pub fn run(duration: u64, rounds: usize) -> Result<()> {
     let mut deep = Workload::start(&deep_bin, "uw-deep", &[ncpu.to_string()])?;
     let mut sleeper = Workload::start(Path::new("sleep"), "sleep", &["1000000".to_owned()])?;
     let libc = deep.code_files()?.into_iter().find(|f| file_name(f).starts_with("libc.so"));
+
     let mut all = Vec::new();
     for round in 1..=rounds {
         let run = |w: &mut Workload, unwinder: Unwinder, what: &str, tag: &str| {
@@ -176,9 +187,23 @@ pub fn run(duration: u64, rounds: usize) -> Result<()> {
         let cfi = run(&mut deep, Unwinder::Cfi, "record --unwinder cfi", "cfi")?;
         let fp = run(&mut deep, Unwinder::FramePointer, "record --unwinder frame-pointer", "fp")?;
         let calibration = run(&mut sleeper, Unwinder::FramePointer, "calibration: record --pid <sleep>", "calib")?;
-        all.push(Round { cfi, fp, calibration });
+        all.push(Round { cfi, fp, calibration, python: None });
     }
     drop(deep);
+
+    // python3 alone afterwards, so it does not take CPU from uw-deep's runs.
+    if Path::new(PYTHON).exists() {
+        let mut py = Workload::start(Path::new(PYTHON), "python3", &["-c".to_owned(), PYTHON_LOOP.to_owned()])?;
+        for (i, r) in all.iter_mut().enumerate() {
+            let round = i + 1;
+            step(format!("bench: python3 round {round}/{rounds}: record --unwinder cfi, then frame-pointer"));
+            let cfi = plan.record(&mut py, Unwinder::Cfi, &format!("py-cfi-{round}"))?;
+            let fp = plan.record(&mut py, Unwinder::FramePointer, &format!("py-fp-{round}"))?;
+            r.python = Some((cfi, fp));
+        }
+    } else {
+        step(format!("bench: {PYTHON} is not installed (apt-get install python3); skipping its runs"));
+    }
     drop(sleeper);
 
     step("bench: starting uw-service (glibc + libstdc++)");
@@ -277,6 +302,7 @@ fn report(rounds: &[Round], svc: &Run, svc_files: &[PathBuf], libc: Option<&Path
     report_build(rounds, svc, libc);
     println!();
     report_memory(rounds, svc, svc_files);
+    report_python(rounds);
 }
 
 /// Part 1: BPF time per sample, cfi against frame-pointer.
@@ -443,6 +469,32 @@ fn report_build(rounds: &[Round], svc: &Run, libc: Option<&Path>) {
 }
 
 /// Part 3: map memory of a glibc + libstdc++ process.
+/// Part 4: the same comparison on Debian's python3.
+fn report_python(rounds: &[Round]) {
+    let pairs: Vec<(&Run, &Run, f64)> =
+        rounds.iter().filter_map(|r| r.python.as_ref().map(|(c, f)| (c, f, r.cheap_ns()))).collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let cfi: Vec<f64> = pairs.iter().map(|(c, _, cheap)| c.ns_per_unwind(*cheap)).collect();
+    let fp: Vec<f64> = pairs.iter().map(|(_, f, cheap)| f.ns_per_unwind(*cheap)).collect();
+    let frames: Vec<f64> = pairs.iter().map(|(c, f, _)| c.depth.mean - f.depth.mean).collect();
+    let per_frame: Vec<f64> = cfi.iter().zip(&fp).zip(&frames).map(|((c, f), n)| (c - f) / n.max(1.0)).collect();
+    println!(
+        "4. Debian's python3 (stripped, no frame pointers; 40 Python calls deep in a busy loop), ns per unwind, \
+         medians: cfi {:.0} [{}] at {:.1} user frames per sample, frame-pointer {:.0} [{}] at {:.1}; \
+         extra BPF time per extra frame walked: {:.0} ns [{}].",
+        median(cfi.clone()),
+        each(&cfi, 0),
+        pairs[pairs.len() - 1].0.depth.mean,
+        median(fp.clone()),
+        each(&fp, 0),
+        pairs[pairs.len() - 1].1.depth.mean,
+        median(per_frame.clone()),
+        each(&per_frame, 0)
+    );
+}
+
 fn report_memory(rounds: &[Round], svc: &Run, svc_files: &[PathBuf]) {
     let names: Vec<String> = svc_files.iter().map(|f| file_name(f)).collect();
     if let Some(c) = &svc.cfi {
