@@ -156,12 +156,13 @@ impl Summary {
         };
         let _ = writeln!(
             s,
-            "Unwind tables built: {} for {} processes in {:.1} ms ({:.1} ms per MB of CFI); {} files without usable CFI; {} requests dropped.",
+            "Unwind tables built: {} for {} processes in {:.1} ms ({:.1} ms per MB of CFI); {} files without usable CFI; {} too big for the budget; {} requests dropped.",
             u.built,
             u.processes,
             u.build_time.as_secs_f64() * 1e3,
             per_mb,
             u.build_errors,
+            u.too_big,
             u.requests_dropped
         );
     }

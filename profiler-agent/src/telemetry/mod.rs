@@ -160,7 +160,7 @@ impl Telemetry {
         // `ready` takes the same lock.
         drop(exporters);
         if let Some(u) = self.unwind.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            let series: [(&str, &str, &str, u64); 8] = [
+            let series: [(&str, &str, &str, u64); 9] = [
                 ("profiler_unwind_tables", "gauge", "Files with a CFI table in the kernel.", u.tables),
                 ("profiler_unwind_table_rows", "gauge", "CFI table rows in the kernel.", u.rows),
                 ("profiler_unwind_table_bytes", "gauge", "Kernel map memory used by CFI tables.", u.table_bytes),
@@ -177,6 +177,12 @@ impl Telemetry {
                     "counter",
                     "Files without usable CFI (none, unreadable, malformed).",
                     u.build_errors,
+                ),
+                (
+                    "profiler_unwind_tables_too_big_total",
+                    "counter",
+                    "CFI tables that did not fit the memory budget even after evictions.",
+                    u.too_big,
                 ),
                 (
                     "profiler_unwind_requests_dropped_total",

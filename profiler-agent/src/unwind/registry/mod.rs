@@ -74,6 +74,9 @@ pub struct UnwindStats {
     pub evicted: u64,
     /// Files whose table could not be built (no CFI, unreadable, malformed).
     pub build_errors: u64,
+    /// Tables that did not fit the budget even after evicting every other
+    /// table (their frames unwind by frame pointer).
+    pub too_big: u64,
     /// Tables built, the CFI bytes they came from, and the time it took.
     pub built: u64,
     pub cfi_bytes_built: u64,
@@ -296,6 +299,11 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         let len = table_rows.saturating_add(index.len() as u32);
         let Some(range) = self.allocate(len, f)? else {
             log::debug!("unwind table of {} ({len} rows) does not fit the budget", m.path);
+            self.stats.too_big += 1;
+            // Not retried for other processes mapping the file.
+            if let Some(t) = self.tables.get_mut(&f) {
+                t.rows = Some(Range { start: 0, len: 0 });
+            }
             return Ok(());
         };
         self.maps.write_rows(range.start, &table.rows)?;

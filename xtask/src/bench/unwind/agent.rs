@@ -14,7 +14,7 @@ pub const TABLES: &str =
     "Unwind tables: {} files, {} rows, {} bytes of kernel map memory (budget {} bytes), {} evicted.";
 /// `Unwind tables built:`: what building them cost in user space.
 pub const BUILT: &str = "Unwind tables built: {} for {} processes in {} ms ({} ms per MB of CFI); {} files without \
-                         usable CFI; {} requests dropped.";
+                         usable CFI; {} too big for the budget; {} requests dropped.";
 /// `Dropped:`: the runs of the sampling program that took no stack.
 pub const DROPPED: &str = "Dropped: {} samples (ring buffer full: {}, aggregation table full: {}). Not sampled: {} \
                            idle, {} other processes (--pid filter).";
@@ -52,6 +52,7 @@ pub struct Built {
     pub ms: f64,
     pub ms_per_mb: f64,
     pub without_cfi: u64,
+    pub too_big: u64,
     pub dropped: u64,
 }
 
@@ -127,7 +128,8 @@ pub fn cfi_lines(log: &str) -> Result<Cfi> {
             ms: b[2],
             ms_per_mb: b[3],
             without_cfi: int(b[4]),
-            dropped: int(b[5]),
+            too_big: int(b[5]),
+            dropped: int(b[6]),
         },
     })
 }
@@ -239,7 +241,7 @@ mod tests {
         a table); stopped early: 0 unsupported rule, 1 read fault, 2 depth limit.\n\
         Unwind tables: 3 files, 41234 rows, 659744 bytes of kernel map memory (budget 33554432 bytes), 0 evicted.\n\
         Unwind tables built: 3 for 1 processes in 4.2 ms (13.5 ms per MB of CFI); 1 files without usable CFI; 0 \
-        requests dropped.\n\
+        too big for the budget; 0 requests dropped.\n\
         BPF time per run: on_cpu_sample 4213 ns x 991, sched_process_exec 300 ns x 2.\n\
         Wrote /tmp/x/cpu.folded\n";
 
