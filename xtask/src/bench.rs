@@ -15,6 +15,7 @@ mod measure;
 mod offcpu;
 mod pingpong;
 mod unwind;
+mod workload;
 
 use std::{
     env, fs,

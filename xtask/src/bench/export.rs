@@ -102,7 +102,7 @@ pub fn run(interval: u64, intervals: usize) -> Result<()> {
     let mut rows = Vec::new();
     for (name, source) in WORKLOADS {
         step(format!("bench: building and starting the {name} workload"));
-        let mut w = Workload::start(name, source, &tmp.0)?;
+        let mut w = workload::start(name, source, &tmp.0)?;
         for hz in FREQUENCIES {
             step(format!("bench: {name} at {hz} Hz, OTLP/HTTP + files: {runs} x {interval} s"));
             let receiver = Receiver::start()?;

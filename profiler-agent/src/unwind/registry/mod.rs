@@ -159,10 +159,6 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         }
     }
 
-    pub fn knows(&self, tgid: u32) -> bool {
-        self.processes.contains_key(&tgid)
-    }
-
     /// A sample of `tgid` arrived: load the process on first sight, and
     /// mark its tables as recently used.
     pub fn seen(&mut self, tgid: u32) -> Result<(), RegistryError> {

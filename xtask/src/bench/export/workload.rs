@@ -1,15 +1,12 @@
 //! The two programs the export bench profiles, compiled with gcc like the
 //! integration tests' workloads (tests/src/workload.rs) and killed on drop.
 
-use std::{
-    env, fs,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    thread,
-    time::Duration,
-};
+use std::path::Path;
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::Result;
+
+use crate::bench::workload::build;
+pub use crate::bench::workload::Workload;
 
 /// gcc flags that keep every frame on a frame-pointer-walkable stack (the
 /// same as tests/src/workload.rs `C_FP_FLAGS`).
@@ -123,59 +120,8 @@ int main(void) {
 /// The workloads: (name, which is also the binary's name and comm; C source).
 pub const WORKLOADS: [(&str, &str); 2] = [("exp-cpu", CPU_C), ("exp-deep", DEEP_C)];
 
-/// A running workload, killed and reaped on drop.
-pub struct Workload {
-    child: Child,
-    pub name: &'static str,
-}
-
-impl Workload {
-    /// Compiles `source` with `$CC` (default gcc) into `dir/name` and starts it.
-    pub fn start(name: &'static str, source: &str, dir: &Path) -> Result<Workload> {
-        let src = dir.join(format!("{name}.c"));
-        fs::write(&src, source).with_context(|| format!("cannot write {}", src.display()))?;
-        let bin: PathBuf = dir.join(name);
-        let cc = env::var("CC").unwrap_or_else(|_| "gcc".into());
-        let out = Command::new(&cc)
-            .args(C_FP_FLAGS)
-            .arg("-o")
-            .arg(&bin)
-            .arg(&src)
-            .output()
-            .with_context(|| format!("cannot run {cc} to build the {name} workload (apt-get install gcc)"))?;
-        ensure!(
-            out.status.success(),
-            "{cc} failed to build the {name} workload ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim_end()
-        );
-        let child = Command::new(&bin)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start the {name} workload ({})", bin.display()))?;
-        let mut w = Workload { child, name };
-        thread::sleep(Duration::from_millis(500)); // hot, with its mappings in place
-        w.check()?;
-        Ok(w)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails if the workload has exited.
-    pub fn check(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait().context("waiting for a workload")? {
-            bail!("the {} workload exited early: {status}", self.name);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Compiles `source` with `$CC` (default gcc) into `dir/name` and starts it.
+pub fn start(name: &'static str, source: &str, dir: &Path) -> Result<Workload> {
+    let bin = build(dir, name, "c", source, ("CC", "gcc"), C_FP_FLAGS)?;
+    Workload::start(&bin, name, &[])
 }
