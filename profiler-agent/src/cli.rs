@@ -50,6 +50,28 @@ pub enum Command {
     /// ignored: restart the agent to apply a changed configuration.
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
+    /// Compare two sets of profiles and report what changed significantly.
+    ///
+    /// BEFORE and AFTER are each a profile file (cpu.pb.gz, off-cpu.pb.gz,
+    /// any *.folded the agent writes), or a directory: a `record` output
+    /// directory or the daemon's files directory. Every profile of the
+    /// chosen kind in a directory is one repeat of that side; the same
+    /// profile in two formats counts once (pprof is read).
+    ///
+    /// Method: each function's inclusive share of every repeat is compared
+    /// with Welch's t-test on the per-repeat shares (the noise is the
+    /// variation between repeats, not binomial counting noise), and the
+    /// p-values are Holm-corrected across functions at alpha = 0.05. A
+    /// single recording made by `record` is split into its one-second time
+    /// blocks (blocks/), which serve as its repeats. At least 2 repeats
+    /// per side are needed.
+    ///
+    /// Examples:
+    ///   profiler-agent diff before/ after/                  # two `record` outputs
+    ///   profiler-agent diff /var/lib/profiler-agent/profiles/old/ /var/lib/profiler-agent/profiles/new/
+    ///   profiler-agent diff a/ b/ --format table,json,svg -o report/ --min-change 0.5
+    #[command(verbatim_doc_comment)]
+    Diff(DiffArgs),
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +165,11 @@ pub struct RecordArgs {
     /// frames fall back to frame pointers.
     #[arg(long, value_parser = parse_table_memory, default_value = "32MiB", value_name = "SIZE")]
     pub unwind_table_memory: u64,
+    /// At the end, compare this recording with an earlier one (a `record`
+    /// output directory) as `profiler-agent diff DIR <this one>` does, and
+    /// print the table under the summary.
+    #[arg(long, value_name = "DIR")]
+    pub compare_to: Option<PathBuf>,
 }
 
 /// How user stacks are walked.
@@ -168,6 +195,47 @@ pub fn parse_table_memory(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// Output formats of `diff`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
+pub enum DiffFormat {
+    /// On stdout: the functions that changed significantly, biggest first.
+    Table,
+    /// `DIR/diff.json`: every function compared, with shares, interval and p-value.
+    Json,
+    /// `DIR/diff.svg`: differential flame graph (widths from AFTER; red grew, blue shrank).
+    Svg,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The baseline: a profile file or a directory of profiles.
+    #[arg(value_name = "BEFORE")]
+    pub before: PathBuf,
+    /// The profiles to compare with it.
+    #[arg(value_name = "AFTER")]
+    pub after: PathBuf,
+    /// Where diff.json and diff.svg go (created if missing).
+    #[arg(short, long, value_name = "DIR", default_value = ".")]
+    pub output_dir: PathBuf,
+    /// Comma-separated output formats.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST", default_value = "table")]
+    pub format: Vec<DiffFormat>,
+    /// Which profile to compare [default: cpu for directories; a file's own kind].
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub profile: Option<crate::diff::ProfileKind>,
+    /// Smallest change reported, in points of share (1 = 1 % of the total);
+    /// smaller changes are not reported even if significant.
+    #[arg(long, value_name = "PCT", default_value_t = 1.0, value_parser = parse_min_change)]
+    pub min_change: f64,
+}
+
+fn parse_min_change(text: &str) -> Result<f64, String> {
+    match text.trim_end_matches('%').parse::<f64>() {
+        Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected a number of points between 0 and 100, got {text:?}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,7 +246,7 @@ mod tests {
         argv.extend_from_slice(args);
         Cli::try_parse_from(argv).map(|c| match c.command {
             Command::Record(r) => r,
-            Command::Run(_) => unreachable!("parsed `record`"),
+            _ => unreachable!("parsed `record`"),
         })
     }
 
@@ -211,6 +279,27 @@ mod tests {
         assert_eq!(r.off_cpu_min_block, Duration::from_millis(2));
         assert!(!parse(&[]).unwrap().off_cpu);
         assert!(parse(&["--off-cpu-min-block", "2ms"]).is_err(), "needs --off-cpu");
+    }
+
+    #[test]
+    fn diff_defaults_and_values() {
+        let parse_diff = |args: &[&str]| {
+            let mut argv = vec!["profiler-agent", "diff"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Command::Diff(d) => d,
+                _ => unreachable!("parsed `diff`"),
+            })
+        };
+        let d = parse_diff(&["a", "b"]).unwrap();
+        assert_eq!((d.format.as_slice(), d.min_change, d.profile), ([DiffFormat::Table].as_slice(), 1.0, None));
+        let d = parse_diff(&["a", "b", "--format", "json,svg", "--profile", "off-cpu", "--min-change", "0.5"]).unwrap();
+        assert_eq!(d.format, [DiffFormat::Json, DiffFormat::Svg]);
+        assert_eq!(d.profile, Some(crate::diff::ProfileKind::OffCpu));
+        assert_eq!(d.min_change, 0.5);
+        assert!(parse_diff(&["a"]).is_err());
+        assert!(parse_diff(&["a", "b", "--min-change", "-1"]).unwrap_err().to_string().contains("-1"));
+        assert!(parse_diff(&["a", "b", "--profile", "heap"]).is_err());
     }
 
     #[test]

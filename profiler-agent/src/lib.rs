@@ -11,6 +11,7 @@ pub mod app;
 pub mod bpf;
 pub mod cli;
 pub mod config;
+pub mod diff;
 pub mod duration;
 pub mod export;
 pub mod latency;

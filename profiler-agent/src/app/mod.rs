@@ -2,6 +2,7 @@
 //! `main`; the stages below report typed errors.
 
 mod collect;
+pub(crate) mod diff;
 mod preflight;
 mod record;
 mod run;
@@ -14,5 +15,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Record(args) => record::record(args).await,
         Command::Run(args) => run::run(args).await,
+        Command::Diff(args) => diff::diff(&args),
     }
 }

@@ -80,6 +80,42 @@ fn push_name(out: &mut String, name: &str) {
     }));
 }
 
+/// A line of folded text that does not parse.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct DecodeError {
+    /// 1-based line number.
+    pub line: usize,
+    pub reason: &'static str,
+}
+
+/// Parses folded stacks, as [`encode`] (or any `stackcollapse-*` script)
+/// writes them: `outermost;...;leaf COUNT` per line. Blank lines and `# `
+/// comments are skipped; lines are returned in order, not merged.
+///
+/// # Errors
+///
+/// The first line without a count after its last space, with a count that
+/// is not an unsigned integer, or with an empty frame name.
+pub fn decode(text: &str) -> Result<Vec<(Vec<&str>, u64)>, DecodeError> {
+    let mut stacks = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let err = |reason| DecodeError { line: n + 1, reason };
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || line.starts_with("# ") {
+            continue;
+        }
+        let (stack, count) = line.rsplit_once(' ').ok_or_else(|| err("expected `frame;frame;... COUNT`"))?;
+        let count: u64 = count.parse().map_err(|_| err("the count after the last space is not an unsigned integer"))?;
+        let frames: Vec<&str> = stack.split(';').collect();
+        if frames.iter().any(|f| f.is_empty()) {
+            return Err(err("empty frame name"));
+        }
+        stacks.push((frames, count));
+    }
+    Ok(stacks)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::SystemTime;
@@ -159,5 +195,39 @@ mod tests {
         let mut p = empty();
         p.samples = vec![sample(1, 1, "idle", "idle", vec![], 9)];
         assert_eq!(encode(&p), "idle 9\n");
+    }
+
+    #[test]
+    fn decode_reads_what_encode_writes() {
+        let (p, _) = on_cpu_profile();
+        let text = encode(&p);
+        let stacks = decode(&text).unwrap();
+        assert_eq!(stacks.len(), 3);
+        assert_eq!(stacks[1], (vec!["app", "main", "outer", "mid_inline_[i]", "inner_inline_[i]"], 3));
+        assert_eq!(decode("# comment\n\na;b 2\r\nc 0\n").unwrap(), vec![(vec!["a", "b"], 2), (vec!["c"], 0)]);
+        assert_eq!(decode("std::vec<T; 4> x 5\n").unwrap(), vec![(vec!["std::vec<T", " 4> x"], 5)]);
+    }
+
+    #[test]
+    fn decode_rejects_malformed_lines_naming_them() {
+        assert_eq!(decode("a;b 1\nnocount\n").unwrap_err().line, 2);
+        assert!(decode("a;b x\n").unwrap_err().to_string().contains("line 1"));
+        assert!(decode("a;b -3\n").is_err());
+        assert!(decode("a;;b 3\n").is_err());
+        assert!(decode(" 3\n").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(s in "\\PC*") {
+            let _ = decode(&s);
+        }
+
+        #[test]
+        fn decode_round_trips_encoded_names(names in proptest::collection::vec("[^;\\s]{1,12}", 1..6), count in 1u64..u64::MAX) {
+            let line = format!("{} {count}\n", names.join(";"));
+            let stacks = decode(&line).unwrap();
+            proptest::prop_assert_eq!(stacks, vec![(names.iter().map(String::as_str).collect::<Vec<_>>(), count)]);
+        }
     }
 }

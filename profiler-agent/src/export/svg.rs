@@ -41,6 +41,57 @@ pub fn render(folded: &str, title: &str, count_name: &str) -> Result<Vec<u8>, Ex
     Ok(svg)
 }
 
+/// Fill colour and tooltip of one function in [`render_styled`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameStyle {
+    pub rgb: (u8, u8, u8),
+    /// Shown on hover instead of inferno's `name (N samples, P%)`.
+    pub tooltip: String,
+}
+
+/// Like [`render`], but every function named in `styles` (by its folded
+/// name, suffix included) gets that colour and tooltip: the differential
+/// flame graph of `profiler-agent diff` colours by a statistical verdict,
+/// which inferno's own differential mode (colour by raw count change)
+/// cannot express. Other functions keep the usual palette.
+///
+/// # Errors
+///
+/// [`ExportError::FlameGraph`] if inferno fails to render the input.
+pub fn render_styled(
+    folded: &str,
+    title: &str,
+    subtitle: &str,
+    count_name: &str,
+    styles: &std::collections::HashMap<String, FrameStyle>,
+) -> Result<Vec<u8>, ExportError> {
+    if !has_weight(folded) {
+        return Ok(empty_svg(title).into_bytes());
+    }
+    let mut palette = inferno::flamegraph::color::PaletteMap::default();
+    let mut attrs = String::new();
+    for (name, style) in styles {
+        let (r, g, b) = style.rgb;
+        palette.insert(name, inferno::flamegraph::color::Color { r, g, b });
+        // inferno reads attributes as `name<TAB>key=value` lines; folded
+        // names never hold tabs or newlines, tooltips are made not to.
+        let tooltip: String = style.tooltip.chars().map(|c| if c.is_whitespace() { ' ' } else { c }).collect();
+        attrs.push_str(&format!("{name}\ttitle={tooltip}\n"));
+    }
+    let mut opts = Options::default();
+    opts.title = title.to_owned();
+    opts.subtitle = Some(subtitle.to_owned());
+    opts.count_name = count_name.to_owned();
+    opts.colors = Palette::Multi(MultiPalette::Java);
+    opts.hash = true;
+    opts.func_frameattrs =
+        inferno::flamegraph::FuncFrameAttrsMap::from_reader(attrs.as_bytes()).map_err(ExportError::FlameGraph)?;
+    opts.palette_map = Some(&mut palette);
+    let mut svg = Vec::new();
+    flamegraph::from_lines(&mut opts, folded.lines(), &mut svg).map_err(ExportError::FlameGraph)?;
+    Ok(svg)
+}
+
 /// Whether any folded line has a positive value, i.e. whether inferno will
 /// find something to draw. Mirrors inferno's own parsing closely enough:
 /// comments start with `# `, the value is after the last space and may
@@ -133,5 +184,17 @@ mod tests {
             assert!(svg.contains("no samples"), "{input:?}");
             assert!(svg.contains("idle &amp; quiet"), "{input:?}");
         }
+    }
+
+    #[test]
+    fn styled_frames_get_their_colour_and_tooltip() {
+        let mut styles = std::collections::HashMap::new();
+        styles.insert("main".to_owned(), FrameStyle { rgb: (255, 0, 0), tooltip: "main grew\tby 3 pts".into() });
+        let svg = render_styled("app;main;leaf 3\napp;main 1\n", "diff", "sub & title", "samples", &styles).unwrap();
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(svg.contains("main grew by 3 pts"), "{svg}");
+        assert!(svg.contains("rgb(255,0,0)"), "{svg}");
+        assert!(svg.contains("sub &amp; title"));
+        assert!(svg.contains("leaf"));
     }
 }

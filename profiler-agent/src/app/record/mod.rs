@@ -2,6 +2,7 @@
 //! then aggregate -> symbolize -> write files, like `perf record` followed by
 //! `perf script | stackcollapse`.
 
+mod blocks;
 mod outputs;
 mod wait;
 
@@ -55,6 +56,15 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     preflight::check_pids(Path::new("/proc"), &args.pids)?;
     let dir = args.output_dir.clone().unwrap_or_else(default_output_dir);
     preflight::prepare_output_dir(&dir)?;
+    // The earlier recording is checked now, not after recording for minutes.
+    let baseline = match &args.compare_to {
+        Some(d) => {
+            let side = super::diff::load_side("--compare-to", d, Some(crate::diff::ProfileKind::Cpu))?;
+            super::diff::check_repeats("--compare-to", &side)?;
+            Some(side)
+        }
+        None => None,
+    };
 
     let opts = LoadOptions {
         frequency: args.frequency,
@@ -88,16 +98,19 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         std::thread::Builder::new().name("collect".into()).spawn(move || {
             let mut agg = Aggregator::new(MAX_UNIQUE_STACKS);
             let mut procs = ProcessTable::new("/proc", NonZeroUsize::new(MAX_PROCESSES).expect("non-zero"));
-            let result = collect(&mut source, &mut agg, &mut procs, &stop, &progress, feed.as_ref());
+            let mut tap = blocks::BlockTap::new(source, blocks::Blocks::new(blocks::monotonic_ns(), blocks::BLOCK));
+            let result = collect(&mut tap, &mut agg, &mut procs, &stop, &progress, feed.as_ref());
+            let (source, blocks) = tap.into_parts();
             // Dropping the feed ends the table thread.
             drop(feed);
-            (result, source, agg, procs)
+            (result, source, agg, procs, blocks)
         })?
     };
 
     wait::until_done(args.duration, started, &progress).await?;
     stop.store(true, Ordering::Release);
-    let (result, mut source, mut agg, mut procs) = tokio::task::spawn_blocking(move || collector.join())
+    let end_ns = blocks::monotonic_ns();
+    let (result, mut source, mut agg, mut procs, time_blocks) = tokio::task::spawn_blocking(move || collector.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the sampling thread panicked"))?;
     result.context("reading samples from the kernel failed")?;
@@ -173,6 +186,13 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     }
     let mut files = outputs::write_all(&outputs, &dir, &args.format)?;
     files.extend(extra_files);
+    let blocks_abandoned = time_blocks.abandoned();
+    if let Some((len, aggs)) = time_blocks.finish(end_ns) {
+        let (path, n) = blocks::write(&dir, &aggs, len, start_wall, period, &args.format, &mut symbolizer, &mut procs)?;
+        if n > 0 {
+            files.push(path);
+        }
+    }
 
     let mut pids: Vec<u32> = aggregate.stacks.keys().map(|k| k.pid).collect();
     pids.sort_unstable();
@@ -194,6 +214,15 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         files,
     };
     eprint!("{}", summary.render());
+    if blocks_abandoned {
+        eprintln!(
+            "Time blocks (for `profiler-agent diff`) not written: more than {} stacks per block in all.",
+            blocks::MAX_BLOCK_STACKS
+        );
+    }
+    if let Some(before) = baseline {
+        print!("{}", super::diff::compare_recordings(&before, &dir)?);
+    }
     Ok(())
 }
 

@@ -14,6 +14,7 @@
 //!   labels, since pprof has no notion of threads otherwise.
 
 pub mod proto;
+pub mod read;
 
 #[cfg(test)]
 mod tests;

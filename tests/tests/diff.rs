@@ -1,0 +1,264 @@
+//! `profiler-agent diff` on real recordings of a C workload whose leaves
+//! split the work by command-line arguments:
+//! - a real shift (two leaves trade shares) is flagged in the right
+//!   directions, while the untouched sibling and the common parent are not;
+//! - A/A: recordings of the unchanged program flag nothing in at least 19
+//!   of 20 trials (the real pair, plus 19 random re-splits of their time
+//!   blocks into two sides);
+//! - bad input is refused with a clear message and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use profiler_integration_tests::workload::{build_c, C_FP_FLAGS};
+use profiler_integration_tests::{record, require_root, run_agent, AgentRun, RecordOutput, Workload};
+use serde_json::Value;
+
+/// `main` calls `middle` (which calls the three leaves: alpha and beta get
+/// ALPHA and BETA units of work from argv, gamma always 1) and `other_work`
+/// (1 unit). With `3 1` alpha has 3/6 = 50 % and beta 1/6 = 16.7 %; with
+/// `1 3` the reverse; gamma (16.7 %), `middle` (83.3 %) and `other_work`
+/// (16.7 %) do not move. A unit is short (~0.2 ms) next to the 5 ms
+/// sampling period, so sampling does not lock onto the loop's phase.
+const SHIFT_C: &str = r#"
+#include <stdint.h>
+#include <stdlib.h>
+
+#define UNIT 200000UL
+#define SPIN(n)                                  \
+    volatile uint64_t acc = 0;                   \
+    for (uint64_t i = 0; i < (n); i++) acc += i
+
+__attribute__((noinline, aligned(64))) void leaf_alpha(uint64_t n) { SPIN(n); }
+__attribute__((noinline, aligned(64))) void leaf_beta(uint64_t n) { SPIN(n); }
+__attribute__((noinline, aligned(64))) void leaf_gamma(uint64_t n) { SPIN(n); }
+__attribute__((noinline, aligned(64))) void other_work(uint64_t n) { SPIN(n); }
+
+__attribute__((noinline)) void middle(uint64_t a, uint64_t b) {
+    leaf_alpha(a * UNIT);
+    leaf_beta(b * UNIT);
+    leaf_gamma(UNIT);
+}
+
+int main(int argc, char **argv) {
+    uint64_t a = argc > 1 ? strtoul(argv[1], 0, 10) : 3;
+    uint64_t b = argc > 2 ? strtoul(argv[2], 0, 10) : 1;
+    for (;;) {
+        middle(a, b);
+        other_work(UNIT);
+    }
+}
+"#;
+
+const NAME: &str = "diffwork";
+const FREQUENCY: &str = "199";
+/// Six one-second time blocks per recording.
+const SECONDS: &str = "6";
+const DIFF_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Builds the workload once per test into `dir`.
+fn build(dir: &Path) -> PathBuf {
+    build_c(dir, NAME, SHIFT_C, C_FP_FLAGS)
+}
+
+/// Records the workload run with `args` (alpha and beta units).
+fn record_run(bin: &Path, args: &[&str], extra: &[&str]) -> RecordOutput {
+    let mut w = Workload::spawn(NAME, bin, args);
+    w.boost();
+    w.warm_up();
+    let pid = w.pid_arg();
+    let mut argv = vec!["--pid", &pid, "--frequency", FREQUENCY, "--duration", SECONDS];
+    argv.extend_from_slice(extra);
+    let out = record(&argv);
+    out.assert_success();
+    out
+}
+
+fn diff(args: &[&str]) -> AgentRun {
+    let mut argv = vec!["diff"];
+    argv.extend_from_slice(args);
+    run_agent(&argv, DIFF_TIMEOUT)
+}
+
+fn diff_json(before: &Path, after: &Path, out: &Path) -> Value {
+    let run = diff(&[
+        before.to_str().unwrap(),
+        after.to_str().unwrap(),
+        "--format",
+        "json",
+        "--output-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "diff failed\n{}", run.context());
+    let text = std::fs::read_to_string(out.join("diff.json")).expect("diff.json written");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("diff.json is not JSON: {e}\n{text}"))
+}
+
+fn function<'a>(doc: &'a Value, name: &str) -> &'a Value {
+    doc["functions"]
+        .as_array()
+        .expect("functions array")
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not compared:\n{doc:#}"))
+}
+
+fn flagged(doc: &Value) -> Vec<String> {
+    doc["functions"]
+        .as_array()
+        .expect("functions array")
+        .iter()
+        .filter(|f| f["significant"] == true)
+        .map(|f| format!("{} {:+.3}", f["name"].as_str().unwrap_or("?"), f["delta"].as_f64().unwrap_or(0.0)))
+        .collect()
+}
+
+fn block_files(rec: &RecordOutput) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(rec.path("blocks"))
+        .unwrap_or_else(|e| panic!("no blocks/ in the recording: {e}\n{}", rec.context()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn diff_flags_a_real_shift_in_the_right_directions_only() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = build(tmp.path());
+    let before = record_run(&bin, &["3", "1"], &[]);
+    let before_dir = before.dir.to_str().unwrap().to_owned();
+    let after = record_run(&bin, &["1", "3"], &["--compare-to", &before_dir]);
+    let ctx = format!("BEFORE:\n{}\nAFTER:\n{}", before.context(), after.context());
+
+    // `record --compare-to` prints the table (stdout), after the summary.
+    let table = &after.stdout;
+    let row = |name: &str| table.lines().find(|l| l.ends_with(&format!(" {name}"))).map(str::to_owned);
+    let alpha_row = row("leaf_alpha").unwrap_or_else(|| panic!("leaf_alpha not in the table:\n{table}\n{ctx}"));
+    assert!(alpha_row.contains("shrank"), "{alpha_row}\n{table}");
+    assert!(row("leaf_beta").is_some_and(|r| r.contains("grew")), "{table}");
+    for name in ["leaf_gamma", "middle", "other_work", "main"] {
+        assert!(row(name).is_none(), "{name} flagged:\n{table}");
+    }
+    assert!(table.contains("did not change significantly"), "{table}");
+
+    let out = tmp.path().join("report");
+    let run =
+        diff(&[&before_dir, after.dir.to_str().unwrap(), "--format", "table,json,svg", "-o", out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", run.context());
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out.join("diff.json")).unwrap()).unwrap();
+    eprintln!("{}", run.stdout);
+
+    assert_eq!(doc["test"], "welch-t-per-repeat-shares-holm");
+    assert_eq!(doc["alpha"], 0.05);
+    for side in ["before", "after"] {
+        let s = &doc[side];
+        assert!(s["profiles"].as_u64().unwrap() >= 5, "{side}: 6 one-second blocks expected: {s}");
+        assert!(s["samples"].as_u64().unwrap() > 300, "{side}: {s}");
+        assert_eq!(s["samples"], s["total"], "on-CPU values are sample counts");
+    }
+    let alpha = function(&doc, "leaf_alpha");
+    let beta = function(&doc, "leaf_beta");
+    // 50 % -> 16.7 % and back, within sampling and scheduling error.
+    for (f, before_share, direction) in [(alpha, 0.5, "down"), (beta, 1.0 / 6.0, "up")] {
+        assert_eq!(f["significant"], true, "{f}");
+        assert_eq!(f["direction"], direction, "{f}");
+        let tb = f["total_before"].as_f64().unwrap();
+        assert!((tb - before_share).abs() < 0.08, "{f}");
+        let delta = f["delta"].as_f64().unwrap();
+        assert!((delta.abs() - 1.0 / 3.0).abs() < 0.1, "{f}");
+        assert!((delta - (f["total_after"].as_f64().unwrap() - tb)).abs() < 1e-9, "delta = after - before");
+        let ci = f["ci95"].as_array().unwrap();
+        let (lo, hi) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
+        assert!(lo <= delta && delta <= hi && (lo > 0.0) == (hi > 0.0), "{f}");
+        assert!(f["p_value"].as_f64().unwrap() < 0.05);
+        assert!((f["self_before"].as_f64().unwrap() - tb).abs() < 0.02, "a leaf's self share is its total: {f}");
+    }
+    for name in ["leaf_gamma", "middle", "other_work", "main", NAME] {
+        let f = function(&doc, name);
+        assert_eq!(f["significant"], false, "{name} must not be flagged: {f}\n{}", run.stdout);
+        assert_eq!(f["direction"], "none");
+    }
+    let middle = function(&doc, "middle");
+    assert!((middle["total_before"].as_f64().unwrap() - 5.0 / 6.0).abs() < 0.08, "{middle}");
+    let deltas: Vec<f64> =
+        doc["functions"].as_array().unwrap().iter().map(|f| f["delta"].as_f64().unwrap().abs()).collect();
+    assert!(deltas.windows(2).all(|w| w[0] >= w[1]), "sorted by |delta|: {deltas:?}");
+    assert_eq!(flagged(&doc).len(), 2, "only the two leaves: {:?}", flagged(&doc));
+
+    let svg = std::fs::read_to_string(out.join("diff.svg")).unwrap();
+    assert!(svg.contains("leaf_alpha") && svg.contains("leaf_gamma"), "widths from AFTER show every frame");
+    assert!(svg.contains("shrank (significant)") && svg.contains("grew (significant)"), "tooltips");
+    assert!(svg.contains("no significant change"));
+    // alpha: the largest significant drop, fully saturated blue.
+    assert!(svg.contains("rgb(0,0,255)") && svg.contains("rgb(255,"), "red and blue fills");
+}
+
+/// splitmix64: a fixed, dependency-free shuffle, so the trials are the
+/// same on every run.
+fn next(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn diff_aa_flags_nothing_in_19_of_20_trials_and_refuses_bad_input() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = build(tmp.path());
+    let first = record_run(&bin, &["3", "1"], &[]);
+    let second = record_run(&bin, &["3", "1"], &[]);
+
+    let mut trials = Vec::new();
+    // Trial 0: the two recordings as they are.
+    trials.push(flagged(&diff_json(&first.dir, &second.dir, &tmp.path().join("t0"))));
+    // Trials 1-19: all blocks of both recordings, shuffled, split in half.
+    let mut blocks = block_files(&first);
+    blocks.extend(block_files(&second));
+    assert!(blocks.len() >= 10, "{blocks:?}\n{}", first.context());
+    let mut seed = 14;
+    for t in 1..20 {
+        for i in (1..blocks.len()).rev() {
+            blocks.swap(i, (next(&mut seed) % (i as u64 + 1)) as usize);
+        }
+        let (a, b) = (tmp.path().join(format!("t{t}/a")), tmp.path().join(format!("t{t}/b")));
+        let half = blocks.len() / 2;
+        for (dir, files) in [(&a, &blocks[..half]), (&b, &blocks[half..])] {
+            std::fs::create_dir_all(dir).unwrap();
+            for (i, f) in files.iter().enumerate() {
+                let ext = if f.to_string_lossy().ends_with(".pb.gz") { "pb.gz" } else { "folded" };
+                std::fs::copy(f, dir.join(format!("cpu-{i:02}.{ext}"))).unwrap();
+            }
+        }
+        trials.push(flagged(&diff_json(&a, &b, &tmp.path().join(format!("t{t}/out")))));
+    }
+    let dirty: Vec<(usize, &Vec<String>)> = trials.iter().enumerate().filter(|(_, f)| !f.is_empty()).collect();
+    eprintln!("A/A: {} of {} trials flagged something: {dirty:?}", dirty.len(), trials.len());
+    assert!(dirty.len() <= 1, "A/A trials flagged changes in an unchanged program: {dirty:?}");
+
+    // Bad input: a clear message and a non-zero exit, for each case.
+    let rec = first.dir.to_str().unwrap();
+    let missing = tmp.path().join("missing");
+    let corrupt = tmp.path().join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    std::fs::write(corrupt.join("cpu-1.pb.gz"), b"\x1f\x8b\x08\x00garbage").unwrap();
+    std::fs::write(corrupt.join("cpu-2.pb.gz"), b"\x1f\x8b\x08\x00garbage").unwrap();
+    let cpu_pprof = first.path("cpu.pb.gz");
+    let other_kind = tmp.path().join("off-cpu.folded");
+    std::fs::copy(first.path("cpu.folded"), &other_kind).unwrap();
+    let cases: [(Vec<&str>, &str); 4] = [
+        (vec![rec, missing.to_str().unwrap()], "no such file or directory"),
+        (vec![rec, rec, "--profile", "off-cpu"], "has no off-cpu profiles"),
+        (vec![rec, corrupt.to_str().unwrap()], "is corrupt"),
+        (vec![cpu_pprof.to_str().unwrap(), other_kind.to_str().unwrap()], "compare profiles of one kind"),
+    ];
+    for (args, want) in cases {
+        let run = diff(&args);
+        assert!(!run.status.success(), "{args:?} succeeded\n{}", run.context());
+        assert!(run.stderr.contains(want), "{args:?}: want {want:?}\n{}", run.context());
+    }
+}
