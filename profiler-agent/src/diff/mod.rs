@@ -39,6 +39,9 @@ pub mod stats;
 pub mod svg;
 pub mod table;
 
+#[cfg(test)]
+mod tests;
+
 pub use compare::compare;
 pub use load::{check_repeats, check_same_kind, load, LoadError};
 pub use model::{Comparison, ProfileKind, Side, METHOD};

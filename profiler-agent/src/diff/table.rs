@@ -39,20 +39,20 @@ pub fn render(before: &Side, after: &Side, c: &Comparison) -> String {
         }
     }
     let compared = c.functions.len();
-    let rest = compared - changed.len() + c.untested;
-    let _ = writeln!(
+    let _ = write!(
         out,
         "{} of {compared} functions compared changed significantly ({METHOD_DESCRIPTION}, alpha {}, \
-         --min-change {:.1} points); the other {rest} did not change significantly{}.",
+         --min-change {:.1} points); the other {} did not change significantly.",
         changed.len(),
         c.alpha,
         c.min_change * 100.0,
-        if c.untested > 0 {
-            format!(" ({} of them under {:.1} % on both sides, not tested)", c.untested, c.min_change * 100.0)
-        } else {
-            String::new()
-        }
+        compared - changed.len(),
     );
+    if c.untested > 0 {
+        let _ =
+            write!(out, " {} more were under {:.1} % on both sides and not tested.", c.untested, c.min_change * 100.0);
+    }
+    out.push('\n');
     out
 }
 

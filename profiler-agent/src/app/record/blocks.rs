@@ -46,6 +46,9 @@ pub struct Blocks {
     blocks: Vec<Aggregate>,
     entries: usize,
     abandoned: bool,
+    /// Latest sample time seen: sampling goes on until the programs are
+    /// detached, a little after the recording was told to stop.
+    last_ns: u64,
     /// Builds the key of one sample exactly as the main aggregator does,
     /// without this module having to know the key's fields.
     scratch: Aggregator,
@@ -60,6 +63,7 @@ impl Blocks {
             blocks: Vec::new(),
             entries: 0,
             abandoned: false,
+            last_ns: 0,
             scratch: Aggregator::new(1),
         }
     }
@@ -69,6 +73,7 @@ impl Blocks {
         if self.abandoned {
             return;
         }
+        self.last_ns = self.last_ns.max(s.time_ns);
         let mut index = s.time_ns.saturating_sub(self.start_ns) / self.block_ns;
         while index >= MAX_BLOCKS as u64 {
             self.halve();
@@ -119,14 +124,15 @@ impl Blocks {
         self.abandoned
     }
 
-    /// The blocks of a recording that ended at `end_ns`, and their length. A
+    /// The blocks of a recording that ended at `end_ns` (or at its last
+    /// sample, if later), and their length. A
     /// last block shorter than half a block is merged into the one before,
     /// so every block has a comparable number of samples.
     pub fn finish(mut self, end_ns: u64) -> Option<(Duration, Vec<Aggregate>)> {
         if self.abandoned {
             return None;
         }
-        let elapsed = end_ns.saturating_sub(self.start_ns);
+        let elapsed = end_ns.max(self.last_ns).saturating_sub(self.start_ns);
         let full = (elapsed / self.block_ns) as usize;
         let partial = elapsed % self.block_ns;
         if full >= 1 && partial < self.block_ns / 2 && self.blocks.len() > full {
@@ -288,6 +294,12 @@ mod tests {
             b.add(&at(t, 1));
         }
         assert_eq!(b.finish(2 * SEC + SEC * 3 / 4).unwrap().1.len(), 3);
+        // Samples after the stop (before detaching) count towards the end.
+        let mut b = Blocks::new(0, BLOCK);
+        for t in [0, SEC, 2 * SEC + SEC / 10] {
+            b.add(&at(t, 1));
+        }
+        assert_eq!(b.finish(2 * SEC - 1).unwrap().1.len(), 2);
     }
 
     #[test]

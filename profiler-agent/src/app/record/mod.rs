@@ -88,6 +88,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
     let start_wall = SystemTime::now();
     let started = Instant::now();
+    let blocks_start = blocks::monotonic_ns();
 
     // Sampling runs on its own thread: it must keep draining the ring buffer
     // whatever the async side is doing.
@@ -98,7 +99,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         std::thread::Builder::new().name("collect".into()).spawn(move || {
             let mut agg = Aggregator::new(MAX_UNIQUE_STACKS);
             let mut procs = ProcessTable::new("/proc", NonZeroUsize::new(MAX_PROCESSES).expect("non-zero"));
-            let mut tap = blocks::BlockTap::new(source, blocks::Blocks::new(blocks::monotonic_ns(), blocks::BLOCK));
+            let mut tap = blocks::BlockTap::new(source, blocks::Blocks::new(blocks_start, blocks::BLOCK));
             let result = collect(&mut tap, &mut agg, &mut procs, &stop, &progress, feed.as_ref());
             let (source, blocks) = tap.into_parts();
             // Dropping the feed ends the table thread.
