@@ -21,7 +21,7 @@ pub mod rolling;
 pub mod svg;
 
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 /// Why an export failed.
 ///

@@ -97,22 +97,25 @@ where
     (tx, task)
 }
 
+/// Builds every network exporter's client once and drops it: a bad URL or
+/// header, or an unreadable CA, certificate or key file is reported before
+/// any program is loaded. Nothing connects.
+pub fn check(config: &config::Config) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if let Some(cfg) = &config.export.otlp {
+        otlp::OtlpProfilesClient::new(client_config(cfg))
+            .with_context(|| format!("invalid OTLP exporter settings for {}", cfg.endpoint))?;
+    }
+    Ok(())
+}
+
 /// The OTLP profiles exporter.
 pub fn spawn_otlp(
     cfg: &config::Otlp,
     resource: otlp::Resource,
     telemetry: Arc<Telemetry>,
 ) -> Result<(mpsc::Sender<Arc<IntervalProfiles>>, JoinHandle<()>), otlp::OtlpError> {
-    let client = Arc::new(otlp::OtlpProfilesClient::new(otlp::ClientConfig {
-        endpoint: cfg.endpoint.clone(),
-        protocol: match cfg.protocol {
-            config::OtlpProtocol::Grpc => otlp::Protocol::Grpc,
-            config::OtlpProtocol::HttpProtobuf => otlp::Protocol::HttpProtobuf,
-        },
-        headers: cfg.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        connect_timeout: cfg.connect_timeout.0,
-        request_timeout: cfg.timeout.0,
-    })?);
+    let client = Arc::new(otlp::OtlpProfilesClient::new(client_config(cfg))?);
     let encode = move |p: &IntervalProfiles| {
         let mut profiles = vec![&p.cpu];
         profiles.extend(p.off_cpu.as_ref());
@@ -225,6 +228,12 @@ fn client_config(cfg: &config::Otlp) -> otlp::ClientConfig {
         headers: cfg.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         connect_timeout: cfg.connect_timeout.0,
         request_timeout: cfg.timeout.0,
+        tls: otlp::TlsConfig {
+            insecure: cfg.insecure,
+            ca_file: cfg.ca_file.clone(),
+            client_cert_file: cfg.client_cert_file.clone(),
+            client_key_file: cfg.client_key_file.clone(),
+        },
     }
 }
 
@@ -298,6 +307,32 @@ mod tests {
             }
         });
         addr
+    }
+
+    #[tokio::test]
+    async fn a_receiver_with_an_untrusted_certificate_counts_failures() {
+        use crate::export::otlp::tls_tests::{tls_grpc_receiver, Pki};
+        let (server, other) = (Pki::new(), Pki::new());
+        let (addr, received) = tls_grpc_receiver(&server, false).await;
+        let cfg = config::Otlp {
+            endpoint: format!("https://{addr}"),
+            ca_file: Some(other.client_tls(false).ca_file.unwrap()),
+            ..Default::default()
+        };
+        let telemetry = Arc::new(Telemetry::default());
+        let (tx, task) = spawn_otlp(&cfg, otlp::Resource::default(), telemetry.clone()).unwrap();
+        let metrics = telemetry.exporter("otlp");
+        let (p, _) = crate::export::testutil::on_cpu_profile();
+        tx.send(Arc::new(IntervalProfiles { cpu: p, off_cpu: None, latency: Vec::new() })).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metrics.failures.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(metrics.failures.load(Ordering::Relaxed) >= 1, "the failed handshake is counted");
+        assert!(telemetry.render().contains("profiler_export_failures_total{exporter=\"otlp\"}"));
+        assert_eq!(*received.0.lock().unwrap(), 0);
+        drop(tx);
+        task.abort();
     }
 
     #[tokio::test]
