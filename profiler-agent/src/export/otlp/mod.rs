@@ -18,6 +18,7 @@ pub mod config;
 mod dictionary;
 pub mod error;
 pub mod profiles;
+pub mod split;
 pub(crate) mod transport;
 
 #[cfg(test)]
@@ -32,3 +33,4 @@ pub use config::{ClientConfig, Protocol, TlsConfig};
 pub use error::OtlpError;
 pub use opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceRequest;
 pub use profiles::{encode, Resource};
+pub use split::{encode_split, MAX_REQUEST_BYTES};
