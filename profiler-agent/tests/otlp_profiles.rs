@@ -135,6 +135,7 @@ fn client(protocol: Protocol, port: u16) -> OtlpProfilesClient {
         headers: vec![("x-scope-orgid".into(), "tenant-1".into())],
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(20),
+        tls: Default::default(),
     })
     .expect("client")
 }

@@ -1,6 +1,9 @@
 //! The standard OpenTelemetry environment variables, applied over the file
 //! configuration: OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL,
-//! OTEL_EXPORTER_OTLP_HEADERS, OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME.
+//! OTEL_EXPORTER_OTLP_HEADERS, OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME,
+//! and the TLS ones: OTEL_EXPORTER_OTLP_CERTIFICATE, _CLIENT_CERTIFICATE,
+//! _CLIENT_KEY and _INSECURE, each also as OTEL_EXPORTER_OTLP_PROFILES_*,
+//! which wins (the profiles are what this exporter is for).
 
 use std::collections::BTreeMap;
 
@@ -31,6 +34,13 @@ pub fn apply_otel_env(config: &mut Config, get: impl Fn(&str) -> Option<String>)
             parse_pairs(&headers).map_err(|message| EnvError { var: "OTEL_EXPORTER_OTLP_HEADERS", message })?;
         config.export.otlp.get_or_insert_with(Otlp::default).headers.extend(parsed);
     }
+    for (key, set) in TLS_VARS {
+        let profiles = key.replace("OTEL_EXPORTER_OTLP_", "OTEL_EXPORTER_OTLP_PROFILES_");
+        if let Some(value) = non_empty(&profiles).or_else(|| non_empty(key)) {
+            set(config.export.otlp.get_or_insert_with(Otlp::default), value.trim())
+                .map_err(|message| EnvError { var: key, message })?;
+        }
+    }
     if let Some(attrs) = non_empty("OTEL_RESOURCE_ATTRIBUTES") {
         let parsed = parse_pairs(&attrs).map_err(|message| EnvError { var: "OTEL_RESOURCE_ATTRIBUTES", message })?;
         config.resource.attributes.extend(parsed);
@@ -40,6 +50,33 @@ pub fn apply_otel_env(config: &mut Config, get: impl Fn(&str) -> Option<String>)
     }
     Ok(())
 }
+
+type SetTls = fn(&mut Otlp, &str) -> Result<(), String>;
+
+/// The TLS variables and what each sets; the spec's names for certificate
+/// files are paths to PEM files.
+const TLS_VARS: &[(&str, SetTls)] = &[
+    ("OTEL_EXPORTER_OTLP_CERTIFICATE", |o, v| {
+        o.ca_file = Some(v.into());
+        Ok(())
+    }),
+    ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", |o, v| {
+        o.client_cert_file = Some(v.into());
+        Ok(())
+    }),
+    ("OTEL_EXPORTER_OTLP_CLIENT_KEY", |o, v| {
+        o.client_key_file = Some(v.into());
+        Ok(())
+    }),
+    ("OTEL_EXPORTER_OTLP_INSECURE", |o, v| {
+        o.insecure = match v.to_ascii_lowercase().as_str() {
+            "true" => true,
+            "false" => false,
+            other => return Err(format!("`{other}` is not `true` or `false`")),
+        };
+        Ok(())
+    }),
+];
 
 /// `key1=value1,key2=value2` with percent-encoded keys and values, as the
 /// OpenTelemetry specification defines for headers and resource attributes.

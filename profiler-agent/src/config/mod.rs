@@ -142,6 +142,15 @@ pub struct Otlp {
     /// Retry buffer bound; the oldest data is dropped (and counted) first.
     pub buffer_bytes: ByteSize,
     pub buffer_max_age: HumanDuration,
+    /// Also export the latency histograms and health series as OTLP metrics.
+    pub metrics: bool,
+    /// Plaintext even for an `https://` endpoint.
+    pub insecure: bool,
+    /// PEM CA certificates trusted instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for mutual TLS.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl Default for Otlp {
@@ -154,6 +163,11 @@ impl Default for Otlp {
             timeout: HumanDuration(Duration::from_secs(10)),
             buffer_bytes: ByteSize(16 << 20),
             buffer_max_age: HumanDuration(Duration::from_secs(300)),
+            metrics: true,
+            insecure: false,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -265,6 +279,13 @@ impl Config {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     return invalid(format!("{name} = \"{url}\": expected an http:// or https:// URL"));
                 }
+            }
+        }
+        if let Some(o) = &self.export.otlp {
+            if o.client_cert_file.is_some() != o.client_key_file.is_some() {
+                return invalid(
+                    "export.otlp: client_cert_file and client_key_file go together (mutual TLS needs both)".into(),
+                );
             }
         }
         Ok(())

@@ -132,6 +132,50 @@ fn bad_environment_names_the_variable() {
 }
 
 #[test]
+fn tls_keys_and_the_metrics_switch() {
+    let c = parse(
+        r#"
+[export.otlp]
+endpoint = "https://collector:4317"
+metrics = false
+ca_file = "/etc/ca.pem"
+client_cert_file = "/etc/tls.crt"
+client_key_file = "/etc/tls.key"
+"#,
+    )
+    .unwrap();
+    let o = c.export.otlp.unwrap();
+    assert!(!o.metrics && !o.insecure);
+    assert_eq!(o.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+    assert_eq!(o.client_key_file.as_deref(), Some(Path::new("/etc/tls.key")));
+    assert!(Otlp::default().metrics, "OTLP metrics are on unless switched off");
+    let e = parse("[export.otlp]\nclient_cert_file = \"/etc/tls.crt\"\n").unwrap_err().to_string();
+    assert!(e.contains("client_key_file"), "{e}");
+}
+
+#[test]
+fn otel_tls_variables_and_their_profiles_forms() {
+    let env: HashMap<&str, &str> = [
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/generic/ca.pem"),
+        ("OTEL_EXPORTER_OTLP_PROFILES_CERTIFICATE", "/profiles/ca.pem"),
+        ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/c.pem"),
+        ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem"),
+        ("OTEL_EXPORTER_OTLP_INSECURE", "TRUE"),
+    ]
+    .into();
+    let mut c = Config::default();
+    apply_otel_env(&mut c, |k| env.get(k).map(|v| v.to_string())).unwrap();
+    let o = c.export.otlp.unwrap();
+    assert_eq!(o.ca_file.as_deref(), Some(Path::new("/profiles/ca.pem")), "the _PROFILES_ form wins");
+    assert_eq!(o.client_cert_file.as_deref(), Some(Path::new("/c.pem")));
+    assert_eq!(o.client_key_file.as_deref(), Some(Path::new("/k.pem")));
+    assert!(o.insecure);
+    let e = apply_otel_env(&mut Config::default(), |k| (k == "OTEL_EXPORTER_OTLP_INSECURE").then(|| "yes".into()))
+        .unwrap_err();
+    assert_eq!(e.var, "OTEL_EXPORTER_OTLP_INSECURE");
+}
+
+#[test]
 fn sizes() {
     assert_eq!(parse_bytes("16MiB"), Ok(16 << 20));
     assert_eq!(parse_bytes("1GB"), Ok(1_000_000_000));

@@ -64,9 +64,10 @@ fn policy(max_bytes: u64, max_age: std::time::Duration) -> RetryPolicy {
     }
 }
 
-/// Encodes each interval with `encode` and hands it to a retrying delivery
-/// task that calls `send`.
-fn spawn_network<T, E, S, Fut>(
+/// Encodes each interval with `encode` (into none, one or several payloads,
+/// each delivered and retried on its own) and hands the payloads to a
+/// retrying delivery task that calls `send`.
+fn spawn_network<T, I, E, S, Fut>(
     name: &'static str,
     telemetry: Arc<Telemetry>,
     retry: RetryPolicy,
@@ -75,7 +76,9 @@ fn spawn_network<T, E, S, Fut>(
 ) -> (mpsc::Sender<Arc<IntervalProfiles>>, JoinHandle<()>)
 where
     T: Send + Sync + 'static,
-    E: Fn(&IntervalProfiles) -> Option<(T, u64)> + Send + 'static,
+    I: IntoIterator<Item = (T, u64)>,
+    I::IntoIter: Send,
+    E: Fn(&IntervalProfiles) -> I + Send + 'static,
     S: Fn(Arc<T>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Attempt> + Send + 'static,
 {
@@ -84,10 +87,10 @@ where
     let metrics = telemetry.exporter(name);
     let delivery = tokio::spawn(retry::deliver(payload_rx, retry, metrics, telemetry, send));
     let task = tokio::spawn(async move {
-        while let Some(p) = rx.recv().await {
-            if let Some(payload) = encode(&p) {
+        'intervals: while let Some(p) = rx.recv().await {
+            for payload in encode(&p) {
                 if payload_tx.send(payload).await.is_err() {
-                    break;
+                    break 'intervals;
                 }
             }
         }
@@ -97,28 +100,34 @@ where
     (tx, task)
 }
 
+/// Builds every network exporter's client once and drops it: a bad URL or
+/// header, or an unreadable CA, certificate or key file is reported before
+/// any program is loaded. Nothing connects.
+pub fn check(config: &config::Config) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if let Some(cfg) = &config.export.otlp {
+        otlp::OtlpProfilesClient::new(client_config(cfg))
+            .with_context(|| format!("invalid OTLP exporter settings for {}", cfg.endpoint))?;
+    }
+    Ok(())
+}
+
 /// The OTLP profiles exporter.
 pub fn spawn_otlp(
     cfg: &config::Otlp,
     resource: otlp::Resource,
     telemetry: Arc<Telemetry>,
 ) -> Result<(mpsc::Sender<Arc<IntervalProfiles>>, JoinHandle<()>), otlp::OtlpError> {
-    let client = Arc::new(otlp::OtlpProfilesClient::new(otlp::ClientConfig {
-        endpoint: cfg.endpoint.clone(),
-        protocol: match cfg.protocol {
-            config::OtlpProtocol::Grpc => otlp::Protocol::Grpc,
-            config::OtlpProtocol::HttpProtobuf => otlp::Protocol::HttpProtobuf,
-        },
-        headers: cfg.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        connect_timeout: cfg.connect_timeout.0,
-        request_timeout: cfg.timeout.0,
-    })?);
+    let client = Arc::new(otlp::OtlpProfilesClient::new(client_config(cfg))?);
     let encode = move |p: &IntervalProfiles| {
         let mut profiles = vec![&p.cpu];
         profiles.extend(p.off_cpu.as_ref());
-        let req = otlp::encode(&profiles, &resource);
-        let bytes = prost::Message::encoded_len(&req) as u64;
-        (!req.resource_profiles.is_empty()).then_some((req, bytes))
+        // Requests over gRPC's default 4 MiB limit go as several, by process.
+        let reqs = otlp::encode_split(&profiles, &resource, otlp::MAX_REQUEST_BYTES);
+        reqs.into_iter().filter(|req| !req.resource_profiles.is_empty()).map(|req| {
+            let bytes = prost::Message::encoded_len(&req) as u64;
+            (req, bytes)
+        })
     };
     let send = move |req: Arc<otlp::ExportProfilesServiceRequest>| {
         let client = client.clone();
@@ -225,6 +234,12 @@ fn client_config(cfg: &config::Otlp) -> otlp::ClientConfig {
         headers: cfg.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         connect_timeout: cfg.connect_timeout.0,
         request_timeout: cfg.timeout.0,
+        tls: otlp::TlsConfig {
+            insecure: cfg.insecure,
+            ca_file: cfg.ca_file.clone(),
+            client_cert_file: cfg.client_cert_file.clone(),
+            client_key_file: cfg.client_key_file.clone(),
+        },
     }
 }
 
@@ -274,7 +289,12 @@ pub fn spawn_pyroscope(
 mod tests {
     use std::time::{Duration, SystemTime};
 
+    use opentelemetry_proto::tonic::collector::profiles::v1development::profiles_service_server::{
+        ProfilesService, ProfilesServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceResponse;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tonic::transport::server::TcpIncoming;
 
     use super::*;
     use crate::profile::{Profile, ValueType};
@@ -298,6 +318,94 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// A gRPC profiles receiver with tonic's default 4 MiB message limit,
+    /// keeping every request it accepts.
+    #[derive(Default)]
+    struct Keep(std::sync::Mutex<Vec<otlp::ExportProfilesServiceRequest>>);
+
+    #[tonic::async_trait]
+    impl ProfilesService for Keep {
+        async fn export(
+            &self,
+            request: tonic::Request<otlp::ExportProfilesServiceRequest>,
+        ) -> Result<tonic::Response<ExportProfilesServiceResponse>, tonic::Status> {
+            self.0.lock().unwrap().push(request.into_inner());
+            Ok(tonic::Response::new(ExportProfilesServiceResponse::default()))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_interval_over_the_grpc_limit_arrives_whole_in_parts() {
+        use crate::export::otlp::split::tests::{many_processes, values};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let keep = Arc::new(Keep::default());
+        let service =
+            ProfilesServiceServer::from_arc(keep.clone()).accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        tokio::spawn(tonic::transport::Server::builder().serve_with_incoming(service, TcpIncoming::from(listener)));
+
+        // 1500 processes with long (1.5 KB) names: over 4 MiB like ~10k
+        // typical processes, at a fraction of the test's time.
+        let cpu = many_processes(1500, 2, 1500);
+        let whole = otlp::encode(&[&cpu], &otlp::Resource::default());
+        assert!(prost::Message::encoded_len(&whole) > 4 << 20, "the fixture must pass gRPC's 4 MiB limit");
+        // Generous: gzip of several MiB is slow in unoptimized test builds.
+        let cfg = config::Otlp {
+            endpoint: format!("http://{addr}"),
+            timeout: crate::config::HumanDuration(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        // As one request, the receiver refuses it.
+        let client = otlp::OtlpProfilesClient::new(client_config(&cfg)).unwrap();
+        let refused = client.export(whole.clone()).await.expect_err("over the receiver's limit");
+        assert!(
+            matches!(
+                refused,
+                otlp::OtlpError::Status { code: tonic::Code::OutOfRange | tonic::Code::ResourceExhausted, .. }
+            ),
+            "{refused:?}"
+        );
+
+        let telemetry = Arc::new(Telemetry::default());
+        let (tx, task) = spawn_otlp(&cfg, otlp::Resource::default(), telemetry.clone()).unwrap();
+        tx.send(Arc::new(IntervalProfiles { cpu, off_cpu: None, latency: Vec::new() })).await.unwrap();
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(60), task).await.unwrap().unwrap();
+        let received = keep.0.lock().unwrap();
+        assert!(received.len() >= 2, "split into {} requests", received.len());
+        assert_eq!(received.iter().map(|r| r.resource_profiles.len()).sum::<usize>(), 1500);
+        assert_eq!(values(&received), values(&[whole]), "every sample arrives, once");
+        let metrics = telemetry.exporter("otlp");
+        assert_eq!(metrics.failures.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_receiver_with_an_untrusted_certificate_counts_failures() {
+        use crate::export::otlp::tls_tests::{tls_grpc_receiver, Pki};
+        let (server, other) = (Pki::new(), Pki::new());
+        let (addr, received) = tls_grpc_receiver(&server, false).await;
+        let cfg = config::Otlp {
+            endpoint: format!("https://{addr}"),
+            ca_file: Some(other.client_tls(false).ca_file.unwrap()),
+            ..Default::default()
+        };
+        let telemetry = Arc::new(Telemetry::default());
+        let (tx, task) = spawn_otlp(&cfg, otlp::Resource::default(), telemetry.clone()).unwrap();
+        let metrics = telemetry.exporter("otlp");
+        let (p, _) = crate::export::testutil::on_cpu_profile();
+        tx.send(Arc::new(IntervalProfiles { cpu: p, off_cpu: None, latency: Vec::new() })).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metrics.failures.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(metrics.failures.load(Ordering::Relaxed) >= 1, "the failed handshake is counted");
+        assert!(telemetry.render().contains("profiler_export_failures_total{exporter=\"otlp\"}"));
+        assert_eq!(*received.0.lock().unwrap(), 0);
+        drop(tx);
+        task.abort();
     }
 
     #[tokio::test]

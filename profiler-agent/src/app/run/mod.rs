@@ -47,6 +47,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(files) = &config.export.files {
         preflight::prepare_output_dir(&files.dir)?;
     }
+    exporters::check(&config)?;
     let listener = http::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--http-listen)", config.http.listen))?;
@@ -179,11 +180,14 @@ fn start_exporters(
             .with_context(|| format!("invalid OTLP endpoint {}", otlp.endpoint))?;
         senders.push(("otlp", tx));
         tasks.push(task);
-        let (tx, task) = exporters::spawn_otlp_metrics(otlp, resource, telemetry.clone())
-            .with_context(|| format!("invalid OTLP endpoint {}", otlp.endpoint))?;
-        senders.push(("otlp_metrics", tx));
-        tasks.push(task);
-        destinations.push(format!("OTLP {} (profiles and metrics)", otlp.endpoint));
+        if otlp.metrics {
+            let (tx, task) = exporters::spawn_otlp_metrics(otlp, resource, telemetry.clone())
+                .with_context(|| format!("invalid OTLP endpoint {}", otlp.endpoint))?;
+            senders.push(("otlp_metrics", tx));
+            tasks.push(task);
+        }
+        let what = if otlp.metrics { "profiles and metrics" } else { "profiles" };
+        destinations.push(format!("OTLP {} ({what})", otlp.endpoint));
     }
     if let Some(p) = &config.export.pyroscope {
         let labels = crate::export::pyroscope::PushLabels {

@@ -7,9 +7,6 @@
 //! caller whether a retry can help, since only the caller knows how long a
 //! profile is still worth sending.
 
-use std::error::Error as StdError;
-use std::time::Duration;
-
 use opentelemetry_proto::tonic::collector::profiles::v1development::profiles_service_client::ProfilesServiceClient;
 use opentelemetry_proto::tonic::collector::profiles::v1development::{
     ExportProfilesPartialSuccess, ExportProfilesServiceRequest, ExportProfilesServiceResponse,
@@ -20,6 +17,8 @@ use tonic::codec::CompressionEncoding;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::Channel;
 
+use super::config::ClientConfig;
+use super::error::OtlpError;
 use super::transport::{self, Transport};
 
 /// Proposed (opentelemetry-proto PR #857) marker of the development wire
@@ -30,30 +29,6 @@ const VERSION_HEADER: &str = "otlp-profiles-development-version";
 const WIRE_VERSION: &str = "1";
 /// The OTLP/HTTP path of the profiles signal.
 const HTTP_PATH: &str = "/v1development/profiles";
-
-/// Which OTLP transport to speak.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    /// gRPC, by convention on port 4317.
-    Grpc,
-    /// OTLP/HTTP with binary protobuf bodies, by convention on port 4318.
-    HttpProtobuf,
-}
-
-/// How to reach the receiver.
-#[derive(Clone, Debug)]
-pub struct ClientConfig {
-    /// `http://host:4317` (gRPC) or `http://host:4318` (HTTP; the signal path
-    /// is appended unless already there). `https://` works for HTTP only.
-    pub endpoint: String,
-    pub protocol: Protocol,
-    /// Extra request headers (gRPC metadata), e.g. authentication.
-    pub headers: Vec<(String, String)>,
-    /// Budget for establishing the TCP connection.
-    pub connect_timeout: Duration,
-    /// Budget for one request once connected, answer included.
-    pub request_timeout: Duration,
-}
 
 /// What the receiver said about an accepted request.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -68,72 +43,6 @@ impl ExportOutcome {
     fn from_partial(p: Option<ExportProfilesPartialSuccess>) -> Self {
         let p = p.unwrap_or_default();
         Self { rejected_profiles: p.rejected_profiles, message: Some(p.error_message).filter(|m| !m.is_empty()) }
-    }
-}
-
-type BoxError = Box<dyn StdError + Send + Sync>;
-
-/// Why an export failed.
-#[derive(Debug, thiserror::Error)]
-pub enum OtlpError {
-    /// The configuration cannot work (bad URL or header); fix it, don't retry.
-    #[error("invalid OTLP exporter configuration: {0}")]
-    Config(String),
-
-    /// The receiver could not be reached.
-    #[error("cannot connect to OTLP receiver {endpoint}")]
-    Connect {
-        endpoint: String,
-        #[source]
-        source: BoxError,
-    },
-
-    /// No complete answer within the configured timeouts.
-    #[error("OTLP receiver {endpoint} did not answer within {timeout:?}")]
-    Timeout { endpoint: String, timeout: Duration },
-
-    /// The gRPC receiver answered with an error status.
-    #[error("OTLP receiver {endpoint} answered gRPC status {code:?}: {message}")]
-    Status { endpoint: String, code: tonic::Code, message: String },
-
-    /// The HTTP receiver answered with a non-2xx status.
-    #[error("OTLP receiver {endpoint} answered HTTP {status}: {body}")]
-    Http { endpoint: String, status: u16, body: String },
-
-    /// The connection broke mid-request (reset, protocol error).
-    #[error("OTLP request to {endpoint} failed")]
-    Transport {
-        endpoint: String,
-        #[source]
-        source: BoxError,
-    },
-
-    /// Compressing the request failed.
-    #[error("failed to encode the OTLP request")]
-    Encode(#[source] std::io::Error),
-}
-
-impl OtlpError {
-    /// Whether sending the same request again later may succeed, following
-    /// the OTLP spec's lists: unavailable, timeouts, throttling and server
-    /// errors yes; malformed or refused requests no.
-    pub fn retryable(&self) -> bool {
-        use tonic::Code;
-        match self {
-            Self::Connect { .. } | Self::Timeout { .. } | Self::Transport { .. } => true,
-            Self::Status { code, .. } => matches!(
-                code,
-                Code::Cancelled
-                    | Code::DeadlineExceeded
-                    | Code::ResourceExhausted
-                    | Code::Aborted
-                    | Code::OutOfRange
-                    | Code::Unavailable
-                    | Code::DataLoss
-            ),
-            Self::Http { status, .. } => *status == 429 || (500..600).contains(status),
-            Self::Config(_) | Self::Encode(_) => false,
-        }
     }
 }
 

@@ -34,6 +34,7 @@ fn config(protocol: Protocol, addr: SocketAddr) -> ClientConfig {
         headers: vec![("x-tenant".into(), "team-a".into())],
         connect_timeout: Duration::from_secs(1),
         request_timeout: REQUEST_TIMEOUT,
+        tls: Default::default(),
     }
 }
 
@@ -244,8 +245,13 @@ async fn http_error_statuses_are_classified() {
 #[test]
 fn invalid_configuration_is_rejected_up_front() {
     let base = config(Protocol::Grpc, "127.0.0.1:4317".parse().expect("addr"));
-    let tls = ClientConfig { endpoint: "https://collector:4317".into(), ..base.clone() };
-    assert!(matches!(OtlpProfilesClient::new(tls), Err(OtlpError::Config(_))));
+    let missing_ca = ClientConfig {
+        endpoint: "https://collector:4317".into(),
+        tls: TlsConfig { ca_file: Some("/nonexistent/ca.pem".into()), ..Default::default() },
+        ..base.clone()
+    };
+    let err = OtlpProfilesClient::new(missing_ca).err().expect("a missing CA file is an error");
+    assert!(matches!(err, OtlpError::Config(ref m) if m.contains("/nonexistent/ca.pem")), "{err}");
     for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
         let bad_header = ClientConfig { protocol, headers: vec![("bad header".into(), "x".into())], ..base.clone() };
         assert!(matches!(OtlpProfilesClient::new(bad_header), Err(OtlpError::Config(_))), "{protocol:?}");

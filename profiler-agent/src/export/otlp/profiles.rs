@@ -54,11 +54,29 @@ pub struct Resource {
 /// Processes come in pid order; zero-value samples are left out (they carry
 /// no weight), and a process without any other sample gets no resource.
 pub fn encode(profiles: &[&Profile], resource: &Resource) -> ExportProfilesServiceRequest {
+    encode_pids(profiles, resource, None)
+}
+
+/// Every process with a non-zero sample in `profiles`, in pid order.
+pub(crate) fn pids(profiles: &[&Profile]) -> Vec<u32> {
+    let pids: BTreeSet<u32> =
+        profiles.iter().flat_map(|p| p.samples.iter().filter(|s| s.value > 0).map(|s| s.pid)).collect();
+    pids.into_iter().collect()
+}
+
+/// [`encode`] restricted to the processes in `only` (all when `None`), with
+/// a dictionary holding only what they use.
+pub(crate) fn encode_pids(
+    profiles: &[&Profile],
+    resource: &Resource,
+    only: Option<&BTreeSet<u32>>,
+) -> ExportProfilesServiceRequest {
     // Frame indices that point nowhere should not crash the agent; they are
     // shown as this frame instead, as the pprof exporter does.
     let unknown = Frame::unknown();
     let by_pid: Vec<BTreeMap<u32, Vec<&Sample>>> = profiles.iter().map(|p| samples_by_pid(p)).collect();
-    let pids: BTreeSet<u32> = by_pid.iter().flat_map(|m| m.keys().copied()).collect();
+    let pids: BTreeSet<u32> =
+        by_pid.iter().flat_map(|m| m.keys().copied()).filter(|pid| only.is_none_or(|o| o.contains(pid))).collect();
     let mut encoder = Encoder {
         dict: Dictionary::new(),
         unknown: &unknown,

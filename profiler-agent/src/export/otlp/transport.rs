@@ -1,7 +1,8 @@
 //! What the OTLP profiles and metrics clients share: building the gRPC or
-//! HTTP transport from a [`ClientConfig`], the overall time budget of one
-//! call, gzip, and turning transport errors into [`OtlpError`]s. Only the
-//! generated service client and the response type differ per signal.
+//! HTTP transport from a [`ClientConfig`] (TLS through rustls included), the
+//! overall time budget of one call, gzip, and turning transport errors into
+//! [`OtlpError`]s. Only the generated service client and the response type
+//! differ per signal.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -13,9 +14,10 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use super::client::{ClientConfig, OtlpError, Protocol};
+use super::config::{ClientConfig, Protocol, TlsConfig};
+use super::error::OtlpError;
 
 /// A prepared connection to one receiver for one signal.
 pub(crate) enum Transport {
@@ -59,18 +61,28 @@ impl Transport {
 }
 
 fn grpc<'a>(config: &ClientConfig, headers: impl Iterator<Item = (&'a str, &'a str)>) -> Result<Transport, OtlpError> {
-    if config.endpoint.starts_with("https://") {
-        // tonic is built without a TLS feature; failing here beats an opaque
-        // handshake error on every export.
-        return Err(OtlpError::Config(format!(
-            "{}: gRPC over TLS is not built in; use http:// or the HTTP protocol",
-            config.endpoint
-        )));
-    }
-    let endpoint = Endpoint::from_shared(config.endpoint.clone())
+    let tls = config.uses_tls().then(|| Pem::load(&config.tls)).transpose()?;
+    // tonic refuses an https:// URI without TLS; `insecure` means plaintext.
+    let uri = match config.endpoint.strip_prefix("https://") {
+        Some(rest) if tls.is_none() => format!("http://{rest}"),
+        _ => config.endpoint.clone(),
+    };
+    let mut endpoint = Endpoint::from_shared(uri)
         .map_err(|e| OtlpError::Config(format!("endpoint {:?}: {e}", config.endpoint)))?
         .connect_timeout(config.connect_timeout)
         .timeout(config.request_timeout);
+    if let Some(pem) = tls {
+        let mut tls = ClientTlsConfig::new();
+        tls = match pem.ca {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+            None => tls.with_native_roots(),
+        };
+        if let Some((cert, key)) = pem.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        endpoint =
+            endpoint.tls_config(tls).map_err(|e| OtlpError::Config(format!("TLS for {}: {e}", config.endpoint)))?;
+    }
     let mut metadata = Vec::with_capacity(config.headers.len() + 1);
     for (k, v) in headers {
         let key = AsciiMetadataKey::from_str(k).map_err(|e| OtlpError::Config(format!("header {k:?}: {e}")))?;
@@ -95,11 +107,30 @@ fn http<'a>(
     // Inserted last so a configured header cannot mislabel the body.
     map.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
     map.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    let client = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(config.connect_timeout)
         .timeout(config.request_timeout)
-        .build()
-        .map_err(|e| OtlpError::Config(format!("HTTP client: {e}")))?;
+        .use_rustls_tls();
+    let mut url = url;
+    if config.uses_tls() {
+        let pem = Pem::load(&config.tls)?;
+        if let Some(ca) = pem.ca {
+            let bad = |e: reqwest::Error| OtlpError::Config(format!("CA file: {e}"));
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in reqwest::Certificate::from_pem_bundle(&ca).map_err(bad)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if let Some((cert, key)) = pem.identity {
+            let both = [cert, b"\n".to_vec(), key].concat();
+            let identity = reqwest::Identity::from_pem(&both)
+                .map_err(|e| OtlpError::Config(format!("client certificate: {e}")))?;
+            builder = builder.identity(identity);
+        }
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        url = format!("http://{rest}");
+    }
+    let client = builder.build().map_err(|e| OtlpError::Config(format!("HTTP client: {e}")))?;
     Ok(Transport::Http { client, url, headers: map })
 }
 
@@ -125,7 +156,9 @@ pub(crate) fn classify_status(config: &ClientConfig, status: tonic::Status) -> O
         connect |= err.is::<tonic::ConnectError>();
         cause = err.source();
     }
-    if timed_out {
+    if let Some(message) = tls_failure(&status) {
+        OtlpError::Tls { endpoint: config.endpoint.clone(), message }
+    } else if timed_out {
         timeout(config)
     } else if connect {
         OtlpError::Connect { endpoint: config.endpoint.clone(), source: Box::new(status) }
@@ -140,7 +173,9 @@ pub(crate) fn classify_status(config: &ClientConfig, status: tonic::Status) -> O
 
 pub(crate) fn classify_reqwest(config: &ClientConfig, e: reqwest::Error) -> OtlpError {
     let endpoint = config.endpoint.clone();
-    if e.is_timeout() {
+    if let Some(message) = tls_failure(&e) {
+        OtlpError::Tls { endpoint, message }
+    } else if e.is_timeout() {
         timeout(config)
     } else if e.is_connect() {
         OtlpError::Connect { endpoint, source: Box::new(e) }
@@ -158,4 +193,78 @@ pub(crate) fn gzip(bytes: &[u8]) -> Result<Vec<u8>, OtlpError> {
     let mut gz = GzEncoder::new(Vec::with_capacity(bytes.len() / 4), Compression::default());
     gz.write_all(bytes).map_err(OtlpError::Encode)?;
     gz.finish().map_err(OtlpError::Encode)
+}
+
+/// rustls's reason when a TLS handshake is somewhere in `err`'s source chain.
+/// tokio-rustls hands it over inside an `io::Error`, whose `source()` skips
+/// the wrapped error, so io errors are looked into explicitly.
+fn tls_failure(err: &(dyn StdError + 'static)) -> Option<String> {
+    fn dig(e: &(dyn StdError + 'static)) -> Option<String> {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|inner| dig(inner))
+    }
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        if let Some(reason) = dig(e) {
+            return Some(reason);
+        }
+        cause = e.source();
+    }
+    None
+}
+
+/// The PEM files of a [`TlsConfig`], read and checked when the client is
+/// built, so a missing or malformed file stops the agent at start with its
+/// name rather than failing every handshake later.
+struct Pem {
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Pem {
+    fn load(tls: &TlsConfig) -> Result<Self, OtlpError> {
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| OtlpError::Config(format!("cannot read the {what} {}: {e}", path.display())))
+        };
+        let certs = |pem: &[u8], path: &std::path::Path, what: &str| {
+            let n = CertificateDer::pem_slice_iter(pem).filter(Result::is_ok).count();
+            if n == 0 {
+                return Err(OtlpError::Config(format!("the {what} {} holds no PEM certificate", path.display())));
+            }
+            Ok(())
+        };
+        let ca = match &tls.ca_file {
+            Some(path) => {
+                let pem = read(path, "CA file")?;
+                certs(&pem, path, "CA file")?;
+                Some(pem)
+            }
+            None => None,
+        };
+        let identity = match (&tls.client_cert_file, &tls.client_key_file) {
+            (None, None) => None,
+            (Some(cert_path), Some(key_path)) => {
+                let cert = read(cert_path, "client certificate")?;
+                certs(&cert, cert_path, "client certificate")?;
+                let key = read(key_path, "client key")?;
+                PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
+                    OtlpError::Config(format!("the client key {} holds no PEM private key: {e}", key_path.display()))
+                })?;
+                Some((cert, key))
+            }
+            _ => {
+                return Err(OtlpError::Config(
+                    "a client certificate needs its key and a key its certificate (client_cert_file, client_key_file)"
+                        .into(),
+                ))
+            }
+        };
+        Ok(Self { ca, identity })
+    }
 }

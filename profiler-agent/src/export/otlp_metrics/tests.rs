@@ -293,6 +293,7 @@ fn config(protocol: Protocol, addr: SocketAddr) -> ClientConfig {
         headers: vec![("x-tenant".into(), "team-a".into())],
         connect_timeout: Duration::from_secs(1),
         request_timeout: Duration::from_millis(500),
+        tls: Default::default(),
     }
 }
 
