@@ -1,6 +1,7 @@
 //! Wires the stages together for each command. `anyhow` lives here and in
 //! `main`; the stages below report typed errors.
 
+pub mod check;
 mod collect;
 mod preflight;
 mod record;
@@ -14,5 +15,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Record(args) => record::record(args).await,
         Command::Run(args) => run::run(args).await,
+        Command::Check(args) => check::check(args).await,
     }
 }

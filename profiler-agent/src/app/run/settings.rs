@@ -63,7 +63,7 @@ mod tests {
         v.extend_from_slice(argv);
         match Cli::try_parse_from(v).unwrap().command {
             Command::Run(r) => r,
-            Command::Record(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 
