@@ -72,6 +72,21 @@ pub enum Command {
     ///   profiler-agent diff a/ b/ --format table,json,svg -o report/ --min-change 0.5
     #[command(verbatim_doc_comment)]
     Diff(DiffArgs),
+    /// Check whether this host can run the agent, and say what to do when not.
+    ///
+    /// Reads the kernel version, BTF, capabilities (held against needed),
+    /// kernel.perf_event_paranoid, kptr_restrict, memlock and the cgroup
+    /// layout; loads tiny BPF programs to probe perf_event, tp_btf (and the
+    /// raw-tracepoint fallback), the ring buffer, bpf_loop and mmapable
+    /// arrays; and tries the exporters of the configuration `run` would use
+    /// (same flags), each with a timeout. Exits 0 when the agent can run,
+    /// 1 when it cannot. docs/operations.md explains every problem.
+    ///
+    /// Examples:
+    ///   profiler-agent check
+    ///   profiler-agent check --config /etc/profiler-agent/config.toml --output json
+    #[command(verbatim_doc_comment)]
+    Check(crate::app::check::CheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -172,28 +187,8 @@ pub struct RecordArgs {
     pub compare_to: Option<PathBuf>,
 }
 
-/// How user stacks are walked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Unwinder {
-    /// CFI (.eh_frame) tables, frame pointers where there are none.
-    Cfi,
-    /// Frame pointers only (the kernel's walk).
-    FramePointer,
-}
-
-/// Bounds of the CFI table memory: below 64 KiB not even libc fits; above
-/// 128 MiB the kernel's binary search needs more than its 24 steps.
-pub const MIN_TABLE_MEMORY: u64 = 64 << 10;
-pub const MAX_TABLE_MEMORY: u64 = 128 << 20;
-
-pub fn parse_table_memory(text: &str) -> Result<u64, String> {
-    let bytes = crate::config::values::parse_bytes(text)?;
-    if !(MIN_TABLE_MEMORY..=MAX_TABLE_MEMORY).contains(&bytes) {
-        return Err(format!("must be between 64KiB and 128MiB, got {bytes} bytes"));
-    }
-    Ok(bytes)
-}
+// Shared with the config file; re-exported so `cli::Unwinder` keeps working.
+pub use crate::options::{parse_table_memory, Unwinder, MAX_TABLE_MEMORY, MIN_TABLE_MEMORY};
 
 /// Output formats of `diff`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]

@@ -15,6 +15,7 @@ pub mod diff;
 pub mod duration;
 pub mod export;
 pub mod latency;
+pub mod options;
 pub mod process;
 pub mod profile;
 pub mod symbolize;

@@ -6,6 +6,7 @@
 
 mod bench;
 mod build;
+mod package;
 mod run;
 mod setup;
 mod test;
@@ -43,6 +44,11 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build an installable package: `cargo xtask package deb`.
+    Package {
+        #[command(subcommand)]
+        package: package::Package,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -74,6 +80,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Test { args } => test::run(&args),
         Command::Run { args } => run::run(&args),
         Command::Bench { bench } => bench::run(bench),
+        Command::Package { package } => package::run(package),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Wires the stages together for each command. `anyhow` lives here and in
 //! `main`; the stages below report typed errors.
 
+pub mod check;
 mod collect;
 pub(crate) mod diff;
 mod preflight;
@@ -16,5 +17,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Record(args) => record::record(args).await,
         Command::Run(args) => run::run(args).await,
         Command::Diff(args) => diff::diff(&args),
+        Command::Check(args) => check::check(args).await,
     }
 }

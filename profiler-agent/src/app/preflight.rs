@@ -12,7 +12,9 @@ use std::{
 pub enum PreflightError {
     #[error(
         "profiler-agent needs root, or the capabilities CAP_BPF and CAP_PERFMON (missing: {missing}); \
-         run it with sudo, or grant them: setcap cap_bpf,cap_perfmon,cap_sys_ptrace+ep <binary>"
+         run it with sudo, or grant them (the packaged systemd unit does): \
+         setcap cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search,cap_syslog+ep <binary>; \
+         `profiler-agent check` lists what this host lacks"
     )]
     Capabilities { missing: String },
     #[error(
@@ -51,6 +53,48 @@ pub fn check_capabilities(status: &str) -> Result<(), PreflightError> {
         .map(|(_, n)| n)
         .collect();
     Err(PreflightError::Capabilities { missing: missing.join(", ") })
+}
+
+/// What the agent will do worse with the capabilities in `status` (the
+/// text of `/proc/self/status`), given whether /proc/kallsyms shows
+/// addresses: one sentence per missing capability, for warnings at start.
+pub fn degraded_capabilities(status: &str, kallsyms_visible: bool) -> Vec<String> {
+    use super::check::host::{effective_caps, holds, CAP_DAC_READ_SEARCH, CAP_SYSLOG, CAP_SYS_PTRACE};
+    let caps = effective_caps(status);
+    let mut out = Vec::new();
+    if !holds(caps, CAP_SYS_PTRACE) {
+        out.push(
+            "without CAP_SYS_PTRACE, other users' processes cannot be inspected (/proc/PID/maps, /proc/PID/root): \
+             their user stacks stop at the leaf and may be unnamed; grant CAP_SYS_PTRACE"
+                .to_owned(),
+        );
+    }
+    if !holds(caps, CAP_DAC_READ_SEARCH) {
+        out.push(
+            "without CAP_DAC_READ_SEARCH, binaries below directories this user cannot search (/root, 0700 home \
+             directories) cannot be read: their frames are unnamed; grant CAP_DAC_READ_SEARCH"
+                .to_owned(),
+        );
+    }
+    if !kallsyms_visible {
+        let syslog = if holds(caps, CAP_SYSLOG) {
+            "kernel.kptr_restrict=2 hides them even with CAP_SYSLOG; set it to 1"
+        } else {
+            "grant CAP_SYSLOG"
+        };
+        out.push(format!("/proc/kallsyms shows no addresses to this user: kernel frames will be unnamed; {syslog}"));
+    }
+    out
+}
+
+/// Logs [`degraded_capabilities`] for this process as warnings.
+pub fn warn_degraded(status: &str) {
+    let visible = super::check::host::kallsyms_head()
+        .map(|t| super::check::host::kallsyms_addresses_visible(&t))
+        .unwrap_or(false);
+    for warning in degraded_capabilities(status, visible) {
+        log::warn!("{warning}");
+    }
 }
 
 /// The kernel must expose BTF.
@@ -118,6 +162,16 @@ mod tests {
         let msg = check_capabilities(&status(0)).unwrap_err().to_string();
         assert!(msg.contains("CAP_BPF") && msg.contains("CAP_PERFMON") && msg.contains("root"), "{msg}");
         assert!(check_capabilities("garbage").is_err());
+    }
+
+    #[test]
+    fn degraded_capabilities_name_what_is_missing() {
+        assert!(degraded_capabilities(&status(0x000001ffffffffff), true).is_empty(), "root");
+        let bpf_only = status((1 << CAP_BPF) | (1 << CAP_PERFMON));
+        let w = degraded_capabilities(&bpf_only, false).join("\n");
+        assert!(w.contains("CAP_SYS_PTRACE") && w.contains("CAP_DAC_READ_SEARCH") && w.contains("CAP_SYSLOG"), "{w}");
+        let w = degraded_capabilities(&status(0x000001ffffffffff), false).join("\n");
+        assert!(w.contains("kptr_restrict"), "{w}");
     }
 
     #[test]

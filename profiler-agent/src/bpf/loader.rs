@@ -25,7 +25,7 @@ use super::{
 };
 
 /// The eBPF object built by `build.rs` from `profiler-ebpf`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
+pub(super) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
 const ON_CPU_PROGRAM: &str = "on_cpu_sample";
 

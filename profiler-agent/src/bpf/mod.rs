@@ -8,6 +8,7 @@
 pub mod btf;
 pub mod fake;
 mod loader;
+pub mod probe;
 mod unwind_maps;
 
 use std::time::Duration;

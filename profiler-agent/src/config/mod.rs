@@ -64,7 +64,7 @@ pub struct Sampling {
     pub pids: Vec<u32>,
     /// How user stacks are walked: `cfi` (`.eh_frame` tables, complete
     /// stacks for code without frame pointers) or `frame-pointer`.
-    pub unwinder: crate::cli::Unwinder,
+    pub unwinder: crate::options::Unwinder,
     /// Kernel memory for CFI tables; the least recently sampled files'
     /// tables are evicted when it is full.
     pub unwind_table_memory: ByteSize,
@@ -77,7 +77,7 @@ impl Default for Sampling {
             off_cpu: false,
             off_cpu_min_block: HumanDuration::ZERO,
             pids: Vec::new(),
-            unwinder: crate::cli::Unwinder::Cfi,
+            unwinder: crate::options::Unwinder::Cfi,
             unwind_table_memory: ByteSize(32 << 20),
         }
     }
@@ -265,7 +265,7 @@ impl Config {
             return invalid(format!("sampling.frequency = {}: expected 1 to 10000 Hz", self.sampling.frequency));
         }
         let memory = self.sampling.unwind_table_memory.0;
-        if !(crate::cli::MIN_TABLE_MEMORY..=crate::cli::MAX_TABLE_MEMORY).contains(&memory) {
+        if !(crate::options::MIN_TABLE_MEMORY..=crate::options::MAX_TABLE_MEMORY).contains(&memory) {
             return invalid(format!("sampling.unwind_table_memory = {memory} bytes: expected 64KiB to 128MiB"));
         }
         if self.export.interval.0 < Duration::from_secs(1) {

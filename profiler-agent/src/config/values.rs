@@ -42,26 +42,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
-/// Parses a byte size; binary (KiB, MiB, GiB) and decimal (kB, MB, GB) units.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let expected =
-        || format!("invalid size `{text}`: expected bytes or a number with a unit (KiB, MiB, GiB, kB, MB, GB)");
-    let n: u64 = number.parse().map_err(|_| expected())?;
-    let scale: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "k" | "K" | "kB" | "KB" => 1_000,
-        "KiB" => 1 << 10,
-        "M" | "MB" => 1_000_000,
-        "MiB" => 1 << 20,
-        "G" | "GB" => 1_000_000_000,
-        "GiB" => 1 << 30,
-        _ => return Err(expected()),
-    };
-    n.checked_mul(scale).ok_or_else(|| format!("invalid size `{text}`: too large"))
-}
+pub use crate::options::parse_bytes;
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

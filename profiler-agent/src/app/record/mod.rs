@@ -52,6 +52,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     // Usage errors first, each before anything is loaded or attached.
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     preflight::check_capabilities(&status)?;
+    preflight::warn_degraded(&status);
     preflight::check_btf(Path::new("/sys/kernel/btf/vmlinux"))?;
     preflight::check_pids(Path::new("/proc"), &args.pids)?;
     let dir = args.output_dir.clone().unwrap_or_else(default_output_dir);

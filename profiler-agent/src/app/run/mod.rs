@@ -8,7 +8,7 @@ mod exporters;
 mod http;
 mod pipeline;
 mod retry;
-mod settings;
+pub(crate) mod settings;
 
 use std::{
     num::NonZeroUsize,
@@ -42,6 +42,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = settings::resolve(&args, |k| std::env::var(k).ok())?;
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     preflight::check_capabilities(&status)?;
+    preflight::warn_degraded(&status);
     preflight::check_btf(Path::new("/sys/kernel/btf/vmlinux"))?;
     preflight::check_pids(Path::new("/proc"), &config.sampling.pids)?;
     if let Some(files) = &config.export.files {
