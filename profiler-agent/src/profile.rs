@@ -18,6 +18,35 @@ pub enum FrameKind {
     Inlined,
     /// A kernel function; folded output marks it `_[k]`.
     Kernel,
+    /// JIT-compiled code named from the runtime's perf map or jitdump;
+    /// folded output marks it `_[j]`.
+    Jit(JitRuntime),
+}
+
+/// The runtime that compiled a JIT frame, for exporters that name it
+/// (OTLP `profile.frame.type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JitRuntime {
+    V8,
+    Jvm,
+    Dotnet,
+    CPython,
+    /// A runtime the agent does not tell apart (LuaJIT, Julia, Wasmtime...).
+    Other,
+}
+
+impl JitRuntime {
+    /// The OpenTelemetry `profile.frame.type` value: the well-known one
+    /// where it exists (the conventions require it then), else `jit`.
+    pub fn otel_frame_type(self) -> &'static str {
+        match self {
+            JitRuntime::V8 => "v8js",
+            JitRuntime::Jvm => "jvm",
+            JitRuntime::Dotnet => "dotnet",
+            JitRuntime::CPython => "cpython",
+            JitRuntime::Other => "jit",
+        }
+    }
 }
 
 /// The binary (or kernel) a frame's address belongs to.

@@ -61,6 +61,19 @@ fn push_frame(out: &mut String, frame: &Frame) {
         FrameKind::Kernel => out.push_str("_[k]"),
         FrameKind::Inlined => out.push_str("_[i]"),
         FrameKind::User => {}
+        FrameKind::Jit(_) => {
+            // The runtime's own names carry the location (V8's `JS:*f
+            // file:line:col`); keep it, so flame graphs tell apart
+            // functions of the same name.
+            if let Some(file) = &frame.file {
+                out.push(' ');
+                push_name(out, file);
+                if let Some(line) = frame.line {
+                    let _ = write!(out, ":{line}");
+                }
+            }
+            out.push_str("_[j]");
+        }
     }
 }
 

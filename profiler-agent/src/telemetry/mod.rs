@@ -52,6 +52,8 @@ pub struct Telemetry {
     pub attached: AtomicBool,
     /// The CFI table thread's latest figures (None: frame pointers only).
     unwind: Mutex<Option<crate::unwind::UnwindStats>>,
+    /// Perf map / jitdump tables and JIT frames named.
+    jit: Mutex<Option<(crate::runtimes::RuntimeStats, u64, u64)>>,
     exporters: Mutex<BTreeMap<&'static str, std::sync::Arc<ExporterMetrics>>>,
 }
 
@@ -72,6 +74,11 @@ impl Telemetry {
 
     pub fn set_unwind(&self, u: crate::unwind::UnwindStats) {
         *self.unwind.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+    }
+
+    /// The JIT tables' figures, and the JIT frames named and left unnamed.
+    pub fn set_jit(&self, stats: crate::runtimes::RuntimeStats, named: u64, unnamed: u64) {
+        *self.jit.lock().unwrap_or_else(|e| e.into_inner()) = Some((stats, named, unnamed));
     }
 
     pub fn record_export(&self, m: &ExporterMetrics, ok: bool, took: Duration) {
@@ -190,6 +197,44 @@ impl Telemetry {
                     "Table requests dropped because the table thread's queue was full.",
                     u.requests_dropped,
                 ),
+            ];
+            for (name, kind, help, v) in series {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            }
+        }
+        if let Some((j, named, unnamed)) = *self.jit.lock().unwrap_or_else(|e| e.into_inner()) {
+            let series: [(&str, &str, &str, u64); 11] = [
+                ("profiler_jit_frames_total", "counter", "Frames named from perf maps or jitdump.", named),
+                ("profiler_jit_frames_unnamed_total", "counter", "Frames in JIT code no map named.", unnamed),
+                ("profiler_jit_processes", "gauge", "Processes with JIT code.", j.processes),
+                ("profiler_jit_processes_with_map", "gauge", "Processes with a perf map or jitdump read.", j.with_map),
+                ("profiler_jit_functions", "gauge", "JIT functions in the tables.", j.entries),
+                ("profiler_jit_table_bytes", "gauge", "Approximate memory of the JIT tables.", j.bytes),
+                (
+                    "profiler_jit_malformed_lines_total",
+                    "counter",
+                    "Perf map lines skipped as malformed.",
+                    j.malformed_lines,
+                ),
+                (
+                    "profiler_jit_malformed_records_total",
+                    "counter",
+                    "jitdump records skipped as malformed.",
+                    j.malformed_records,
+                ),
+                (
+                    "profiler_jit_entries_evicted_total",
+                    "counter",
+                    "JIT functions evicted by the per-process bound.",
+                    j.entries_evicted,
+                ),
+                (
+                    "profiler_jit_processes_evicted_total",
+                    "counter",
+                    "JIT tables evicted by the total bound.",
+                    j.processes_evicted,
+                ),
+                ("profiler_jit_read_errors_total", "counter", "Perf map or jitdump reads that failed.", j.read_errors),
             ];
             for (name, kind, help, v) in series {
                 let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
