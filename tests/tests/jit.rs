@@ -24,8 +24,8 @@ use profiler_integration_tests::sched::read_folded;
 use profiler_integration_tests::workload::build_c;
 use profiler_integration_tests::{require_root, spawn_record, RecordOutput};
 
-/// The fake runtime. `gen perfmap`: runs `jit_alpha` (a spin loop) for
-/// 2 s, then appends `jit_beta` (which calls the native `native_leaf`,
+/// The fake runtime. `gen perfmap`: runs `jit_alpha` (a spin loop) until
+/// SIGUSR1, then appends `jit_beta` (which calls the native `native_leaf`,
 /// built without frame pointers) to its map and runs that. Its map starts
 /// with 3 malformed lines and gets a 4th with the append. `gen jitdump`:
 /// `jit_dumped` (the same code as `jit_beta`) in a jitdump with line 42 of
@@ -41,6 +41,10 @@ const GEN_C: &str = r#"
 #include <time.h>
 #include <unistd.h>
 #include <fcntl.h>
+#include <signal.h>
+
+static volatile sig_atomic_t switched;
+static void on_usr1(int sig) { (void)sig; switched = 1; }
 
 __attribute__((noinline)) void native_leaf(void) {
     volatile uint64_t acc = 0;
@@ -67,9 +71,8 @@ typedef void (*fn)(uint64_t);
 
 /* Calls through a pointer from a frame-pointer main, so the JIT frame's
  * saved rbp and return address lead back here. */
-__attribute__((noinline)) void run(fn f, uint64_t n, double secs) {
-    double end = now() + secs;
-    while (now() < end) f(n);
+__attribute__((noinline)) void run(fn f, uint64_t n, int until_signal) {
+    while (!(until_signal && switched)) f(n);
 }
 
 static void put(FILE *f, const void *p, size_t n) { fwrite(p, 1, n, f); }
@@ -104,7 +107,7 @@ int main(int argc, char **argv) {
         u64(f, sizeof CALLER); u64(f, 1); put(f, "jit_dumped", 11); put(f, CALLER, sizeof CALLER);
         fflush(f);
         if (mmap(NULL, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE, fileno(f), 0) == MAP_FAILED) return 3;
-        for (;;) run((fn)beta, 50, 3600);
+        run((fn)beta, 50, 0);
     }
     snprintf(path, sizeof path, "/tmp/perf-%d.map", getpid());
     FILE *m = fopen(path, "w");
@@ -112,10 +115,11 @@ int main(int argc, char **argv) {
     fprintf(m, "this is not a perf map line\nzzzz 10 bad_hex\n%lx 0 empty_range\n", (unsigned long)alpha);
     fprintf(m, "%lx %zx jit_alpha\n", (unsigned long)alpha, sizeof SPIN);
     fflush(m);
-    run((fn)alpha, 20000000, 2.0);
+    signal(SIGUSR1, on_usr1);
+    run((fn)alpha, 20000000, 1);
     fprintf(m, "%lx %zx jit_beta\n%lx\n", (unsigned long)beta, sizeof CALLER, (unsigned long)beta);
     fflush(m);
-    for (;;) run((fn)beta, 50, 3600);
+    run((fn)beta, 50, 0);
 }
 "#;
 
@@ -212,15 +216,24 @@ fn perf_map_growing_during_recording_with_malformed_lines() {
     let dir = gen_dir();
     let gen = build_gen(dir.path());
     let p = start(&mut Command::new(&gen));
-    std::thread::sleep(Duration::from_millis(300));
-    let out = record_pid(p.pid(), 4, "folded");
+    let pid = p.pid().to_string();
+    let mut agent = spawn_record(&["--pid", &pid, "--duration", "4", "--frequency", "199", "--format", "folded"]);
+    agent.wait_attached(Duration::from_secs(60)).expect("the agent attached");
+    // Halfway (sampling starts a little after the attach): switch.
+    std::thread::sleep(Duration::from_millis(2200));
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(p.pid() as i32, libc::SIGUSR1) }, 0);
+    let out = agent.wait(RECORD_TIMEOUT);
+    out.assert_success();
     let f = read_folded(&out, "cpu.folded").process("jitgen");
     let total = f.total();
     let alpha = f.count_where(|s| through_jit(s, "jit_alpha", false));
     let beta = f.count_where(|s| through_jit(s, "jit_beta", true));
     let ctx = || format!("{}\n{}", f.top(12), out.stderr);
-    assert!(total > 300, "too few samples: {total}\n{}", ctx());
-    // alpha runs ~1.7 s of the 4 s, beta the rest; both well clear of 0.
+    // On a loaded machine the workload gets less than a CPU; the ratios
+    // below hold whatever the count.
+    assert!(total > 50, "too few samples: {total}\n{}", ctx());
+    // alpha runs ~2 s of the 4 s, beta the rest; both well clear of 0.
     assert!(share(alpha, total) > 0.2, "jit_alpha in {alpha} of {total}\n{}", ctx());
     assert!(share(beta, total) > 0.3, "jit_beta (appended mid-recording) in {beta} of {total}\n{}", ctx());
     assert!(share(alpha + beta, total) > 0.9, "main;run;JIT;(native) in {} of {total}\n{}", alpha + beta, ctx());
@@ -236,7 +249,7 @@ fn perf_map_in_a_private_tmp_of_another_namespace() {
     let dir = gen_dir();
     let gen = build_gen(dir.path());
     let script = format!("mount -t tmpfs tmpfs /tmp && exec {} perfmap", gen.display());
-    let unshare = start(Command::new("unshare").args(["--mount", "--pid", "--fork", "sh", "-c", &script]));
+    let unshare = start(Command::new("unshare").args(["--mount", "--pid", "--fork", "--kill-child", "sh", "-c", &script]));
     let children = format!("/proc/{0}/task/{0}/children", unshare.pid());
     let mut pid = 0u32;
     wait_for("the namespaced process", Duration::from_secs(5), || {
@@ -357,7 +370,7 @@ fn node_perf_basic_prof() {
         n.strip_prefix("JS:").is_some_and(|r| r.trim_start_matches(['*', '~', '^', '+']).starts_with(name))
     };
     let named = count_jit(&f, |n| is_fn(n, "leafSin ") || is_fn(n, "middle "));
-    assert!(total > 300, "too few samples: {total}\n{}", ctx());
+    assert!(total > 50, "too few samples: {total}\n{}", ctx());
     assert!(share(named, total) >= 0.85, "workload JS functions in {named} of {total}\n{}", ctx());
     // Native code above (Math.sin's C++ implementation) and below (node's
     // main, reached through the JIT frames) is named: a stack walk that
@@ -407,6 +420,6 @@ fn java_perf_map_from_jcmd() {
     let f = read_folded(&out, "cpu.folded").process("java");
     let total = f.total();
     let hot = count_jit(&f, |n| n.contains("Hot.leaf(double)") || n.contains("Hot.outer(int)"));
-    assert!(total > 200, "too few samples: {total}\n{}\n{}", f.top(10), out.stderr);
+    assert!(total > 30, "too few samples: {total}\n{}\n{}", f.top(10), out.stderr);
     assert!(share(hot, total) > 0.7, "Hot.leaf/Hot.outer in {hot} of {total}\n{}\n{}", f.top(15), out.stderr);
 }
