@@ -73,12 +73,17 @@ impl Rng {
 /// recompiling over an earlier range.
 fn line(i: usize, rng: &mut Rng) -> String {
     let size = 0x40 + rng.next() % 0x600;
-    let start = if i % 20 == 19 { JIT_BASE + (rng.next() % (i as u64 + 1)) * 0x400 } else { JIT_BASE + i as u64 * 0x400 };
+    let start =
+        if i % 20 == 19 { JIT_BASE + (rng.next() % (i as u64 + 1)) * 0x400 } else { JIT_BASE + i as u64 * 0x400 };
     let tier = ["*", "~", "^", "+"][(rng.next() % 4) as usize];
     let name_len = 4 + (rng.next() % 24) as usize;
     let name: String = (0..name_len).map(|k| (b'a' + ((i + k * 7) % 26) as u8) as char).collect();
     let module = rng.next() % 300;
-    format!("{start:x} {size:x} JS:{tier}{name} /srv/app/src/lib/module_{module}.js:{}:{}\n", 1 + rng.next() % 3000, 1 + rng.next() % 80)
+    format!(
+        "{start:x} {size:x} JS:{tier}{name} /srv/app/src/lib/module_{module}.js:{}:{}\n",
+        1 + rng.next() % 3000,
+        1 + rng.next() % 80
+    )
 }
 
 fn write_map(path: &Path, lines: usize, rng: &mut Rng) {
