@@ -229,6 +229,16 @@ mod tests {
     }
 
     #[test]
+    fn jit_frame_types_use_the_well_known_otel_values() {
+        let types: Vec<&str> =
+            [JitRuntime::V8, JitRuntime::Jvm, JitRuntime::Dotnet, JitRuntime::CPython, JitRuntime::Other]
+                .iter()
+                .map(|r| r.otel_frame_type())
+                .collect();
+        assert_eq!(types, ["v8js", "jvm", "dotnet", "cpython", "jit"]);
+    }
+
+    #[test]
     fn builder_interns_frames_and_modules_once() {
         let mut p = Profile::new(ValueType::new("samples", "count"), None, 0, SystemTime::UNIX_EPOCH);
         let mut b = ProfileBuilder::default();

@@ -103,6 +103,8 @@ int main(int argc, char **argv) {
         if (mmap(NULL, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE, fileno(f), 0) == MAP_FAILED) return 3;
         run((fn)beta, 50, 0);
     }
+    if (argc > 1 && strcmp(argv[1], "nomap") == 0)
+        run((fn)alpha, 20000000, 0);
     snprintf(path, sizeof path, "/tmp/perf-%d.map", getpid());
     FILE *m = fopen(path, "w");
     if (!m) return 2;
@@ -234,6 +236,24 @@ fn perf_map_growing_during_recording_with_malformed_lines() {
     assert!(share(alpha + beta, total) > 0.9, "main;run;JIT;(native) in {} of {total}\n{}", alpha + beta, ctx());
     assert_eq!(malformed_lines(&out.stderr), Some(4), "3 malformed lines, then 1 appended\n{}", out.stderr);
     assert!(!out.stderr.contains("without a perf map"), "{}", out.stderr);
+}
+
+/// JIT code without a map: the frames stay anonymous, and the summary
+/// names the process and what would help.
+#[test]
+fn jit_code_without_a_map_is_reported_with_a_hint() {
+    require_root();
+    let dir = gen_dir();
+    let gen = build_gen(dir.path());
+    let p = start(Command::new(&gen).arg("nomap"));
+    std::thread::sleep(Duration::from_millis(200));
+    let out = record_pid(p.pid(), 1, "folded");
+    let f = read_folded(&out, "cpu.folded").process("jitgen");
+    let anon = f.count_where(|s| s.functions().iter().any(|fr| fr.starts_with("[anon]+0x")));
+    assert!(share(anon, f.total()) > 0.8, "{}\n{}", f.top(5), out.stderr);
+    let hint = format!("jitgen (pid {}) ran JIT code without a perf map", p.pid());
+    assert!(out.stderr.contains(&hint), "{}", out.stderr);
+    assert!(out.stderr.contains("/tmp/perf-PID.map"), "{}", out.stderr);
 }
 
 /// The process has its own mount and pid namespaces and a private `/tmp`:

@@ -106,6 +106,18 @@ mod tests {
     }
 
     #[test]
+    fn jit_frames_carry_their_location_and_suffix() {
+        let mut p = empty();
+        let jit = crate::profile::FrameKind::Jit(crate::profile::JitRuntime::V8);
+        p.frames = vec![
+            Frame { file: Some("/srv/w.js".into()), line: Some(3), ..frame("JS:*hot", jit, None, 0x10) },
+            frame("LWork;::spin", jit, None, 0x20),
+        ];
+        p.samples = vec![sample(1, 1, "p", "p", vec![0, 1], 1)];
+        assert_eq!(encode(&p), "p;LWork:::spin_[j];JS:*hot /srv/w.js:3_[j] 1\n");
+    }
+
+    #[test]
     fn fixture_encodes_outermost_first_with_suffixes_and_sorted() {
         let (p, _) = on_cpu_profile();
         assert_eq!(
