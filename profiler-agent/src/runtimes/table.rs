@@ -210,7 +210,7 @@ mod tests {
         }
         let before = t.bytes();
         let dropped = t.evict_to(before / 2);
-        assert!(dropped >= 49 && dropped <= 51, "{dropped}");
+        assert!((49..=51).contains(&dropped), "{dropped}");
         assert!(t.bytes() <= before / 2);
         assert_eq!(name_at(&t, 0), None);
         assert_eq!(name_at(&t, 99 * 0x100), Some("f99"));
