@@ -18,7 +18,7 @@ use std::{
     sync::Arc,
 };
 
-use super::table::{JitSymbol, JitTable, LineEntry};
+use super::table::{JitTable, LineEntry};
 
 pub const MAGIC: u32 = 0x4A69_5444;
 pub const HEADER_SIZE: usize = 40;
@@ -163,8 +163,14 @@ fn code_load(mut r: Reader<'_>, state: &mut DumpState, table: &mut JitTable) -> 
         return None;
     }
     let lines = state.pending.remove(&addr).unwrap_or_default();
-    let first = lines.first();
-    let sym = JitSymbol { file: first.map(|l| l.file.clone()), line: first.map(|l| l.line), name, lines: lines.into() };
+    // V8 names carry their location (`JS:*f file:line:col`) here too; the
+    // DEBUG_INFO line table, when there is one, is more precise.
+    let mut sym = super::names::symbol(&name);
+    if let Some(first) = lines.first() {
+        sym.file = Some(first.file.clone());
+        sym.line = Some(first.line);
+    }
+    sym.lines = lines.into();
     table.insert(addr, size, Arc::new(sym)).then_some(())
 }
 
@@ -358,7 +364,7 @@ mod tests {
         let mut f = write::header(7);
         f.extend(write::debug_info(0x1000, &[(0x1000, 40, Some("gen.js")), (0x1010, 42, None)]));
         f.extend(write::code_load(0x1000, 0x40, "jit_spin"));
-        f.extend(write::code_load(0x2000, 0x40, "moved"));
+        f.extend(write::code_load(0x2000, 0x40, "JS:*moved /srv/m.js:7:3"));
         f.extend(write::code_move(0x2000, 0x3000, 0x40));
         f.extend(vec![3, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // CODE_CLOSE
         let (t, out, st) = read_all(&f);
@@ -369,7 +375,8 @@ mod tests {
         let (file, line) = s.line_at(0x18);
         assert_eq!((file.as_deref(), line), (Some("gen.js"), Some(42)), "\\xff repeats the file");
         assert_eq!(s.line_at(0x4).1, Some(40));
-        assert_eq!(t.lookup(0x3010).unwrap().1.name, "moved");
+        let moved = t.lookup(0x3010).unwrap().1;
+        assert_eq!((moved.name.as_str(), moved.file.as_deref(), moved.line), ("JS:*moved", Some("/srv/m.js"), Some(7)));
     }
 
     #[test]
