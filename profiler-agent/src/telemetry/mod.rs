@@ -288,6 +288,21 @@ mod tests {
     }
 
     #[test]
+    fn jit_series_appear_once_set() {
+        let t = Telemetry::default();
+        assert!(!t.render().contains("profiler_jit_"));
+        let stats = crate::runtimes::RuntimeStats { processes: 2, malformed_lines: 4, ..Default::default() };
+        t.set_jit(stats, 90, 10);
+        let text = t.render();
+        for want in ["profiler_jit_frames_total 90", "profiler_jit_frames_unnamed_total 10", "profiler_jit_processes 2"]
+        {
+            assert!(text.contains(want), "{want}\n{text}");
+        }
+        assert!(text.contains("profiler_jit_malformed_lines_total 4"), "{text}");
+        assert!(text.contains("profiler_kernel_events_total{kind=\"unwind_jit_frames\"} 0"), "{text}");
+    }
+
+    #[test]
     fn ready_needs_attachment_and_healthy_exporters() {
         let t = Telemetry::default();
         assert!(!t.ready());
