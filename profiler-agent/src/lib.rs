@@ -18,6 +18,7 @@ pub mod latency;
 pub mod options;
 pub mod process;
 pub mod profile;
+pub mod runtimes;
 pub mod symbolize;
 pub mod telemetry;
 pub mod unwind;

@@ -18,6 +18,35 @@ pub enum FrameKind {
     Inlined,
     /// A kernel function; folded output marks it `_[k]`.
     Kernel,
+    /// JIT-compiled code named from the runtime's perf map or jitdump;
+    /// folded output marks it `_[j]`.
+    Jit(JitRuntime),
+}
+
+/// The runtime that compiled a JIT frame, for exporters that name it
+/// (OTLP `profile.frame.type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JitRuntime {
+    V8,
+    Jvm,
+    Dotnet,
+    CPython,
+    /// A runtime the agent does not tell apart (LuaJIT, Julia, Wasmtime...).
+    Other,
+}
+
+impl JitRuntime {
+    /// The OpenTelemetry `profile.frame.type` value: the well-known one
+    /// where it exists (the conventions require it then), else `jit`.
+    pub fn otel_frame_type(self) -> &'static str {
+        match self {
+            JitRuntime::V8 => "v8js",
+            JitRuntime::Jvm => "jvm",
+            JitRuntime::Dotnet => "dotnet",
+            JitRuntime::CPython => "cpython",
+            JitRuntime::Other => "jit",
+        }
+    }
 }
 
 /// The binary (or kernel) a frame's address belongs to.
@@ -197,6 +226,16 @@ mod tests {
             kind: FrameKind::User,
             unsymbolized: false,
         }
+    }
+
+    #[test]
+    fn jit_frame_types_use_the_well_known_otel_values() {
+        let types: Vec<&str> =
+            [JitRuntime::V8, JitRuntime::Jvm, JitRuntime::Dotnet, JitRuntime::CPython, JitRuntime::Other]
+                .iter()
+                .map(|r| r.otel_frame_type())
+                .collect();
+        assert_eq!(types, ["v8js", "jvm", "dotnet", "cpython", "jit"]);
     }
 
     #[test]

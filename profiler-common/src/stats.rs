@@ -59,10 +59,19 @@ pub enum Stat {
     UnwindDepthLimit = 22,
     /// Stacks with at least one frame unwound by frame pointer.
     UnwindPartial = 23,
+    /// Frames in JIT code (anonymous executable memory) walked by frame
+    /// pointer.
+    UnwindJitFrames = 24,
+    /// Walks that met a zero frame pointer in JIT code: a runtime that does
+    /// not keep frame pointers there (HotSpot without
+    /// `-XX:+PreserveFramePointer`); the stack ends at that frame.
+    UnwindJitEnd = 25,
+    /// Walks whose frame pointer in JIT code led to unreadable memory.
+    UnwindJitReadFault = 26,
 }
 
 /// Number of counters; the size of the `STATS` array.
-pub const STAT_COUNT: u32 = 24;
+pub const STAT_COUNT: u32 = 27;
 
 impl Stat {
     /// Every counter, in index order.
@@ -91,6 +100,9 @@ impl Stat {
         Stat::UnwindReadFault,
         Stat::UnwindDepthLimit,
         Stat::UnwindPartial,
+        Stat::UnwindJitFrames,
+        Stat::UnwindJitEnd,
+        Stat::UnwindJitReadFault,
     ];
 
     /// A stable snake_case name, used in summaries and metric labels.
@@ -120,6 +132,9 @@ impl Stat {
             Stat::UnwindReadFault => "unwind_read_fault",
             Stat::UnwindDepthLimit => "unwind_depth_limit",
             Stat::UnwindPartial => "unwind_partial",
+            Stat::UnwindJitFrames => "unwind_jit_frames",
+            Stat::UnwindJitEnd => "unwind_jit_zero_frame_pointer",
+            Stat::UnwindJitReadFault => "unwind_jit_read_fault",
         }
     }
 }

@@ -84,6 +84,11 @@ pub struct Mapping {
 
 const _: () = assert!(core::mem::size_of::<Mapping>() == 40);
 
+/// `rows_start` of a mapping of anonymous executable memory (JIT code),
+/// which has no table (`rows_len` 0): its frames are walked by frame
+/// pointer and counted as JIT frames rather than as frames without a table.
+pub const ROWS_ANON: u32 = u32::MAX;
+
 /// log2 of the pc range one index slot covers (4 KiB): libc's 28k rows
 /// over 1.6 MB of text are ~70 rows per slot, 7 search steps instead of 15,
 /// for index slots costing 1.5 % of the rows.

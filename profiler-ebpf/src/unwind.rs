@@ -24,8 +24,8 @@ use aya_ebpf::{
 use profiler_common::{
     unwind::{
         Mapping, ProcessEntry, UnwindRow, INDEX_PAGE_SHIFT, MAPPING_SEARCH_STEPS, MAPPING_SLOTS, MAX_UNWIND_FRAMES,
-        ROW_CFA_RBP, ROW_CFA_RSP, ROW_END, ROW_NONE, ROW_PLT, ROW_SEARCH_STEPS, ROW_SIGNAL, SIGFRAME_RBP, SIGFRAME_RIP,
-        SIGFRAME_RSP,
+        ROWS_ANON, ROW_CFA_RBP, ROW_CFA_RSP, ROW_END, ROW_NONE, ROW_PLT, ROW_SEARCH_STEPS, ROW_SIGNAL, SIGFRAME_RBP,
+        SIGFRAME_RIP, SIGFRAME_RSP,
     },
     Stat, MAX_STACK_DEPTH, SAMPLE_FLAG_UNKNOWN_MAPPING, SAMPLE_FLAG_USER_PARTIAL,
 };
@@ -181,6 +181,9 @@ fn step_frame(index: u32, st: &mut State) -> i64 {
         return frame_pointer_step(st);
     }
     if st.cached.rows_len == NO_ROWS {
+        if st.cached.rows_start == ROWS_ANON {
+            return jit_step(st);
+        }
         return no_table(st);
     }
     let Some(row) = find_row(&st.cached, lookup_pc) else { return no_table(st) };
@@ -235,6 +238,29 @@ fn no_table(st: &mut State) -> i64 {
     count(Stat::UnwindNoTable);
     st.flags |= SAMPLE_FLAG_USER_PARTIAL;
     frame_pointer_step(st)
+}
+
+/// JIT code has no CFI; V8, and HotSpot with `-XX:+PreserveFramePointer`,
+/// keep frame pointers in it. The walk stops are counted apart from native
+/// ones, since their cause (a runtime flag) is not a native one. Native
+/// code called from JIT code (V8's `Math.sin` in libm) is walked by its CFI
+/// table, which restores the JIT frame's rbp, so the walk reaches the JIT
+/// caller and continues from there.
+#[inline(always)]
+fn jit_step(st: &mut State) -> i64 {
+    count(Stat::UnwindJitFrames);
+    st.flags |= SAMPLE_FLAG_USER_PARTIAL;
+    if st.bp == 0 {
+        count(Stat::UnwindJitEnd);
+        return STOP;
+    }
+    let Ok(pair) = (unsafe { bpf_probe_read_user(st.bp as *const [u64; 2]) }) else {
+        count(Stat::UnwindJitReadFault);
+        return STOP;
+    };
+    st.sp = st.bp + 16;
+    st.bp = pair[0];
+    next_pc(st, pair[1])
 }
 
 /// The frame-pointer convention: [bp] is the caller's bp, [bp+8] the

@@ -7,6 +7,8 @@ use std::collections::BTreeSet;
 pub const KERNEL_SUFFIX: &str = "_[k]";
 /// Suffix of inlined frames.
 pub const INLINED_SUFFIX: &str = "_[i]";
+/// Suffix of JIT frames named from a perf map or jitdump.
+pub const JIT_SUFFIX: &str = "_[j]";
 
 /// One line of `cpu.folded`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,9 +162,17 @@ impl Folded {
     }
 }
 
-/// The frame name without its `_[k]` / `_[i]` suffix.
+/// The frame name without its `_[k]` / `_[i]` / `_[j]` suffix.
 pub fn base_name(frame: &str) -> &str {
-    frame.strip_suffix(KERNEL_SUFFIX).or_else(|| frame.strip_suffix(INLINED_SUFFIX)).unwrap_or(frame)
+    frame
+        .strip_suffix(KERNEL_SUFFIX)
+        .or_else(|| frame.strip_suffix(INLINED_SUFFIX))
+        .or_else(|| frame.strip_suffix(JIT_SUFFIX))
+        .unwrap_or(frame)
+}
+
+pub fn is_jit(frame: &str) -> bool {
+    frame.ends_with(JIT_SUFFIX)
 }
 
 pub fn is_kernel(frame: &str) -> bool {

@@ -8,6 +8,7 @@ use profiler_common::Stat;
 use crate::{
     bpf::{KernelStats, ProgramRunTime},
     latency::{human_ns, Percentiles},
+    runtimes::RuntimeStats,
     symbolize::SymbolizeStats,
     unwind::UnwindStats,
 };
@@ -36,6 +37,15 @@ pub struct SchedulerSummary {
     pub tracked_left: usize,
 }
 
+/// What was named in JIT code, and how to name what was not.
+#[derive(Debug, Default)]
+pub struct JitSummary {
+    pub stats: RuntimeStats,
+    /// Processes with unnamed JIT frames and no perf map or jitdump:
+    /// (pid, process name, frames, the flag that would help).
+    pub missing: Vec<(u32, String, u64, &'static str)>,
+}
+
 /// Everything the summary reports.
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -57,6 +67,8 @@ pub struct Summary {
     pub scheduler: Option<SchedulerSummary>,
     /// The CFI table thread's figures, when CFI unwinding was on.
     pub unwind: Option<UnwindStats>,
+    /// Perf maps and jitdumps, when a process had JIT code.
+    pub jit: Option<JitSummary>,
     pub files: Vec<PathBuf>,
 }
 
@@ -108,6 +120,9 @@ impl Summary {
         );
         if let Some(u) = &self.unwind {
             self.render_unwind(&mut s, u);
+        }
+        if let Some(j) = &self.jit {
+            self.render_jit(&mut s, j);
         }
         if let Some(sched) = &self.scheduler {
             self.render_scheduler(&mut s, sched);
@@ -165,6 +180,39 @@ impl Summary {
             u.too_big,
             u.requests_dropped
         );
+    }
+
+    fn render_jit(&self, s: &mut String, j: &JitSummary) {
+        let k = |stat| self.kernel.get(stat);
+        let st = &j.stats;
+        let _ = writeln!(
+            s,
+            "JIT: {} frames named from perf maps or jitdump, {} in JIT code unnamed; {} of {} processes with JIT code have a map \
+             ({} functions, {} KiB; skipped {} malformed lines, {} malformed records; evicted {} functions, {} processes).",
+            self.symbols.jit,
+            self.symbols.jit_unnamed,
+            st.with_map,
+            st.processes,
+            st.entries,
+            st.bytes / 1024,
+            st.malformed_lines,
+            st.malformed_records,
+            st.entries_evicted,
+            st.processes_evicted,
+        );
+        if self.unwind.is_some() {
+            let _ = writeln!(
+                s,
+                "JIT unwinding: {} frames in JIT code walked by frame pointer; walks stopped there: {} at a zero frame pointer, {} at a read fault.",
+                k(Stat::UnwindJitFrames),
+                k(Stat::UnwindJitEnd),
+                k(Stat::UnwindJitReadFault),
+            );
+        }
+        for (pid, name, frames, hint) in &j.missing {
+            let _ =
+                writeln!(s, "  {name} (pid {pid}) ran JIT code without a perf map ({frames} frames unnamed): {hint}.");
+        }
     }
 
     fn render_scheduler(&self, s: &mut String, sched: &SchedulerSummary) {
@@ -229,7 +277,7 @@ mod tests {
             aggregation_dropped: 1,
             unique_stacks: 12,
             processes: 2,
-            symbols: SymbolizeStats { frames: 200, unsymbolized: 5, unknown_mapping: 1 },
+            symbols: SymbolizeStats { frames: 200, unsymbolized: 5, unknown_mapping: 1, ..Default::default() },
             run_time: vec![ProgramRunTime {
                 name: "on_cpu_sample".into(),
                 time: Duration::from_micros(1500),
@@ -277,6 +325,33 @@ mod tests {
         assert!(s.contains("dropped: 2 (") && s.contains("stack_store_failed 2"), "{s}");
         assert!(s.contains("run queue 2.0us / 3.00ms / 3.50ms / 4.00ms, 10   off-CPU -"), "{s}");
         assert!(s.contains("3 threads still blocked, 1 waiting to run, 5 threads tracked"), "{s}");
+    }
+
+    #[test]
+    fn jit_section_names_the_flag_for_processes_without_a_map() {
+        let s = Summary {
+            symbols: SymbolizeStats { jit: 90, jit_unnamed: 30, ..Default::default() },
+            jit: Some(JitSummary {
+                stats: RuntimeStats {
+                    processes: 2,
+                    with_map: 1,
+                    entries: 40,
+                    malformed_lines: 3,
+                    ..Default::default()
+                },
+                missing: vec![(77, "java".into(), 30, "use -XX:+PreserveFramePointer")],
+            }),
+            ..Default::default()
+        }
+        .render();
+        assert!(s.contains("JIT: 90 frames named from perf maps or jitdump, 30 in JIT code unnamed; 1 of 2"), "{s}");
+        assert!(s.contains("skipped 3 malformed lines"), "{s}");
+        assert!(
+            s.contains(
+                "java (pid 77) ran JIT code without a perf map (30 frames unnamed): use -XX:+PreserveFramePointer."
+            ),
+            "{s}"
+        );
     }
 
     #[test]

@@ -61,6 +61,19 @@ fn push_frame(out: &mut String, frame: &Frame) {
         FrameKind::Kernel => out.push_str("_[k]"),
         FrameKind::Inlined => out.push_str("_[i]"),
         FrameKind::User => {}
+        FrameKind::Jit(_) => {
+            // The runtime's own names carry the location (V8's `JS:*f
+            // file:line:col`); keep it, so flame graphs tell apart
+            // functions of the same name.
+            if let Some(file) = &frame.file {
+                out.push(' ');
+                push_name(out, file);
+                if let Some(line) = frame.line {
+                    let _ = write!(out, ":{line}");
+                }
+            }
+            out.push_str("_[j]");
+        }
     }
 }
 
@@ -126,6 +139,18 @@ mod tests {
 
     fn empty() -> Profile {
         Profile::new(ValueType::new("samples", "count"), None, 0, SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn jit_frames_carry_their_location_and_suffix() {
+        let mut p = empty();
+        let jit = crate::profile::FrameKind::Jit(crate::profile::JitRuntime::V8);
+        p.frames = vec![
+            Frame { file: Some("/srv/w.js".into()), line: Some(3), ..frame("JS:*hot", jit, None, 0x10) },
+            frame("LWork;::spin", jit, None, 0x20),
+        ];
+        p.samples = vec![sample(1, 1, "p", "p", vec![0, 1], 1)];
+        assert_eq!(encode(&p), "p;LWork:::spin_[j];JS:*hot /srv/w.js:3_[j] 1\n");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::{
 
 use lru::LruCache;
 
+use crate::runtimes::{JitHit, Limits as JitLimits, Runtimes};
 pub use maps::MapEntry;
 
 /// Identity of a mapped file: the GNU build id when the ELF has one (stable
@@ -99,6 +100,8 @@ pub trait ProcessLookup {
     fn observe(&mut self, pid: u32, fallback_name: &str) -> Arc<ProcessInfo>;
     /// See [`ProcessTable::refresh`].
     fn refresh(&mut self, pid: u32) -> Option<Arc<ProcessInfo>>;
+    /// The JIT function at `pc`, from the process's perf map or jitdump.
+    fn jit(&mut self, pid: u32, pc: u64) -> Option<JitHit>;
 }
 
 impl ProcessLookup for ProcessTable {
@@ -107,6 +110,9 @@ impl ProcessLookup for ProcessTable {
     }
     fn refresh(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
         ProcessTable::refresh(self, pid)
+    }
+    fn jit(&mut self, pid: u32, pc: u64) -> Option<JitHit> {
+        self.jit.lookup(pid, pc)
     }
 }
 
@@ -119,6 +125,9 @@ impl ProcessLookup for &std::sync::Mutex<ProcessTable> {
     fn refresh(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
         self.lock().unwrap_or_else(|e| e.into_inner()).refresh(pid)
     }
+    fn jit(&mut self, pid: u32, pc: u64) -> Option<JitHit> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).jit.lookup(pid, pc)
+    }
 }
 
 /// Bounded table of processes and the modules they map.
@@ -127,6 +136,10 @@ pub struct ProcessTable {
     processes: LruCache<u32, Arc<ProcessInfo>>,
     modules: LruCache<(u64, u64), Arc<ModuleInfo>>,
     stats: ProcessStats,
+    /// Perf maps and jitdumps of the processes with JIT code, read on first
+    /// sight (the process may be gone when its frames are named) and as
+    /// they grow.
+    pub jit: Runtimes,
 }
 
 impl ProcessTable {
@@ -135,8 +148,10 @@ impl ProcessTable {
     /// as many modules.
     pub fn new(proc_root: impl Into<PathBuf>, capacity: NonZeroUsize) -> Self {
         let modules = NonZeroUsize::new(capacity.get().saturating_mul(4)).unwrap_or(capacity);
+        let proc_root = proc_root.into();
         Self {
-            proc_root: proc_root.into(),
+            jit: Runtimes::new(proc_root.clone(), JitLimits::default()),
+            proc_root,
             processes: LruCache::new(capacity),
             modules: LruCache::new(modules),
             stats: ProcessStats::default(),
@@ -151,9 +166,11 @@ impl ProcessTable {
     /// sample's thread name) is used when the process is already gone.
     pub fn observe(&mut self, pid: u32, fallback_name: &str) -> Arc<ProcessInfo> {
         if let Some(p) = self.processes.get(&pid) {
+            self.jit.tick(pid);
             return p.clone();
         }
         let info = Arc::new(self.read(pid, fallback_name));
+        self.jit.observe(&info);
         if let Some((old, _)) = self.processes.push(pid, info.clone()) {
             if old != pid {
                 self.stats.evicted += 1;
@@ -180,6 +197,7 @@ impl ProcessTable {
             container_id: old.container_id.clone(),
             mappings: self.mappings(pid, &maps),
         });
+        self.jit.observe(&info);
         self.processes.put(pid, info.clone());
         Some(info)
     }

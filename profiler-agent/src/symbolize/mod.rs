@@ -3,19 +3,26 @@
 //! User addresses are translated to (file, file offset) through the mappings
 //! captured on first sight of each process, looked up in a bounded cache, and
 //! the misses of each file resolved in one batch. Kernel addresses are looked
-//! up in kallsyms. What cannot be resolved is named `module+0xOFFSET`, or
+//! up in kallsyms. A pc in anonymous executable memory (JIT code) is named
+//! from the process's perf map or jitdump, every pc of one function as one
+//! frame. What cannot be resolved is named `module+0xOFFSET`, or
 //! `[unknown]` without even a mapping, and counted.
 
 pub mod cache;
 pub mod elf;
 pub mod kallsyms;
 
-use std::{collections::HashMap, num::NonZeroUsize, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    num::NonZeroUsize,
+    sync::Arc,
+};
 
 use crate::{
     aggregate::Aggregate,
     process::{ModuleInfo, ProcessLookup},
     profile::{Frame, FrameKind, Module, ProcessMeta, Profile, ProfileBuilder, Sample},
+    runtimes::{is_jit_candidate, JitHit},
 };
 use cache::{CacheStats, Resolved, SymbolCache};
 use elf::FileResolver;
@@ -30,7 +37,14 @@ pub struct SymbolizeStats {
     pub unsymbolized: u64,
     /// Of those, frames without even a known mapping.
     pub unknown_mapping: u64,
+    /// Frames named from a perf map or jitdump.
+    pub jit: u64,
+    /// Frames in anonymous executable memory (JIT code) no map named.
+    pub jit_unnamed: u64,
 }
+
+/// Processes remembered in [`Symbolizer::jit_unnamed`].
+const MAX_UNNAMED_PIDS: usize = 256;
 
 /// Turns aggregates into profiles.
 pub struct Symbolizer<R: FileResolver> {
@@ -38,6 +52,8 @@ pub struct Symbolizer<R: FileResolver> {
     cache: SymbolCache,
     kernel: KernelSymbols,
     stats: SymbolizeStats,
+    /// Unnamed JIT frames by process, for the summary's hints.
+    jit_unnamed: BTreeMap<u32, u64>,
 }
 
 /// Where a user address points once translated.
@@ -50,6 +66,12 @@ enum Target {
     Anon {
         name: String,
         offset: u64,
+        jit: bool,
+    },
+    /// JIT code named by the runtime; `pc` is the looked-up address.
+    Jit {
+        hit: JitHit,
+        pc: u64,
     },
     Unknown,
 }
@@ -57,11 +79,23 @@ enum Target {
 impl<R: FileResolver> Symbolizer<R> {
     /// `cache_capacity` bounds the number of cached addresses.
     pub fn new(resolver: R, kernel: KernelSymbols, cache_capacity: NonZeroUsize) -> Self {
-        Self { resolver, cache: SymbolCache::new(cache_capacity), kernel, stats: SymbolizeStats::default() }
+        Self {
+            resolver,
+            cache: SymbolCache::new(cache_capacity),
+            kernel,
+            stats: SymbolizeStats::default(),
+            jit_unnamed: BTreeMap::new(),
+        }
     }
 
     pub fn stats(&self) -> SymbolizeStats {
         self.stats
+    }
+
+    /// Frames in JIT code that no perf map or jitdump named, by process
+    /// (at most 256 processes).
+    pub fn jit_unnamed(&self) -> &BTreeMap<u32, u64> {
+        &self.jit_unnamed
     }
 
     pub fn cache_stats(&self) -> CacheStats {
@@ -106,7 +140,7 @@ impl<R: FileResolver> Symbolizer<R> {
             }
             for (i, &addr) in key.user.iter().enumerate() {
                 let lookup = lookup_addr(i, addr);
-                for frame in self.user_frames(&targets[&(key.pid, lookup)], &resolved, &mut b, profile) {
+                for frame in self.user_frames(key.pid, &targets[&(key.pid, lookup)], &resolved, &mut b, profile) {
                     frames.push(b.frame(profile, frame));
                 }
             }
@@ -146,14 +180,27 @@ impl<R: FileResolver> Symbolizer<R> {
             }
         }
         match process.mapping(addr) {
-            Some(m) => {
-                let offset = m.entry.file_offset(addr);
-                match &m.module {
-                    Some(module) => Target::File { module: module.clone(), offset },
-                    None => Target::Anon { name: m.entry.path.clone(), offset: addr - m.entry.start },
+            // memfd code (.NET's double mapping) is a file only in name.
+            Some(m) if m.module.is_none() || m.entry.path.starts_with("/memfd:") => {
+                let jit = is_jit_candidate(&m.entry);
+                match jit.then(|| procs.jit(pid, addr)).flatten() {
+                    Some(hit) => Target::Jit { hit, pc: addr },
+                    None => match &m.module {
+                        Some(module) => Target::File { module: module.clone(), offset: m.entry.file_offset(addr) },
+                        None => Target::Anon { name: m.entry.path.clone(), offset: addr - m.entry.start, jit },
+                    },
                 }
             }
-            None => Target::Unknown,
+            Some(m) => {
+                let module = m.module.clone().expect("matched above");
+                Target::File { module, offset: m.entry.file_offset(addr) }
+            }
+            // JIT code mapped after the process was read may still be in
+            // its map.
+            None => match procs.jit(pid, addr) {
+                Some(hit) => Target::Jit { hit, pc: addr },
+                None => Target::Unknown,
+            },
         }
     }
 
@@ -209,6 +256,7 @@ impl<R: FileResolver> Symbolizer<R> {
 
     fn user_frames(
         &mut self,
+        pid: u32,
         target: &Target,
         resolved: &HashMap<(*const ModuleInfo, u64), Resolved>,
         b: &mut ProfileBuilder,
@@ -243,9 +291,30 @@ impl<R: FileResolver> Symbolizer<R> {
                         .collect()
                 }
             }
-            Target::Anon { name, offset } => {
+            Target::Anon { name, offset, jit } => {
+                if *jit {
+                    self.stats.jit_unnamed += 1;
+                    if self.jit_unnamed.len() < MAX_UNNAMED_PIDS || self.jit_unnamed.contains_key(&pid) {
+                        *self.jit_unnamed.entry(pid).or_default() += 1;
+                    }
+                }
                 let label = if name.is_empty() { "[anon]" } else { name.as_str() };
                 vec![unknown(format!("{label}+0x{offset:x}"), None, *offset)]
+            }
+            Target::Jit { hit, pc } => {
+                self.stats.jit += 1;
+                let (file, line) = hit.symbol.line_at(pc - hit.start);
+                // Keyed by the function's start, not the pc, so every pc of
+                // the function is one frame.
+                vec![Frame {
+                    function: hit.symbol.name.clone(),
+                    file: file.map(|f| f.to_string()),
+                    line,
+                    module: None,
+                    address: hit.start,
+                    kind: FrameKind::Jit(hit.runtime),
+                    unsymbolized: false,
+                }]
             }
             Target::Unknown => {
                 self.stats.unknown_mapping += 1;

@@ -171,7 +171,52 @@ fn unresolved_frames_are_named_and_counted() {
         names(&p, &p.samples[0]),
         ["[kernel.kallsyms]+0x1000".to_string(), format!("{exe_name}+0x50"), "[anon]+0x10".into(), "[unknown]".into()]
     );
-    assert_eq!(sym.stats(), SymbolizeStats { frames: 4, unsymbolized: 4, unknown_mapping: 1 });
+    assert_eq!(sym.stats(), SymbolizeStats { frames: 4, unsymbolized: 4, unknown_mapping: 1, jit: 0, jit_unnamed: 1 });
+    assert_eq!(sym.jit_unnamed().get(&100), Some(&1), "the summary can say which process lacks a map");
+}
+
+/// Writes pid 100's perf map, in its own root, under the pid it sees (7).
+fn with_perf_map(fx: &Fixture, map: &str) {
+    let p = fx._dir.path().join("100");
+    fs::write(p.join("status"), "Name:\tapp\nNStgid:\t100\t7\n").unwrap();
+    fs::create_dir_all(p.join("root/tmp")).unwrap();
+    fs::write(p.join("root/tmp/perf-7.map"), map).unwrap();
+}
+
+#[test]
+fn jit_frames_are_named_from_the_perf_map_one_frame_per_function() {
+    let mut fx = fixture();
+    with_perf_map(&fx, "900000 100 JS:*hot /srv/w.js:3:13\n900100 80 LWork;::spin\n");
+    let mut sym = Symbolizer::new(Canned::default(), kernel(), NonZeroUsize::new(64).unwrap());
+    let mut agg = Aggregator::new(100);
+    // Two pcs in `hot` (one the leaf, one a return address), one in `spin`.
+    agg.add(&sample(100, 100, "app", &[], &[0x900010, 0x900121]));
+    agg.add(&sample(100, 100, "app", &[], &[0x900050, 0x900131]));
+    let mut p = profile();
+    sym.symbolize(&agg.take(), &mut fx.procs, &mut p);
+    for s in &p.samples {
+        assert_eq!(names(&p, s), ["JS:*hot", "LWork;::spin"]);
+    }
+    assert_eq!(p.samples[0].frames, p.samples[1].frames, "pcs of one function are one frame");
+    let hot = &p.frames[p.samples[0].frames[0]];
+    assert_eq!((hot.file.as_deref(), hot.line, hot.address), (Some("/srv/w.js"), Some(3), 0x900000));
+    assert_eq!(hot.kind, FrameKind::Jit(crate::profile::JitRuntime::Other));
+    assert!(!hot.unsymbolized);
+    assert_eq!(sym.stats().jit, 4);
+    assert_eq!(sym.stats().unsymbolized, 0);
+}
+
+#[test]
+fn jit_code_outside_the_map_stays_anonymous() {
+    let mut fx = fixture();
+    with_perf_map(&fx, "900000 10 f\nbad line\n");
+    let mut sym = Symbolizer::new(Canned::default(), kernel(), NonZeroUsize::new(64).unwrap());
+    let mut agg = Aggregator::new(100);
+    agg.add(&sample(100, 100, "app", &[], &[0x900800]));
+    let mut p = profile();
+    sym.symbolize(&agg.take(), &mut fx.procs, &mut p);
+    assert_eq!(names(&p, &p.samples[0]), ["[anon]+0x800"]);
+    assert_eq!(fx.procs.jit.stats().malformed_lines, 1);
 }
 
 #[test]

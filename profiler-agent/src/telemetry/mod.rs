@@ -52,6 +52,8 @@ pub struct Telemetry {
     pub attached: AtomicBool,
     /// The CFI table thread's latest figures (None: frame pointers only).
     unwind: Mutex<Option<crate::unwind::UnwindStats>>,
+    /// Perf map / jitdump tables and JIT frames named.
+    jit: Mutex<Option<(crate::runtimes::RuntimeStats, u64, u64)>>,
     exporters: Mutex<BTreeMap<&'static str, std::sync::Arc<ExporterMetrics>>>,
 }
 
@@ -72,6 +74,11 @@ impl Telemetry {
 
     pub fn set_unwind(&self, u: crate::unwind::UnwindStats) {
         *self.unwind.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+    }
+
+    /// The JIT tables' figures, and the JIT frames named and left unnamed.
+    pub fn set_jit(&self, stats: crate::runtimes::RuntimeStats, named: u64, unnamed: u64) {
+        *self.jit.lock().unwrap_or_else(|e| e.into_inner()) = Some((stats, named, unnamed));
     }
 
     pub fn record_export(&self, m: &ExporterMetrics, ok: bool, took: Duration) {
@@ -195,6 +202,44 @@ impl Telemetry {
                 let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
             }
         }
+        if let Some((j, named, unnamed)) = *self.jit.lock().unwrap_or_else(|e| e.into_inner()) {
+            let series: [(&str, &str, &str, u64); 11] = [
+                ("profiler_jit_frames_total", "counter", "Frames named from perf maps or jitdump.", named),
+                ("profiler_jit_frames_unnamed_total", "counter", "Frames in JIT code no map named.", unnamed),
+                ("profiler_jit_processes", "gauge", "Processes with JIT code.", j.processes),
+                ("profiler_jit_processes_with_map", "gauge", "Processes with a perf map or jitdump read.", j.with_map),
+                ("profiler_jit_functions", "gauge", "JIT functions in the tables.", j.entries),
+                ("profiler_jit_table_bytes", "gauge", "Approximate memory of the JIT tables.", j.bytes),
+                (
+                    "profiler_jit_malformed_lines_total",
+                    "counter",
+                    "Perf map lines skipped as malformed.",
+                    j.malformed_lines,
+                ),
+                (
+                    "profiler_jit_malformed_records_total",
+                    "counter",
+                    "jitdump records skipped as malformed.",
+                    j.malformed_records,
+                ),
+                (
+                    "profiler_jit_entries_evicted_total",
+                    "counter",
+                    "JIT functions evicted by the per-process bound.",
+                    j.entries_evicted,
+                ),
+                (
+                    "profiler_jit_processes_evicted_total",
+                    "counter",
+                    "JIT tables evicted by the total bound.",
+                    j.processes_evicted,
+                ),
+                ("profiler_jit_read_errors_total", "counter", "Perf map or jitdump reads that failed.", j.read_errors),
+            ];
+            for (name, kind, help, v) in series {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            }
+        }
         if let Some(rss) = rss_bytes() {
             let _ = writeln!(s, "# HELP profiler_resident_memory_bytes Resident set size of the agent.");
             let _ = writeln!(s, "# TYPE profiler_resident_memory_bytes gauge\nprofiler_resident_memory_bytes {rss}");
@@ -240,6 +285,21 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "bad line {line}");
         }
+    }
+
+    #[test]
+    fn jit_series_appear_once_set() {
+        let t = Telemetry::default();
+        assert!(!t.render().contains("profiler_jit_"));
+        let stats = crate::runtimes::RuntimeStats { processes: 2, malformed_lines: 4, ..Default::default() };
+        t.set_jit(stats, 90, 10);
+        let text = t.render();
+        for want in ["profiler_jit_frames_total 90", "profiler_jit_frames_unnamed_total 10", "profiler_jit_processes 2"]
+        {
+            assert!(text.contains(want), "{want}\n{text}");
+        }
+        assert!(text.contains("profiler_jit_malformed_lines_total 4"), "{text}");
+        assert!(text.contains("profiler_kernel_events_total{kind=\"unwind_jit_frames\"} 0"), "{text}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use anyhow::Context;
 use super::{
     collect::collect,
     preflight,
-    summary::{ProcessLatency, SchedulerSummary, Summary},
+    summary::{JitSummary, ProcessLatency, SchedulerSummary, Summary},
 };
 use crate::{
     aggregate::{self, Aggregator},
@@ -199,6 +199,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let mut pids: Vec<u32> = aggregate.stacks.keys().map(|k| k.pid).collect();
     pids.sort_unstable();
     pids.dedup();
+    let jit = jit_summary(&symbolizer, &mut procs);
     let summary = Summary {
         elapsed,
         frequency: args.frequency,
@@ -213,6 +214,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         run_time,
         scheduler,
         unwind: unwind_stats,
+        jit,
         files,
     };
     eprint!("{}", summary.render());
@@ -226,6 +228,29 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         print!("{}", super::diff::compare_recordings(&before, &dir)?);
     }
     Ok(())
+}
+
+/// The JIT part of the summary, when a process ran JIT code: which
+/// processes had unnamed JIT frames and no map, and the flag that helps.
+fn jit_summary(symbolizer: &Symbolizer<Blaze>, procs: &mut ProcessTable) -> Option<JitSummary> {
+    let stats = procs.jit.stats();
+    let sym = symbolizer.stats();
+    if stats.processes == 0 && sym.jit == 0 && sym.jit_unnamed == 0 {
+        return None;
+    }
+    let mut missing = Vec::new();
+    for (&pid, &frames) in symbolizer.jit_unnamed() {
+        let info = procs.observe(pid, "");
+        let (runtime, found) = procs
+            .jit
+            .status(pid)
+            .unwrap_or_else(|| (crate::runtimes::names::runtime_of(info.exe_path.as_deref(), &info.name), false));
+        if !found {
+            missing.push((pid, info.name.clone(), frames, crate::runtimes::names::hint(runtime)));
+        }
+    }
+    missing.sort_by_key(|m| std::cmp::Reverse(m.2));
+    Some(JitSummary { stats, missing })
 }
 
 /// Run-queue and off-CPU latency per process, the processes with the most

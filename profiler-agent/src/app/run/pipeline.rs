@@ -149,6 +149,8 @@ pub fn symbolize_intervals<R: FileResolver>(
         let cache = symbolizer.cache_stats();
         telemetry.frames.store(stats.frames, Ordering::Relaxed);
         telemetry.frames_unsymbolized.store(stats.unsymbolized, Ordering::Relaxed);
+        let jit = procs.lock().unwrap_or_else(|e| e.into_inner()).jit.stats();
+        telemetry.set_jit(jit, stats.jit, stats.jit_unnamed);
         telemetry.cache_hits.store(cache.hits, Ordering::Relaxed);
         telemetry.cache_misses.store(cache.misses, Ordering::Relaxed);
         telemetry.aggregation_dropped.fetch_add(raw.aggregate.dropped, Ordering::Relaxed);

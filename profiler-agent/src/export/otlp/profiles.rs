@@ -275,7 +275,11 @@ impl Encoder<'_> {
                 column: 0,
             })
             .collect();
-        let frame_type = if owner.kind == FrameKind::Kernel { "kernel" } else { "native" };
+        let frame_type = match owner.kind {
+            FrameKind::Kernel => "kernel",
+            FrameKind::Jit(runtime) => runtime.otel_frame_type(),
+            FrameKind::User | FrameKind::Inlined => "native",
+        };
         let attributes = vec![self.dict.attribute("profile.frame.type", AttrValue::Str(frame_type.into()))];
         self.dict.location(mapping_index, owner.address, lines, attributes)
     }

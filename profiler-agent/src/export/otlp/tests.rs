@@ -330,6 +330,26 @@ fn process_with_only_zero_samples_and_malformed_frames() {
 }
 
 #[test]
+fn jit_frames_carry_their_runtime_as_frame_type_and_their_source() {
+    use crate::profile::JitRuntime;
+    let mut p = Profile::new(ValueType::new("samples", "count"), None, 0, SystemTime::UNIX_EPOCH);
+    let js = crate::profile::Frame {
+        file: Some("/srv/w.js".into()),
+        line: Some(3),
+        ..frame("JS:*hot", FrameKind::Jit(JitRuntime::V8), None, 0x7f00)
+    };
+    p.frames = vec![js, frame("Hot.spin()", FrameKind::Jit(JitRuntime::Other), None, 0x8f00)];
+    p.samples = vec![sample(1, 1, "p", "p", vec![0, 1], 1)];
+    let req = encode(&[&p], &Resource::default());
+    check_dictionary(&req);
+    let d = dict(&req);
+    let types: Vec<Vec<String>> = d.location_table[1..].iter().map(|l| attrs(d, &l.attribute_indices)).collect();
+    assert_eq!(types, [vec!["profile.frame.type=v8js".to_owned()], vec!["profile.frame.type=jit".to_owned()]]);
+    let f = d.function_table.iter().find(|f| s(d, f.name_strindex) == "JS:*hot").expect("function");
+    assert_eq!(s(d, f.filename_strindex), "/srv/w.js");
+}
+
+#[test]
 fn duplicate_samples_are_merged() {
     let (mut cpu, _) = fixture();
     let dup = cpu.samples[0].clone();

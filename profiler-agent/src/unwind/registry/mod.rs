@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_common::unwind::{Mapping, UnwindRow};
+use profiler_common::unwind::{Mapping, UnwindRow, ROWS_ANON};
 
 use super::{
     alloc::{Allocator, Range},
@@ -355,6 +355,9 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         let mut out = Vec::with_capacity(p.mappings.len());
         for (m, f) in &p.mappings {
             let mut entry = Mapping { start: m.start, end: m.end, ..Default::default() };
+            if f.is_none() && crate::runtimes::is_jit_candidate(m) {
+                entry.rows_start = ROWS_ANON;
+            }
             if let Some(t) = f.and_then(|f| self.tables.get(&f)) {
                 if let (Some(r), Some(vaddr)) = (t.rows, vaddr_of(&t.segments, m.offset)) {
                     entry.rows_start = r.start;
