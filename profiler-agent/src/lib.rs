@@ -16,6 +16,7 @@ pub mod export;
 pub mod latency;
 pub mod process;
 pub mod profile;
+pub mod runtimes;
 pub mod symbolize;
 pub mod telemetry;
 pub mod unwind;

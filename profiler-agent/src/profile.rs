@@ -18,6 +18,13 @@ pub enum FrameKind {
     Inlined,
     /// A kernel function; folded output marks it `_[k]`.
     Kernel,
+    /// A CPython function (runtimes/python): `function` is its qualified
+    /// name, `file` and `line` the source position of the running
+    /// instruction.
+    Python {
+        /// The function's first line (`co_firstlineno`).
+        start_line: u32,
+    },
 }
 
 /// The binary (or kernel) a frame's address belongs to.

@@ -59,10 +59,20 @@ pub enum Stat {
     UnwindDepthLimit = 22,
     /// Stacks with at least one frame unwound by frame pointer.
     UnwindPartial = 23,
+    /// Python frames emitted by the CPython walk.
+    PythonFrames = 24,
+    /// Interpreter frames left native: the thread's `PyThreadState` was not
+    /// found (not a Python thread, or past the bounded thread-list search).
+    PythonNoThreadState = 25,
+    /// Python walks stopped by a faulted read of interpreter memory.
+    PythonReadFault = 26,
+    /// Interpreter calls met with no Python frame left in the chain (the
+    /// walk and the native stack disagree); left native.
+    PythonChainEnd = 27,
 }
 
 /// Number of counters; the size of the `STATS` array.
-pub const STAT_COUNT: u32 = 24;
+pub const STAT_COUNT: u32 = 28;
 
 impl Stat {
     /// Every counter, in index order.
@@ -91,6 +101,10 @@ impl Stat {
         Stat::UnwindReadFault,
         Stat::UnwindDepthLimit,
         Stat::UnwindPartial,
+        Stat::PythonFrames,
+        Stat::PythonNoThreadState,
+        Stat::PythonReadFault,
+        Stat::PythonChainEnd,
     ];
 
     /// A stable snake_case name, used in summaries and metric labels.
@@ -120,6 +134,10 @@ impl Stat {
             Stat::UnwindReadFault => "unwind_read_fault",
             Stat::UnwindDepthLimit => "unwind_depth_limit",
             Stat::UnwindPartial => "unwind_partial",
+            Stat::PythonFrames => "python_frames",
+            Stat::PythonNoThreadState => "python_no_thread_state",
+            Stat::PythonReadFault => "python_read_fault",
+            Stat::PythonChainEnd => "python_chain_end",
         }
     }
 }

@@ -14,10 +14,12 @@ use std::{collections::HashMap, num::NonZeroUsize, sync::Arc};
 
 use crate::{
     aggregate::Aggregate,
+    runtimes::python::{self, NamerStats},
     process::{ModuleInfo, ProcessLookup},
     profile::{Frame, FrameKind, Module, ProcessMeta, Profile, ProfileBuilder, Sample},
 };
 use cache::{CacheStats, Resolved, SymbolCache};
+use profiler_common::python::decode_py_frame;
 use elf::FileResolver;
 use kallsyms::KernelSymbols;
 
@@ -38,6 +40,8 @@ pub struct Symbolizer<R: FileResolver> {
     cache: SymbolCache,
     kernel: KernelSymbols,
     stats: SymbolizeStats,
+    /// Names the CPython frames the kernel's walk put in user stacks.
+    python: python::Namer,
 }
 
 /// Where a user address points once translated.
@@ -57,7 +61,18 @@ enum Target {
 impl<R: FileResolver> Symbolizer<R> {
     /// `cache_capacity` bounds the number of cached addresses.
     pub fn new(resolver: R, kernel: KernelSymbols, cache_capacity: NonZeroUsize) -> Self {
-        Self { resolver, cache: SymbolCache::new(cache_capacity), kernel, stats: SymbolizeStats::default() }
+        Self {
+            resolver,
+            cache: SymbolCache::new(cache_capacity),
+            kernel,
+            stats: SymbolizeStats::default(),
+            python: python::Namer::default(),
+        }
+    }
+
+    /// The Python code object cache's counters.
+    pub fn python_stats(&self) -> NamerStats {
+        self.python.stats()
     }
 
     pub fn stats(&self) -> SymbolizeStats {
@@ -79,6 +94,9 @@ impl<R: FileResolver> Symbolizer<R> {
         let mut refreshed: Vec<u32> = Vec::new();
         for key in agg.stacks.keys() {
             for (i, &addr) in key.user.iter().enumerate() {
+                if decode_py_frame(addr).is_some() {
+                    continue; // named in pass 2
+                }
                 let lookup = lookup_addr(i, addr);
                 if targets.contains_key(&(key.pid, lookup)) {
                     continue;
@@ -91,6 +109,8 @@ impl<R: FileResolver> Symbolizer<R> {
 
         // Pass 2: build the samples.
         let mut b = ProfileBuilder::default();
+        // Each (process, code object, instruction) is named once per pass.
+        let mut python_frames: HashMap<(u32, u64), Frame> = HashMap::new();
         let kernel_module = b.module(profile, Module { path: "[kernel.kallsyms]".into(), build_id: None });
         for (key, &value) in &agg.stacks {
             let process = procs.observe(key.pid, &key.thread_name());
@@ -105,6 +125,16 @@ impl<R: FileResolver> Symbolizer<R> {
                 frames.push(b.frame(profile, frame));
             }
             for (i, &addr) in key.user.iter().enumerate() {
+                if let Some((code, lasti)) = decode_py_frame(addr) {
+                    let frame = python_frames
+                        .entry((key.pid, addr))
+                        .or_insert_with(|| self.python_frame(key.pid, code, lasti))
+                        .clone();
+                    self.stats.frames += 1;
+                    self.stats.unsymbolized += u64::from(frame.unsymbolized);
+                    frames.push(b.frame(profile, frame));
+                    continue;
+                }
                 let lookup = lookup_addr(i, addr);
                 for frame in self.user_frames(&targets[&(key.pid, lookup)], &resolved, &mut b, profile) {
                     frames.push(b.frame(profile, frame));
@@ -185,6 +215,23 @@ impl<R: FileResolver> Symbolizer<R> {
             }
         }
         out
+    }
+
+    /// A CPython frame; one that cannot be read (the process exited, the
+    /// code object is gone) is `[python]`, never a guessed name.
+    fn python_frame(&mut self, pid: u32, code: u64, lasti: u64) -> Frame {
+        match self.python.frame(pid, code, lasti) {
+            Some(f) => Frame {
+                function: f.name,
+                file: Some(f.file),
+                line: f.line,
+                module: None,
+                address: 0,
+                kind: FrameKind::Python { start_line: f.first_line },
+                unsymbolized: false,
+            },
+            None => Frame { kind: FrameKind::Python { start_line: 0 }, ..Frame::named("[python]", true) },
+        }
     }
 
     fn kernel_frame(&mut self, addr: u64, module: usize) -> Frame {

@@ -257,7 +257,11 @@ impl Encoder<'_> {
                 column: 0,
             })
             .collect();
-        let frame_type = if owner.kind == FrameKind::Kernel { "kernel" } else { "native" };
+        let frame_type = match owner.kind {
+            FrameKind::Kernel => "kernel",
+            FrameKind::Python { .. } => "cpython",
+            _ => "native",
+        };
         let attributes = vec![self.dict.attribute("profile.frame.type", AttrValue::Str(frame_type.into()))];
         self.dict.location(mapping_index, owner.address, lines, attributes)
     }
