@@ -14,14 +14,14 @@ use std::{collections::HashMap, num::NonZeroUsize, sync::Arc};
 
 use crate::{
     aggregate::Aggregate,
-    runtimes::python::{self, NamerStats},
     process::{ModuleInfo, ProcessLookup},
     profile::{Frame, FrameKind, Module, ProcessMeta, Profile, ProfileBuilder, Sample},
+    runtimes::python::{self, NamerStats},
 };
 use cache::{CacheStats, Resolved, SymbolCache};
-use profiler_common::python::decode_py_frame;
 use elf::FileResolver;
 use kallsyms::KernelSymbols;
+use profiler_common::python::decode_py_frame;
 
 /// Frame counters across the agent's life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

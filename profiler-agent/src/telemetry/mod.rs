@@ -160,7 +160,7 @@ impl Telemetry {
         // `ready` takes the same lock.
         drop(exporters);
         if let Some(u) = self.unwind.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            let series: [(&str, &str, &str, u64); 9] = [
+            let series: [(&str, &str, &str, u64); 11] = [
                 ("profiler_unwind_tables", "gauge", "Files with a CFI table in the kernel.", u.tables),
                 ("profiler_unwind_table_rows", "gauge", "CFI table rows in the kernel.", u.rows),
                 ("profiler_unwind_table_bytes", "gauge", "Kernel map memory used by CFI tables.", u.table_bytes),
@@ -189,6 +189,18 @@ impl Telemetry {
                     "counter",
                     "Table requests dropped because the table thread's queue was full.",
                     u.requests_dropped,
+                ),
+                (
+                    "profiler_python_processes",
+                    "gauge",
+                    "Processes whose CPython frames the kernel walks.",
+                    u.python_processes,
+                ),
+                (
+                    "profiler_python_unsupported_total",
+                    "counter",
+                    "Python processes left with native frames: interpreter version or build not supported.",
+                    u.python_unsupported,
                 ),
             ];
             for (name, kind, help, v) in series {

@@ -141,6 +141,8 @@ pub struct Registry<M, T, P> {
     stats: UnwindStats,
     /// Processes with a CPython record in the kernel.
     python: HashSet<u32>,
+    /// Processes found running an unsupported interpreter (counted once).
+    python_unsupported: HashSet<u32>,
     /// Reasons already warned about, bounded.
     python_warned: HashSet<String>,
 }
@@ -167,6 +169,7 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
             tick: 0,
             stats,
             python: HashSet::new(),
+            python_unsupported: HashSet::new(),
             python_warned: HashSet::new(),
         }
     }
@@ -260,7 +263,7 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         let python = match self.tables_from.python(tgid, &exec) {
             Ok(p) => p,
             Err(e) => {
-                if !self.python.contains(&tgid) {
+                if self.python_unsupported.insert(tgid) {
                     self.stats.python_unsupported += 1;
                 }
                 if self.python_warned.len() < 64 && self.python_warned.insert(e.to_string()) {
@@ -273,6 +276,7 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
             self.python.insert(tgid);
         } else {
             self.python.remove(&tgid);
+        self.python_unsupported.remove(&tgid);
         }
         self.maps.set_python(tgid, python.as_ref())?;
         self.processes.insert(tgid, Process { start_time, mappings, files, refreshed: Instant::now() });
