@@ -130,7 +130,6 @@ fn py_spy_counts(text: &str) -> (u64, u64, u64) {
 fn python_functions_split_lines_and_py_spy_agree() {
     require_root();
     let (mut w, _dir, script) = run_script(python(), "split", SPLIT_PY);
-    w.boost();
     let spy = py_spy(w.pid(), SECS);
     let out = record_pid(w.pid(), &[]);
     let spy = spy.wait_with_output().expect("wait for py-spy");
