@@ -136,6 +136,12 @@ fn attach_raw(ebpf: &mut Ebpf, tracepoint: &'static str, raw_name: &'static str)
 /// thread pointer. 0 (the walk off, Python frames stay native) when the
 /// kernel's BTF does not tell it.
 fn python_fsbase_offset() -> u32 {
+    // For `cargo xtask bench unwind`, which measures the walk's cost
+    // against the native walk alone on the same process.
+    if std::env::var_os("PROFILER_PYTHON_FRAMES").is_some_and(|v| v == "off") {
+        log::info!("PROFILER_PYTHON_FRAMES=off: Python frames stay native");
+        return 0;
+    }
     let offset = (|| -> Result<u32, BpfError> {
         let data = fs::read("/sys/kernel/btf/vmlinux").map_err(BpfError::BtfRead)?;
         let o = StructOffsets::parse(&data, &["task_struct", "thread_struct"])?;
