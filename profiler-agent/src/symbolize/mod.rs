@@ -40,8 +40,6 @@ pub struct Symbolizer<R: FileResolver> {
     cache: SymbolCache,
     kernel: KernelSymbols,
     stats: SymbolizeStats,
-    /// Names the CPython frames the kernel's walk put in user stacks.
-    python: python::Namer,
 }
 
 /// Where a user address points once translated.
@@ -61,18 +59,12 @@ enum Target {
 impl<R: FileResolver> Symbolizer<R> {
     /// `cache_capacity` bounds the number of cached addresses.
     pub fn new(resolver: R, kernel: KernelSymbols, cache_capacity: NonZeroUsize) -> Self {
-        Self {
-            resolver,
-            cache: SymbolCache::new(cache_capacity),
-            kernel,
-            stats: SymbolizeStats::default(),
-            python: python::Namer::default(),
-        }
+        Self { resolver, cache: SymbolCache::new(cache_capacity), kernel, stats: SymbolizeStats::default() }
     }
 
     /// The Python code object cache's counters.
     pub fn python_stats(&self) -> NamerStats {
-        self.python.stats()
+        python::shared().lock().unwrap_or_else(|e| e.into_inner()).stats()
     }
 
     pub fn stats(&self) -> SymbolizeStats {
@@ -220,7 +212,8 @@ impl<R: FileResolver> Symbolizer<R> {
     /// A CPython frame; one that cannot be read (the process exited, the
     /// code object is gone) is `[python]`, never a guessed name.
     fn python_frame(&mut self, pid: u32, code: u64, lasti: u64) -> Frame {
-        match self.python.frame(pid, code, lasti) {
+        let named = python::shared().lock().unwrap_or_else(|e| e.into_inner()).frame(pid, code, lasti);
+        match named {
             Some(f) => Frame {
                 function: f.name,
                 file: Some(f.file),

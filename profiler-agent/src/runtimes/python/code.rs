@@ -91,6 +91,26 @@ impl CodeCache {
         }
     }
 
+    /// Reads and caches `code` of `pid` unless cached already: called as
+    /// samples arrive, so a process that exits before the profile is
+    /// written still has its functions named.
+    pub fn warm(&mut self, mem: &impl Memory, layout: &CodeLayout, pid: u32, code: u64) {
+        if self.entries.contains(&(pid, code)) {
+            return;
+        }
+        let mut header = [0u8; HEADER];
+        if !mem.read(pid, code, &mut header) {
+            return;
+        }
+        let identity = identity(&header, layout);
+        if let Some(c) = read_code(mem, layout, pid, &header, identity) {
+            if self.entries.len() == self.entries.cap().get() {
+                self.stats.evictions += 1;
+            }
+            self.entries.put((pid, code), c);
+        }
+    }
+
     /// Names the frame running `code` at `lasti` in process `pid`.
     pub fn frame(
         &mut self,
@@ -102,8 +122,15 @@ impl CodeCache {
     ) -> Option<PyFrame> {
         let mut header = [0u8; HEADER];
         if !mem.read(pid, code, &mut header) {
-            self.stats.unreadable += 1;
-            return None;
+            // The process exited (its memory cannot have changed since):
+            // what was cached while it ran stands.
+            let Some(c) = self.entries.get(&(pid, code)) else {
+                self.stats.unreadable += 1;
+                return None;
+            };
+            self.stats.hits += 1;
+            let identity = c.identity;
+            return Some(frame_of(c, layout, identity, lasti));
         }
         let identity = identity(&header, layout);
         match self.entries.get(&(pid, code)) {
@@ -124,16 +151,20 @@ impl CodeCache {
             }
         }
         let c = self.entries.get(&(pid, code))?;
-        let line = match layout.line_format {
-            LineFormat::Locations311 => lines::location_table_line(&c.linetable, identity.firstlineno, lasti),
-            LineFormat::Pairs310 => lines::pairs_310_line(&c.linetable, identity.firstlineno, lasti),
-        };
-        Some(PyFrame {
-            name: c.name.clone(),
-            file: c.file.clone(),
-            first_line: u32::try_from(identity.firstlineno).unwrap_or(0),
-            line,
-        })
+        Some(frame_of(c, layout, identity, lasti))
+    }
+}
+
+fn frame_of(c: &Code, layout: &CodeLayout, identity: Identity, lasti: u64) -> PyFrame {
+    let line = match layout.line_format {
+        LineFormat::Locations311 => lines::location_table_line(&c.linetable, identity.firstlineno, lasti),
+        LineFormat::Pairs310 => lines::pairs_310_line(&c.linetable, identity.firstlineno, lasti),
+    };
+    PyFrame {
+        name: c.name.clone(),
+        file: c.file.clone(),
+        first_line: u32::try_from(identity.firstlineno).unwrap_or(0),
+        line,
     }
 }
 

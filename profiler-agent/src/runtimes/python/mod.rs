@@ -11,7 +11,10 @@ pub mod lines;
 pub mod memory;
 pub mod offsets;
 
-use std::num::NonZeroUsize;
+use std::{
+    num::NonZeroUsize,
+    sync::{Mutex, OnceLock},
+};
 
 use lru::LruCache;
 
@@ -59,14 +62,31 @@ impl<M: Memory> Namer<M> {
         self.layouts.put(pid, layout);
     }
 
-    /// The frame running `code` at instruction `lasti` in `pid`; `None`
-    /// when it cannot be named (never a guess).
-    pub fn frame(&mut self, pid: u32, code: u64, lasti: u64) -> Option<PyFrame> {
+    /// Caches the code objects of a stack's Python frames (see
+    /// [`code::CodeCache::warm`]); one syscall per code object not cached.
+    pub fn warm(&mut self, pid: u32, user_stack: &[u64]) {
+        let mut frames = user_stack.iter().filter_map(|&e| profiler_common::python::decode_py_frame(e)).peekable();
+        if frames.peek().is_none() {
+            return;
+        }
+        let Some(layout) = self.layout(pid) else { return };
+        for (code, _) in frames {
+            self.codes.warm(&self.mem, &layout.code, pid, code);
+        }
+    }
+
+    fn layout(&mut self, pid: u32) -> Option<Layout> {
         if !self.layouts.contains(&pid) {
             let layout = self.find_layout(pid);
             self.layouts.put(pid, layout);
         }
-        let layout = (*self.layouts.get(&pid)?)?;
+        *self.layouts.get(&pid)?
+    }
+
+    /// The frame running `code` at instruction `lasti` in `pid`; `None`
+    /// when it cannot be named (never a guess).
+    pub fn frame(&mut self, pid: u32, code: u64, lasti: u64) -> Option<PyFrame> {
+        let layout = self.layout(pid)?;
         self.codes.frame(&self.mem, &layout.code, pid, code, lasti)
     }
 
@@ -81,4 +101,12 @@ impl<M: Memory> Namer<M> {
             }
         }
     }
+}
+
+/// The agent's one namer: warmed by the sampling loop as samples arrive and
+/// read by the symbolizer when a profile is written, which `record` and
+/// `run` build apart; one bounded cache serves both.
+pub fn shared() -> &'static Mutex<Namer> {
+    static NAMER: OnceLock<Mutex<Namer>> = OnceLock::new();
+    NAMER.get_or_init(|| Mutex::new(Namer::default()))
 }

@@ -101,6 +101,18 @@ fn a_reused_address_is_read_again_not_misnamed() {
 }
 
 #[test]
+fn names_cached_while_the_process_ran_outlive_it() {
+    let mem = FakeMemory::default();
+    let l = table((3, 11)).unwrap().code;
+    code_311(&mem, 7, 0x10_0000, "job", "/a.py", 1);
+    let mut cache = CodeCache::new(NonZeroUsize::new(8).unwrap());
+    cache.warm(&mem, &l, 7, 0x10_0000);
+    *mem.regions.borrow_mut() = Default::default(); // exited
+    assert_eq!(cache.frame(&mem, &l, 7, 0x10_0000, 0).unwrap().name, "job");
+    assert!(cache.frame(&mem, &l, 7, 0x20_0000, 0).is_none());
+}
+
+#[test]
 fn the_cache_is_bounded_and_counts_evictions() {
     let mem = FakeMemory::default();
     let l = table((3, 11)).unwrap().code;
