@@ -206,6 +206,29 @@ impl Telemetry {
             for (name, kind, help, v) in series {
                 let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
             }
+            // The CPython code object cache (runtimes/python), shared by the
+            // sampling loop and the symbolizer.
+            let py = crate::runtimes::python::shared().lock().unwrap_or_else(|e| e.into_inner()).stats();
+            let series: [(&str, &str, u64); 3] = [
+                (
+                    "profiler_python_code_cache_evictions_total",
+                    "Python code objects evicted from the bounded cache.",
+                    py.evictions,
+                ),
+                (
+                    "profiler_python_code_cache_stale_total",
+                    "Cached Python code objects found replaced by another object at the same address.",
+                    py.stale,
+                ),
+                (
+                    "profiler_python_frames_unnamed_total",
+                    "Python frames left unnamed: the code object could not be read.",
+                    py.unreadable,
+                ),
+            ];
+            for (name, help, v) in series {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            }
         }
         if let Some(rss) = rss_bytes() {
             let _ = writeln!(s, "# HELP profiler_resident_memory_bytes Resident set size of the agent.");
