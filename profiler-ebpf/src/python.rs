@@ -113,6 +113,13 @@ pub fn at_frame(pc: u64) -> Option<u64> {
     w.enter()
 }
 
+/// Whether `tgid` is a Python process whose frames the walk reads.
+#[inline(always)]
+pub fn walks(tgid: u32) -> bool {
+    let on = unsafe { core::ptr::read_volatile(&TASK_FSBASE_OFFSET) } != 0;
+    on && unsafe { PY_PROCESSES.get(&tgid) }.is_some()
+}
+
 /// An exec replaced the interpreter (if any): its record is stale.
 #[inline(always)]
 pub fn forget(tgid: u32) {
