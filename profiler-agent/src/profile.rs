@@ -21,6 +21,13 @@ pub enum FrameKind {
     /// JIT-compiled code named from the runtime's perf map or jitdump;
     /// folded output marks it `_[j]`.
     Jit(JitRuntime),
+    /// A CPython function (runtimes/python): `function` is its qualified
+    /// name, `file` and `line` the source position of the running
+    /// instruction.
+    Python {
+        /// The function's first line (`co_firstlineno`).
+        start_line: u32,
+    },
 }
 
 /// The runtime that compiled a JIT frame, for exporters that name it

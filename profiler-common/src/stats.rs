@@ -68,10 +68,20 @@ pub enum Stat {
     UnwindJitEnd = 25,
     /// Walks whose frame pointer in JIT code led to unreadable memory.
     UnwindJitReadFault = 26,
+    /// Python frames emitted by the CPython walk.
+    PythonFrames = 27,
+    /// Interpreter frames left native: the thread's `PyThreadState` was not
+    /// found (not a Python thread, or past the bounded thread-list search).
+    PythonNoThreadState = 28,
+    /// Python walks stopped by a faulted read of interpreter memory.
+    PythonReadFault = 29,
+    /// Interpreter calls met with no Python frame left in the chain (the
+    /// walk and the native stack disagree); left native.
+    PythonChainEnd = 30,
 }
 
 /// Number of counters; the size of the `STATS` array.
-pub const STAT_COUNT: u32 = 27;
+pub const STAT_COUNT: u32 = 31;
 
 impl Stat {
     /// Every counter, in index order.
@@ -103,6 +113,10 @@ impl Stat {
         Stat::UnwindJitFrames,
         Stat::UnwindJitEnd,
         Stat::UnwindJitReadFault,
+        Stat::PythonFrames,
+        Stat::PythonNoThreadState,
+        Stat::PythonReadFault,
+        Stat::PythonChainEnd,
     ];
 
     /// A stable snake_case name, used in summaries and metric labels.
@@ -135,6 +149,10 @@ impl Stat {
             Stat::UnwindJitFrames => "unwind_jit_frames",
             Stat::UnwindJitEnd => "unwind_jit_zero_frame_pointer",
             Stat::UnwindJitReadFault => "unwind_jit_read_fault",
+            Stat::PythonFrames => "python_frames",
+            Stat::PythonNoThreadState => "python_no_thread_state",
+            Stat::PythonReadFault => "python_read_fault",
+            Stat::PythonChainEnd => "python_chain_end",
         }
     }
 }

@@ -11,6 +11,7 @@ mod maps;
 mod offcpu;
 mod oncpu;
 mod probe;
+mod python;
 mod stack;
 mod unwind;
 

@@ -223,7 +223,10 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
     if prev_state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
         return; // stopped or traced: not waiting on anything we can name
     }
-    let fp = fingerprint();
+    // Python frames live on the heap, not in the registers the fingerprint
+    // covers: two Python functions blocking through the same C path would
+    // share one, so a Python process's stacks are never reused.
+    let fp = if crate::python::walks(tgid) { 0 } else { fingerprint() };
     if fp != 0 && fp == t.fingerprint && t.reused < REFRESH_EVERY {
         t.reused += 1;
         count(Stat::StacksReused);

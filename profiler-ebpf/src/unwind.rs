@@ -30,7 +30,7 @@ use profiler_common::{
     Stat, MAX_STACK_DEPTH, SAMPLE_FLAG_UNKNOWN_MAPPING, SAMPLE_FLAG_USER_PARTIAL,
 };
 
-use crate::maps::count;
+use crate::{maps::count, python};
 
 /// Set by the agent: non-zero to unwind user stacks with CFI tables; 0
 /// leaves them to the kernel's frame-pointer walk (`bpf_get_stack`).
@@ -120,6 +120,9 @@ pub fn unwind_user(tgid: u32, out: &mut [u64; MAX_STACK_DEPTH]) -> Option<Unwoun
     }
     let mut st =
         State { tgid, frames: 0, pc, sp, bp, exact: 1, flags: 0, stopped: 0, _pad: 0, cached: Mapping::default() };
+    // The CPython walk (python.rs) puts Python frames in place of the
+    // interpreter loop's native frames.
+    python::begin(tgid);
     unsafe {
         bpf_loop(MAX_UNWIND_FRAMES, step as *mut c_void, (&mut st as *mut State).cast(), 0);
     }
@@ -154,7 +157,12 @@ const STOP: i64 = 1;
 #[inline(never)]
 extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     let st = unsafe { &mut *(ctx as *mut State) };
-    let r = step_frame(index, st);
+    let mut r = step_frame(index, st);
+    if r == STOP && python::defer_stop() {
+        // The interpreter call's remaining Python frames still go out,
+        // one per iteration, before the walk ends.
+        r = CONTINUE;
+    }
     if r == STOP {
         st.stopped = 1;
     }
@@ -167,13 +175,28 @@ fn step_frame(index: u32, st: &mut State) -> i64 {
     // bpf_loop keeps the index below MAX_UNWIND_FRAMES; the mask into a
     // power-of-two buffer is for the verifier, which loses a plain bounds
     // check across LLVM's register copies.
-    unsafe { (*buf)[index as usize & (FRAME_SLOTS - 1)] = st.pc };
+    let slot = index as usize & (FRAME_SLOTS - 1);
+    // Python frames of an interpreter call take one iteration each; the
+    // registers already hold the caller of its native frame.
+    match python::pending() {
+        python::Pending::Frame(frame, last) => {
+            unsafe { (*buf)[slot] = frame };
+            st.frames = index + 1;
+            return if last { STOP } else { CONTINUE };
+        }
+        python::Pending::Done => return STOP,
+        python::Pending::None => {}
+    }
+    unsafe { (*buf)[slot] = st.pc };
     st.frames = index + 1;
     // A return address points after its call, which may be the last
     // instruction of the function (a call to a noreturn function), so it is
     // looked up one byte earlier.
     let lookup_pc = if st.exact != 0 { st.pc } else { st.pc - 1 };
     st.exact = 0;
+    if let Some(frame) = python::at_frame(lookup_pc) {
+        unsafe { (*buf)[slot] = frame };
+    }
 
     if !in_cached(st, lookup_pc) && !find_mapping(st, lookup_pc) {
         count(Stat::UnwindNoMapping);
@@ -410,4 +433,5 @@ pub fn sched_process_exec_raw(_ctx: RawTracePointContext) -> i32 {
 fn forget_process() {
     let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
     let _ = PROCESSES.remove(&tgid);
+    python::forget(tgid);
 }

@@ -428,9 +428,12 @@ fn python3_stacks_reach_py_bytes_main() {
     }
 }
 
-/// `_start` outermost, then `Py_BytesMain`, then `_PyEval_EvalFrameDefault`.
+/// `_start` outermost, then `Py_BytesMain`, then `_PyEval_EvalFrameDefault`
+/// (perf), or the script's Python frames that the agent puts in its place.
 fn python_complete(s: &Stack) -> bool {
-    outermost_is_start(s) && s.has_subsequence(&["_start", "Py_BytesMain", "_PyEval_EvalFrameDefault"])
+    outermost_is_start(s)
+        && (s.has_subsequence(&["_start", "Py_BytesMain", "_PyEval_EvalFrameDefault"])
+            || s.has_subsequence(&["_start", "Py_BytesMain", "<module>"]))
 }
 
 /// `perf record --call-graph dwarf` running on one process.

@@ -33,11 +33,15 @@ pub fn collect<S: SampleSource>(
         let stopping = stop.load(Ordering::Acquire);
         batch.clear();
         source.poll(&mut batch, if stopping { Duration::ZERO } else { POLL_TIMEOUT })?;
+        let mut python = crate::runtimes::python::shared().lock().unwrap_or_else(|e| e.into_inner());
         for s in &batch {
             let comm = String::from_utf8_lossy(s.comm_bytes());
             procs.observe(s.tgid, &comm);
+            // Python functions are named while their process lives.
+            python.warm(s.tgid, s.user_stack());
             agg.add(s);
         }
+        drop(python);
         if let Some(feed) = unwind {
             feed.note(batch.iter().map(|s| (s.tgid, s.flags)));
         }

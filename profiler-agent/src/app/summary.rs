@@ -180,6 +180,19 @@ impl Summary {
             u.too_big,
             u.requests_dropped
         );
+        if u.python_processes + u.python_unsupported + k(Stat::PythonFrames) > 0 {
+            let _ = writeln!(
+                s,
+                "Python: {} frames walked in {} processes; {} processes with an unsupported interpreter (native frames only); \
+                 interpreter frames left native: {} thread state not found, {} read fault, {} chain ended early.",
+                k(Stat::PythonFrames),
+                u.python_processes,
+                u.python_unsupported,
+                k(Stat::PythonNoThreadState),
+                k(Stat::PythonReadFault),
+                k(Stat::PythonChainEnd),
+            );
+        }
     }
 
     fn render_jit(&self, s: &mut String, j: &JitSummary) {

@@ -57,11 +57,16 @@ pub fn sample(tgid: u32, tid: u32, comm: &str, kernel: &[u64], user: &[u64]) -> 
 pub struct FakeUnwindMaps {
     pub rows: Vec<profiler_common::unwind::UnwindRow>,
     pub processes: std::collections::HashMap<u32, Vec<profiler_common::unwind::Mapping>>,
+    pub python: std::collections::HashMap<u32, profiler_common::python::PyProcess>,
 }
 
 impl FakeUnwindMaps {
     pub fn new(capacity: u32) -> Self {
-        Self { rows: vec![Default::default(); capacity as usize], processes: Default::default() }
+        Self {
+            rows: vec![Default::default(); capacity as usize],
+            processes: Default::default(),
+            python: Default::default(),
+        }
     }
 }
 
@@ -86,6 +91,14 @@ impl super::UnwindMaps for FakeUnwindMaps {
 
     fn remove_process(&mut self, tgid: u32) -> Result<(), BpfError> {
         self.processes.remove(&tgid);
+        Ok(())
+    }
+
+    fn set_python(&mut self, tgid: u32, record: Option<&profiler_common::python::PyProcess>) -> Result<(), BpfError> {
+        match record {
+            Some(r) => self.python.insert(tgid, *r),
+            None => self.python.remove(&tgid),
+        };
         Ok(())
     }
 }

@@ -131,6 +131,28 @@ fn attach_raw(ebpf: &mut Ebpf, tracepoint: &'static str, raw_name: &'static str)
     Ok(())
 }
 
+/// The offset of `thread.fsbase` in `task_struct`, for the CPython walk
+/// (profiler-ebpf/src/python.rs), which matches thread states to threads by
+/// thread pointer. 0 (the walk off, Python frames stay native) when the
+/// kernel's BTF does not tell it.
+fn python_fsbase_offset() -> u32 {
+    // For `cargo xtask bench unwind`, which measures the walk's cost
+    // against the native walk alone on the same process.
+    if std::env::var_os("PROFILER_PYTHON_FRAMES").is_some_and(|v| v == "off") {
+        log::info!("PROFILER_PYTHON_FRAMES=off: Python frames stay native");
+        return 0;
+    }
+    let offset = (|| -> Result<u32, BpfError> {
+        let data = fs::read("/sys/kernel/btf/vmlinux").map_err(BpfError::BtfRead)?;
+        let o = StructOffsets::parse(&data, &["task_struct", "thread_struct"])?;
+        Ok(o.offset("task_struct", "thread")? + o.offset("thread_struct", "fsbase")?)
+    })();
+    offset.unwrap_or_else(|e| {
+        log::warn!("Python frames stay native: {e}");
+        0
+    })
+}
+
 impl EbpfSource {
     /// Loads the programs and fills the pid filter; [`attach`](Self::attach)
     /// starts them.
@@ -155,6 +177,7 @@ impl EbpfSource {
         let ring_bytes = ring_buffer_bytes(cpus.len(), opts.frequency);
         let wakeup_bytes = u64::from(ring_bytes / 4);
         let cfi: u32 = u32::from(opts.unwind.is_some());
+        let fsbase_offset = if cfi != 0 { python_fsbase_offset() } else { 0 };
         let unwind_rows = opts.unwind.as_ref().map_or(1, |u| u.rows.max(1));
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("SAMPLES", ring_bytes)
@@ -165,6 +188,7 @@ impl EbpfSource {
             .override_global("TASK_PID_OFFSET", &pid_offset, true)
             .override_global("TASK_TGID_OFFSET", &tgid_offset, true)
             .override_global("MIN_BLOCK_NS", &min_block_ns, true)
+            .override_global("TASK_FSBASE_OFFSET", &fsbase_offset, true)
             .load(EBPF_OBJECT)?;
         // The programs do not log today; keep the logger when the object has
         // a log map so future diagnostics surface, and keep it alive: dropping
@@ -250,7 +274,8 @@ impl EbpfSource {
         let rows = self.ebpf.take_map("UNWIND_ROWS").ok_or(BpfError::Missing("UNWIND_ROWS"))?;
         let mappings = self.ebpf.take_map("MAPPINGS").ok_or(BpfError::Missing("MAPPINGS"))?;
         let processes = self.ebpf.take_map("PROCESSES").ok_or(BpfError::Missing("PROCESSES"))?;
-        EbpfUnwindMaps::new(rows, capacity, mappings, processes).map(Some)
+        let python = self.ebpf.take_map("PY_PROCESSES").ok_or(BpfError::Missing("PY_PROCESSES"))?;
+        EbpfUnwindMaps::new(rows, capacity, mappings, processes, python).map(Some)
     }
 
     fn drain(&mut self, out: &mut Vec<Sample>) -> usize {

@@ -159,6 +159,8 @@ pub trait UnwindMaps: Send {
     fn set_process(&mut self, tgid: u32, mappings: &[Mapping]) -> Result<(), BpfError>;
     /// Forgets `tgid`; absent is fine.
     fn remove_process(&mut self, tgid: u32) -> Result<(), BpfError>;
+    /// Sets, or with `None` clears, the CPython walk's record of `tgid`.
+    fn set_python(&mut self, tgid: u32, record: Option<&profiler_common::python::PyProcess>) -> Result<(), BpfError>;
 }
 
 impl<M: UnwindMaps + ?Sized> UnwindMaps for &mut M {
@@ -173,5 +175,8 @@ impl<M: UnwindMaps + ?Sized> UnwindMaps for &mut M {
     }
     fn remove_process(&mut self, tgid: u32) -> Result<(), BpfError> {
         (**self).remove_process(tgid)
+    }
+    fn set_python(&mut self, tgid: u32, record: Option<&profiler_common::python::PyProcess>) -> Result<(), BpfError> {
+        (**self).set_python(tgid, record)
     }
 }

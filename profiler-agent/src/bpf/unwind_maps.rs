@@ -6,7 +6,10 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use profiler_common::unwind::{Mapping, ProcessEntry, UnwindRow, MAPPING_SLOTS};
+use profiler_common::{
+    python::PyProcess,
+    unwind::{Mapping, ProcessEntry, UnwindRow, MAPPING_SLOTS},
+};
 
 use super::{BpfError, UnwindMaps};
 use crate::unwind::alloc::{Allocator, Range};
@@ -22,6 +25,8 @@ pub struct EbpfUnwindMaps {
     mapping_slots: Allocator,
     ranges: StdHashMap<u32, Range>,
     processes: HashMap<MapData, u32, ProcessEntry>,
+    /// `PY_PROCESSES`: the CPython walk's record of each Python process.
+    python: HashMap<MapData, u32, PyProcess>,
 }
 
 const PAGE: usize = 4096;
@@ -34,7 +39,7 @@ fn array(map: Map, name: &'static str) -> Result<MapData, BpfError> {
 }
 
 impl EbpfUnwindMaps {
-    pub(super) fn new(rows: Map, capacity: u32, mappings: Map, processes: Map) -> Result<Self, BpfError> {
+    pub(super) fn new(rows: Map, capacity: u32, mappings: Map, processes: Map, python: Map) -> Result<Self, BpfError> {
         Ok(Self {
             capacity,
             rows: array(rows, "UNWIND_ROWS")?,
@@ -42,6 +47,7 @@ impl EbpfUnwindMaps {
             mapping_slots: Allocator::new(MAPPING_SLOTS),
             ranges: StdHashMap::new(),
             processes: HashMap::try_from(processes).map_err(|source| BpfError::Map { name: "PROCESSES", source })?,
+            python: HashMap::try_from(python).map_err(|source| BpfError::Map { name: "PY_PROCESSES", source })?,
         })
     }
 }
@@ -120,6 +126,23 @@ impl UnwindMaps for EbpfUnwindMaps {
             // The kernel forgets a process itself when it execs.
             Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(source) => Err(BpfError::Map { name: "PROCESSES", source }),
+        }
+    }
+
+    fn set_python(&mut self, tgid: u32, record: Option<&PyProcess>) -> Result<(), BpfError> {
+        let result = match record {
+            Some(r) => self.python.insert(tgid, *r, 0),
+            None => self.python.remove(&tgid),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            // Full: this process keeps native interpreter frames.
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                log::warn!("pid {tgid}: the Python process map is full; its Python frames stay native");
+                Ok(())
+            }
+            Err(source) => Err(BpfError::Map { name: "PY_PROCESSES", source }),
         }
     }
 }

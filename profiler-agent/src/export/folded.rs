@@ -60,7 +60,7 @@ fn push_frame(out: &mut String, frame: &Frame) {
     match frame.kind {
         FrameKind::Kernel => out.push_str("_[k]"),
         FrameKind::Inlined => out.push_str("_[i]"),
-        FrameKind::User => {}
+        FrameKind::User | FrameKind::Python { .. } => {}
         FrameKind::Jit(_) => {
             // The runtime's own names carry the location (V8's `JS:*f
             // file:line:col`); keep it, so flame graphs tell apart

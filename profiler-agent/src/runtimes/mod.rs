@@ -8,10 +8,14 @@
 //! process. Tables are bounded per process (oldest entries evicted) and in
 //! total (least recently used processes evicted), and every eviction is
 //! counted.
+//!
+//! CPython's interpreted frames (`python`) are named from the interpreter's
+//! own code objects instead, read from the process's memory.
 
 pub mod jitdump;
 pub mod names;
 pub mod perfmap;
+pub mod python;
 pub mod table;
 
 use std::{

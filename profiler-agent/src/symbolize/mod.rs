@@ -22,11 +22,16 @@ use crate::{
     aggregate::Aggregate,
     process::{ModuleInfo, ProcessLookup},
     profile::{Frame, FrameKind, Module, ProcessMeta, Profile, ProfileBuilder, Sample},
-    runtimes::{is_jit_candidate, JitHit},
+    runtimes::{
+        is_jit_candidate,
+        python::{self, NamerStats},
+        JitHit,
+    },
 };
 use cache::{CacheStats, Resolved, SymbolCache};
 use elf::FileResolver;
 use kallsyms::KernelSymbols;
+use profiler_common::python::decode_py_frame;
 
 /// Frame counters across the agent's life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -88,6 +93,11 @@ impl<R: FileResolver> Symbolizer<R> {
         }
     }
 
+    /// The Python code object cache's counters.
+    pub fn python_stats(&self) -> NamerStats {
+        python::shared().lock().unwrap_or_else(|e| e.into_inner()).stats()
+    }
+
     pub fn stats(&self) -> SymbolizeStats {
         self.stats
     }
@@ -113,6 +123,9 @@ impl<R: FileResolver> Symbolizer<R> {
         let mut refreshed: Vec<u32> = Vec::new();
         for key in agg.stacks.keys() {
             for (i, &addr) in key.user.iter().enumerate() {
+                if decode_py_frame(addr).is_some() {
+                    continue; // named in pass 2
+                }
                 let lookup = lookup_addr(i, addr);
                 if targets.contains_key(&(key.pid, lookup)) {
                     continue;
@@ -125,6 +138,8 @@ impl<R: FileResolver> Symbolizer<R> {
 
         // Pass 2: build the samples.
         let mut b = ProfileBuilder::default();
+        // Each (process, code object, instruction) is named once per pass.
+        let mut python_frames: HashMap<(u32, u64), Frame> = HashMap::new();
         let kernel_module = b.module(profile, Module { path: "[kernel.kallsyms]".into(), build_id: None });
         for (key, &value) in &agg.stacks {
             let process = procs.observe(key.pid, &key.thread_name());
@@ -139,6 +154,16 @@ impl<R: FileResolver> Symbolizer<R> {
                 frames.push(b.frame(profile, frame));
             }
             for (i, &addr) in key.user.iter().enumerate() {
+                if let Some((code, lasti)) = decode_py_frame(addr) {
+                    let frame = python_frames
+                        .entry((key.pid, addr))
+                        .or_insert_with(|| self.python_frame(key.pid, code, lasti))
+                        .clone();
+                    self.stats.frames += 1;
+                    self.stats.unsymbolized += u64::from(frame.unsymbolized);
+                    frames.push(b.frame(profile, frame));
+                    continue;
+                }
                 let lookup = lookup_addr(i, addr);
                 for frame in self.user_frames(key.pid, &targets[&(key.pid, lookup)], &resolved, &mut b, profile) {
                     frames.push(b.frame(profile, frame));
@@ -232,6 +257,24 @@ impl<R: FileResolver> Symbolizer<R> {
             }
         }
         out
+    }
+
+    /// A CPython frame; one that cannot be read (the process exited, the
+    /// code object is gone) is `[python]`, never a guessed name.
+    fn python_frame(&mut self, pid: u32, code: u64, lasti: u64) -> Frame {
+        let named = python::shared().lock().unwrap_or_else(|e| e.into_inner()).frame(pid, code, lasti);
+        match named {
+            Some(f) => Frame {
+                function: f.name,
+                file: Some(f.file),
+                line: f.line,
+                module: None,
+                address: 0,
+                kind: FrameKind::Python { start_line: f.first_line },
+                unsymbolized: false,
+            },
+            None => Frame { kind: FrameKind::Python { start_line: 0 }, ..Frame::named("[python]", true) },
+        }
     }
 
     fn kernel_frame(&mut self, addr: u64, module: usize) -> Frame {

@@ -167,7 +167,7 @@ impl Telemetry {
         // `ready` takes the same lock.
         drop(exporters);
         if let Some(u) = self.unwind.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            let series: [(&str, &str, &str, u64); 9] = [
+            let series: [(&str, &str, &str, u64); 11] = [
                 ("profiler_unwind_tables", "gauge", "Files with a CFI table in the kernel.", u.tables),
                 ("profiler_unwind_table_rows", "gauge", "CFI table rows in the kernel.", u.rows),
                 ("profiler_unwind_table_bytes", "gauge", "Kernel map memory used by CFI tables.", u.table_bytes),
@@ -197,9 +197,44 @@ impl Telemetry {
                     "Table requests dropped because the table thread's queue was full.",
                     u.requests_dropped,
                 ),
+                (
+                    "profiler_python_processes",
+                    "gauge",
+                    "Processes whose CPython frames the kernel walks.",
+                    u.python_processes,
+                ),
+                (
+                    "profiler_python_unsupported_total",
+                    "counter",
+                    "Python processes left with native frames: interpreter version or build not supported.",
+                    u.python_unsupported,
+                ),
             ];
             for (name, kind, help, v) in series {
                 let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            }
+            // The CPython code object cache (runtimes/python), shared by the
+            // sampling loop and the symbolizer.
+            let py = crate::runtimes::python::shared().lock().unwrap_or_else(|e| e.into_inner()).stats();
+            let series: [(&str, &str, u64); 3] = [
+                (
+                    "profiler_python_code_cache_evictions_total",
+                    "Python code objects evicted from the bounded cache.",
+                    py.evictions,
+                ),
+                (
+                    "profiler_python_code_cache_stale_total",
+                    "Cached Python code objects found replaced by another object at the same address.",
+                    py.stale,
+                ),
+                (
+                    "profiler_python_frames_unnamed_total",
+                    "Python frames left unnamed: the code object could not be read.",
+                    py.unreadable,
+                ),
+            ];
+            for (name, help, v) in series {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
             }
         }
         if let Some((j, named, unnamed)) = *self.jit.lock().unwrap_or_else(|e| e.into_inner()) {

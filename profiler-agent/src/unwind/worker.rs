@@ -176,6 +176,7 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
 #[derive(Default)]
 pub struct FileTables {
     vdso: Option<Option<Vec<u8>>>,
+    python: crate::runtimes::python::detect::Detector,
 }
 
 impl TableSource for FileTables {
@@ -193,6 +194,18 @@ impl TableSource for FileTables {
             Err(TableError::Io(_)) => table::build_file(&PathBuf::from(format!("/proc/{tgid}/root{}", m.path))),
             other => other,
         }
+    }
+
+    fn python(
+        &mut self,
+        tgid: u32,
+        mappings: &[MapEntry],
+    ) -> Result<Option<profiler_common::python::PyProcess>, crate::runtimes::python::detect::Unsupported> {
+        let found = self.python.find(tgid, mappings, &crate::runtimes::python::memory::ProcessMemory)?;
+        Ok(found.map(|f| {
+            log::debug!("pid {tgid}: CPython {}.{} in {}", f.layout.version.0, f.layout.version.1, f.path);
+            f.record
+        }))
     }
 }
 

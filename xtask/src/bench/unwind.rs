@@ -62,6 +62,12 @@ const PYTHON: &str = "/usr/bin/python3";
 /// native frame) and spins.
 const PYTHON_LOOP: &str = "def f(n):\n    if n == 0:\n        while True: pass\n    return f(n - 1)\nf(40)";
 
+/// 30 Python calls deep, spinning: the Python walk's cost (part 5).
+const PYTHON_30: &str = "def f(n):\n    if n == 0:\n        while True: pass\n    return f(n - 1)\nf(30)";
+/// Target: BPF time per sample with the Python walk at most this many
+/// times the native walk alone on the same stack.
+const TARGET_PYTHON_RATIO: f64 = 2.0;
+
 /// Sampling frequency of every run.
 const HZ: u32 = 99;
 /// Target: BPF time per sample when the unwinder walks 64 frames.
@@ -134,6 +140,9 @@ struct Round {
     /// Debian's python3 (a big, stripped binary without frame pointers)
     /// under both unwinders, when it is installed.
     python: Option<(Run, Run)>,
+    /// python3 30 Python calls deep, CFI unwinder, with the Python walk and
+    /// without it (`PROFILER_PYTHON_FRAMES=off`).
+    python_walk: Option<(Run, Run)>,
     /// `--pid` of a sleeping process: every run is idle or filtered.
     calibration: Run,
 }
@@ -187,7 +196,7 @@ pub fn run(duration: u64, rounds: usize) -> Result<()> {
         let cfi = run(&mut deep, Unwinder::Cfi, "record --unwinder cfi", "cfi")?;
         let fp = run(&mut deep, Unwinder::FramePointer, "record --unwinder frame-pointer", "fp")?;
         let calibration = run(&mut sleeper, Unwinder::FramePointer, "calibration: record --pid <sleep>", "calib")?;
-        all.push(Round { cfi, fp, calibration, python: None });
+        all.push(Round { cfi, fp, calibration, python: None, python_walk: None });
     }
     drop(deep);
 
@@ -200,6 +209,20 @@ pub fn run(duration: u64, rounds: usize) -> Result<()> {
             let cfi = plan.record(&mut py, Unwinder::Cfi, &format!("py-cfi-{round}"))?;
             let fp = plan.record(&mut py, Unwinder::FramePointer, &format!("py-fp-{round}"))?;
             r.python = Some((cfi, fp));
+        }
+        drop(py);
+        let mut py = Workload::start(Path::new(PYTHON), "python3", &["-c".to_owned(), PYTHON_30.to_owned()])?;
+        for (i, r) in all.iter_mut().enumerate() {
+            let round = i + 1;
+            step(format!("bench: python3 (30 deep) round {round}/{rounds}: with the Python walk, then without"));
+            let walk = plan.record_env(&mut py, Unwinder::Cfi, &format!("py-walk-{round}"), &[])?;
+            let native = plan.record_env(
+                &mut py,
+                Unwinder::Cfi,
+                &format!("py-native-{round}"),
+                &[("PROFILER_PYTHON_FRAMES", "off")],
+            )?;
+            r.python_walk = Some((walk, native));
         }
     } else {
         step(format!("bench: {PYTHON} is not installed (apt-get install python3); skipping its runs"));
@@ -229,6 +252,11 @@ impl Plan {
     /// `record --pid <w> --unwinder <unwinder>` for `duration`, and what it
     /// reported. Only the sleeping process may give no samples.
     fn record(&self, w: &mut Workload, unwinder: Unwinder, tag: &str) -> Result<Run> {
+        self.record_env(w, unwinder, tag, &[])
+    }
+
+    /// [`record`](Self::record) with extra environment variables for the agent.
+    fn record_env(&self, w: &mut Workload, unwinder: Unwinder, tag: &str, env: &[(&str, &str)]) -> Result<Run> {
         w.check()?;
         let out = self.dir.join(tag);
         let log = self.dir.join(format!("{tag}.log"));
@@ -236,7 +264,8 @@ impl Plan {
         cmd.args(["record", "--pid", &w.pid().to_string(), "--duration", &self.duration.to_string()])
             .args(["--frequency", &HZ.to_string(), "--format", "folded", "--unwinder", unwinder.flag(), "-o"])
             .arg(&out)
-            .env_remove("PROFILER_LOG");
+            .env_remove("PROFILER_LOG")
+            .envs(env.iter().copied());
         let what = || format!("recording {} with --unwinder {}", w.name, unwinder.flag());
         let m = measure(cmd, "profiler-agent record", &log, self.duration, false).with_context(what)?;
         let text = fs::read_to_string(&log).with_context(|| format!("cannot read {}", log.display()))?;
@@ -303,6 +332,7 @@ fn report(rounds: &[Round], svc: &Run, svc_files: &[PathBuf], libc: Option<&Path
     println!();
     report_memory(rounds, svc, svc_files);
     report_python(rounds);
+    report_python_walk(rounds);
 }
 
 /// Part 1: BPF time per sample, cfi against frame-pointer.
@@ -492,6 +522,32 @@ fn report_python(rounds: &[Round]) {
         pairs[pairs.len() - 1].1.depth.mean,
         median(per_frame.clone()),
         each(&per_frame, 0)
+    );
+}
+
+/// Part 5: what the Python walk adds, on the same python3 process.
+fn report_python_walk(rounds: &[Round]) {
+    let pairs: Vec<(&Run, &Run, f64)> =
+        rounds.iter().filter_map(|r| r.python_walk.as_ref().map(|(w, n)| (w, n, r.cheap_ns()))).collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let walk: Vec<f64> = pairs.iter().map(|(w, _, cheap)| w.ns_per_unwind(*cheap)).collect();
+    let native: Vec<f64> = pairs.iter().map(|(_, n, cheap)| n.ns_per_unwind(*cheap)).collect();
+    let ratios: Vec<f64> = walk.iter().zip(&native).map(|(w, n)| w / n).collect();
+    let ratio = median(ratios.clone());
+    println!(
+        "5. Python walk, python3 30 Python calls deep: ns per sample, medians: with the walk {:.0} [{}] at {:.1} \
+         frames per sample, native only {:.0} [{}] at {:.1}; ratio {:.2} [{}] (target <= {TARGET_PYTHON_RATIO}: {}).",
+        median(walk.clone()),
+        each(&walk, 0),
+        pairs[pairs.len() - 1].0.depth.mean,
+        median(native.clone()),
+        each(&native, 0),
+        pairs[pairs.len() - 1].1.depth.mean,
+        ratio,
+        each(&ratios, 2),
+        verdict(ratio <= TARGET_PYTHON_RATIO)
     );
 }
 

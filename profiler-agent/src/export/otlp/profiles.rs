@@ -278,6 +278,7 @@ impl Encoder<'_> {
         let frame_type = match owner.kind {
             FrameKind::Kernel => "kernel",
             FrameKind::Jit(runtime) => runtime.otel_frame_type(),
+            FrameKind::Python { .. } => "cpython",
             FrameKind::User | FrameKind::Inlined => "native",
         };
         let attributes = vec![self.dict.attribute("profile.frame.type", AttrValue::Str(frame_type.into()))];

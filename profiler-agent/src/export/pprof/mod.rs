@@ -244,7 +244,10 @@ impl<'a> Encoder<'a> {
             // We only have demangled names; pprof falls back to `name` anyway.
             system_name: name,
             filename: self.strings.intern(frame.file.as_deref().unwrap_or("")),
-            start_line: 0,
+            start_line: match frame.kind {
+                FrameKind::Python { start_line } => i64::from(start_line),
+                _ => 0,
+            },
         });
         self.function_ids.insert(key, id);
         id

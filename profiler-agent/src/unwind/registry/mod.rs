@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_common::unwind::{Mapping, UnwindRow, ROWS_ANON};
+use profiler_common::{
+    python::PyProcess,
+    unwind::{Mapping, UnwindRow, ROWS_ANON},
+};
 
 use super::{
     alloc::{Allocator, Range},
@@ -21,6 +24,7 @@ use super::{
 use crate::{
     bpf::{BpfError, UnwindMaps},
     process::MapEntry,
+    runtimes::python::detect::Unsupported,
 };
 
 /// Identity of a mapped file. Device and inode rather than the build id:
@@ -47,6 +51,14 @@ impl FileId {
 /// hand out prepared tables.
 pub trait TableSource: Send {
     fn build(&mut self, tgid: u32, mapping: &MapEntry) -> Result<UnwindTable, TableError>;
+
+    /// The CPython walk's record for a process with these executable
+    /// mappings (runtimes/python), `None` when it runs no interpreter, an
+    /// error when it runs one the walk does not support. Sources that read
+    /// no files know none.
+    fn python(&mut self, _tgid: u32, _mappings: &[MapEntry]) -> Result<Option<PyProcess>, Unsupported> {
+        Ok(None)
+    }
 }
 
 /// What a process looks like now: its executable mappings and its start
@@ -83,6 +95,11 @@ pub struct UnwindStats {
     pub build_time: Duration,
     /// Requests dropped because the table thread's queue was full.
     pub requests_dropped: u64,
+    /// Processes whose CPython frames the kernel walks.
+    pub python_processes: u64,
+    /// Python processes left with native frames: an interpreter version
+    /// or build the walk does not support (warned once per reason).
+    pub python_unsupported: u64,
 }
 
 #[derive(Debug)]
@@ -122,6 +139,12 @@ pub struct Registry<M, T, P> {
     processes: HashMap<u32, Process>,
     tick: u64,
     stats: UnwindStats,
+    /// Processes with a CPython record in the kernel.
+    python: HashSet<u32>,
+    /// Processes found running an unsupported interpreter (counted once).
+    python_unsupported: HashSet<u32>,
+    /// Reasons already warned about, bounded.
+    python_warned: HashSet<String>,
 }
 
 /// Errors that stop the table thread (the kernel maps cannot be written).
@@ -145,6 +168,9 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
             processes: HashMap::new(),
             tick: 0,
             stats,
+            python: HashSet::new(),
+            python_unsupported: HashSet::new(),
+            python_warned: HashSet::new(),
         }
     }
 
@@ -155,6 +181,7 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
             rows,
             table_bytes: rows * std::mem::size_of::<profiler_common::unwind::UnwindRow>() as u64,
             processes: self.processes.len() as u64,
+            python_processes: self.python.len() as u64,
             ..self.stats.clone()
         }
     }
@@ -232,6 +259,26 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         for f in old_files.difference(&files) {
             self.release(*f);
         }
+        let exec: Vec<MapEntry> = mappings.iter().map(|(m, _)| m.clone()).collect();
+        let python = match self.tables_from.python(tgid, &exec) {
+            Ok(p) => p,
+            Err(e) => {
+                if self.python_unsupported.insert(tgid) {
+                    self.stats.python_unsupported += 1;
+                }
+                if self.python_warned.len() < 64 && self.python_warned.insert(e.to_string()) {
+                    log::warn!("pid {tgid}: {e}");
+                }
+                None
+            }
+        };
+        if python.is_some() {
+            self.python.insert(tgid);
+        } else {
+            self.python.remove(&tgid);
+        self.python_unsupported.remove(&tgid);
+        }
+        self.maps.set_python(tgid, python.as_ref())?;
         self.processes.insert(tgid, Process { start_time, mappings, files, refreshed: Instant::now() });
         self.write_process(tgid)
     }
@@ -254,6 +301,8 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
     fn forget(&mut self, tgid: u32) -> Result<(), RegistryError> {
         let Some(p) = self.processes.remove(&tgid) else { return Ok(()) };
         self.maps.remove_process(tgid)?;
+        self.maps.set_python(tgid, None)?;
+        self.python.remove(&tgid);
         for f in p.files {
             self.release(f);
         }
