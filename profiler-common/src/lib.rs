@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod offcpu;
+pub mod process;
 pub mod sample;
 pub mod stats;
 pub mod unwind;

@@ -10,6 +10,7 @@
 mod maps;
 mod offcpu;
 mod oncpu;
+mod process;
 mod stack;
 mod unwind;
 

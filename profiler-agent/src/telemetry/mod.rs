@@ -53,6 +53,8 @@ pub struct Telemetry {
     /// The CFI table thread's latest figures (None: frame pointers only).
     unwind: Mutex<Option<crate::unwind::UnwindStats>>,
     exporters: Mutex<BTreeMap<&'static str, std::sync::Arc<ExporterMetrics>>>,
+    /// Lifecycle events and the process table's figures (None: not tracked).
+    processes: Mutex<Option<(crate::lifecycle::LifecycleStats, crate::process::ProcessStats)>>,
 }
 
 impl Telemetry {
@@ -72,6 +74,10 @@ impl Telemetry {
 
     pub fn set_unwind(&self, u: crate::unwind::UnwindStats) {
         *self.unwind.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+    }
+
+    pub fn set_processes(&self, events: crate::lifecycle::LifecycleStats, table: crate::process::ProcessStats) {
+        *self.processes.lock().unwrap_or_else(|e| e.into_inner()) = Some((events, table));
     }
 
     pub fn record_export(&self, m: &ExporterMetrics, ok: bool, took: Duration) {
@@ -189,6 +195,38 @@ impl Telemetry {
                     "counter",
                     "Table requests dropped because the table thread's queue was full.",
                     u.requests_dropped,
+                ),
+            ];
+            for (name, kind, help, v) in series {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            }
+        }
+        if let Some((e, t)) = *self.processes.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = writeln!(s, "# HELP profiler_process_events_total Process lifecycle events from the kernel.");
+            let _ = writeln!(s, "# TYPE profiler_process_events_total counter");
+            for (kind, v) in [("fork", e.forks), ("exec", e.execs), ("exit", e.exits), ("lost", e.lost)] {
+                let _ = writeln!(s, "profiler_process_events_total{{kind=\"{kind}\"}} {v}");
+            }
+            let series: [(&str, &str, &str, u64); 5] = [
+                ("profiler_processes", "gauge", "Processes in the process table.", t.entries),
+                (
+                    "profiler_processes_exited",
+                    "gauge",
+                    "Exited processes kept until their last samples are symbolized.",
+                    t.exited_pending,
+                ),
+                ("profiler_processes_evicted_total", "counter", "Processes evicted from the full table.", t.evicted),
+                (
+                    "profiler_processes_vanished_total",
+                    "counter",
+                    "Processes gone before their mappings could be read.",
+                    t.vanished,
+                ),
+                (
+                    "profiler_processes_removed_total",
+                    "counter",
+                    "Exited processes removed after their samples were symbolized.",
+                    t.exited_removed,
                 ),
             ];
             for (name, kind, help, v) in series {

@@ -35,6 +35,14 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 enum Request {
     Seen(u32),
     Refresh(u32),
+    /// Lifecycle events: load an exec'd image at once, copy a parent's
+    /// mappings to its child, forget an exited process.
+    Exec(u32),
+    Fork {
+        child: u32,
+        parent: u32,
+    },
+    Exit(u32),
 }
 
 /// A process's tables are marked used at most this often; the LRU needs
@@ -78,12 +86,43 @@ impl Feed {
     }
 
     fn send(&self, r: Request) {
-        match self.tx.try_send(r) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        send(&self.tx, &self.dropped, r);
+    }
+
+    /// A handle for the lifecycle tracker, which tells the table thread of
+    /// forks, execs and exits as they happen, so a process's tables are in
+    /// the kernel before its first sample.
+    pub fn lifecycle(&self) -> LifecycleFeed {
+        LifecycleFeed { tx: self.tx.clone(), dropped: self.dropped.clone() }
+    }
+}
+
+fn send(tx: &SyncSender<Request>, dropped: &AtomicU64, r: Request) {
+    match tx.try_send(r) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Lifecycle events for the table thread (see [`Feed::lifecycle`]). The
+/// table thread runs until this handle, too, is dropped.
+#[derive(Clone)]
+pub struct LifecycleFeed {
+    tx: SyncSender<Request>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl LifecycleFeed {
+    pub fn exec(&self, tgid: u32) {
+        send(&self.tx, &self.dropped, Request::Exec(tgid));
+    }
+    pub fn fork(&self, child: u32, parent: u32) {
+        send(&self.tx, &self.dropped, Request::Fork { child, parent });
+    }
+    pub fn exit(&self, tgid: u32) {
+        send(&self.tx, &self.dropped, Request::Exit(tgid));
     }
 }
 
@@ -149,6 +188,9 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
         let result = match rx.recv_timeout(SWEEP_EVERY) {
             Ok(Request::Seen(tgid)) => registry.seen(tgid),
             Ok(Request::Refresh(tgid)) => registry.refresh(tgid),
+            Ok(Request::Exec(tgid)) => registry.exec(tgid),
+            Ok(Request::Fork { child, parent }) => registry.fork(child, parent),
+            Ok(Request::Exit(tgid)) => registry.exited(tgid),
             Err(RecvTimeoutError::Timeout) => Ok(()),
             Err(RecvTimeoutError::Disconnected) => break,
         };

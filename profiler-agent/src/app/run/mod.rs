@@ -69,6 +69,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let procs = Arc::new(pipeline::process_table());
+    let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), tables.as_ref().map(|(_, f)| f))
+        .context("starting process lifecycle tracking")?;
     source
         .attach()
         .with_context(|| crate::app::preflight::attach_failed_hint(config.sampling.unwinder == Unwinder::Cfi))?;
@@ -86,7 +89,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     // Sampling and symbolizing threads.
-    let procs = Arc::new(pipeline::process_table());
     let control = Arc::new(Control::default());
     let (raw_tx, raw_rx) = sync_channel(2);
     let sampler = {
@@ -101,8 +103,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 &raw_tx,
                 &telemetry,
                 unwind,
+                lifecycle.as_ref(),
             );
             drop(source.detach());
+            // Releases its unwind handle before `tables` goes.
+            drop(lifecycle);
             // The feed goes with `tables`, which ends the table thread.
             r
         })?
