@@ -40,6 +40,13 @@ const RELOAD_AFTER: Duration = Duration::from_millis(10);
 /// counted, and those processes' libraries are read on demand.
 const MAX_DEFERRED: usize = 4096;
 
+/// How often exited processes that were never sampled are dropped, and how
+/// long after their exit: by then any sample taken before the exit has been
+/// drained (the sampling thread polls every 100 ms) and would have marked
+/// them.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+const UNSAMPLED_GRACE: Duration = Duration::from_secs(1);
+
 /// One lifecycle event, as subscribers see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LifecycleEvent {
@@ -212,11 +219,18 @@ impl Tracker {
             let (core, stop) = (core.clone(), stop.clone());
             std::thread::Builder::new().name("lifecycle".into()).spawn(move || {
                 let mut timeout = WAIT;
+                let mut last_sweep = Instant::now();
                 while !stop.load(Ordering::Acquire) {
                     wait(fd, timeout);
                     let mut core = lock(&core);
                     core.pump();
                     timeout = core.reload_due().map_or(WAIT, |d| d.min(WAIT));
+                    if last_sweep.elapsed() >= SWEEP_EVERY {
+                        last_sweep = Instant::now();
+                        if let Some(cutoff) = last_sweep.checked_sub(UNSAMPLED_GRACE) {
+                            core.table().sweep_unsampled(cutoff);
+                        }
+                    }
                 }
             })?
         };

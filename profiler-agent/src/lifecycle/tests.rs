@@ -215,3 +215,26 @@ fn libraries_mapped_after_the_exec_are_read_shortly_after() {
     assert!(p.mapping(0x7000_0800).is_some(), "re-read after the exec");
     assert!(p.mapping(0x1800).is_some());
 }
+
+#[test]
+fn exited_processes_never_sampled_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let procs = table(dir.path(), 16);
+    let events = FakeProcessEvents::default();
+    let t = tracker(&events, &procs);
+    for pid in [21, 22] {
+        fake_proc(dir.path(), pid, "p", &maps_line(0x1000, "[p]"));
+        events.push(EVENT_EXEC, pid, 0, 10, "p");
+    }
+    t.catch_up();
+    procs.lock().unwrap().observe_at(22, 15, "p");
+    events.push(EVENT_EXIT, 21, 0, 20, "p");
+    events.push(EVENT_EXIT, 22, 0, 20, "p");
+    t.catch_up();
+    let mut p = procs.lock().unwrap();
+    assert_eq!(p.sweep_unsampled(Instant::now()), 1);
+    assert!(p.get(21).is_none(), "no sample waits for it");
+    assert!(p.get(22).is_some(), "its sample is not symbolized yet");
+    assert_eq!(p.sweep_exited(Instant::now()), 1);
+    assert!(p.is_empty());
+}

@@ -184,11 +184,14 @@ struct Entry {
     images: Vec<Generation>,
     /// Kernel time of the exit, and when the agent learnt of it.
     exited: Option<(u64, Instant)>,
+    /// An on-CPU sample of the process was added to an aggregate, so the
+    /// entry must outlive the exit until that aggregate is symbolized.
+    sampled: bool,
 }
 
 impl Entry {
     fn new(info: Arc<ProcessInfo>) -> Self {
-        Entry { first: 0, images: vec![Generation { since_ns: 0, info }], exited: None }
+        Entry { first: 0, images: vec![Generation { since_ns: 0, info }], exited: None, sampled: false }
     }
 
     fn latest(&self) -> &Arc<ProcessInfo> {
@@ -313,14 +316,20 @@ impl ProcessTable {
     /// A sample after the recorded exit of `pid` belongs to a new process
     /// that reused the pid.
     pub fn observe_at(&mut self, pid: u32, time_ns: u64, fallback_name: &str) -> u32 {
-        if let Some(e) = self.processes.get(&pid) {
+        if let Some(e) = self.processes.get_mut(&pid) {
             match e.exited {
                 Some((exit_ns, _)) if time_ns > exit_ns => {}
-                _ => return e.at(time_ns),
+                _ => {
+                    e.sampled = true;
+                    return e.at(time_ns);
+                }
             }
             self.processes.pop(&pid);
         }
         self.observe(pid, fallback_name);
+        if let Some(e) = self.processes.peek_mut(&pid) {
+            e.sampled = true;
+        }
         0
     }
 
@@ -429,6 +438,26 @@ impl ProcessTable {
         if !gone.is_empty() {
             self.modules.retain_referenced();
         }
+        gone.len()
+    }
+
+    /// Removes processes that exited before `cutoff` without a single
+    /// on-CPU sample: nothing waits to be symbolized against them. Under
+    /// churn (thousands of processes a second, most living a millisecond)
+    /// this keeps the table at about a second's worth of exits instead of
+    /// an export interval's. Call it once samples taken before `cutoff`
+    /// have surely been drained (a poll period).
+    pub fn sweep_unsampled(&mut self, cutoff: Instant) -> usize {
+        let gone: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(_, e)| !e.sampled && e.exited.is_some_and(|(_, at)| at < cutoff))
+            .map(|(p, _)| *p)
+            .collect();
+        for pid in &gone {
+            self.processes.pop(pid);
+        }
+        self.stats.exited_removed += gone.len() as u64;
         gone.len()
     }
 

@@ -15,25 +15,55 @@ use super::cache::{Resolved, SymFrame};
 pub trait FileResolver {
     /// One result per offset, in order; unknown offsets give an empty result.
     fn resolve(&mut self, path: &Path, offsets: &[u64]) -> Vec<Resolved>;
+    /// Times the resolver dropped its per-file caches to stay bounded.
+    fn cache_resets(&self) -> u64 {
+        0
+    }
 }
+
+/// Files blazesym keeps parsed at most. It caches every file it has opened
+/// (the mapping, symbol tables and DWARF indexes) for the symbolizer's
+/// life, and paths through `/proc/PID/root` differ per process, so a
+/// system-wide daemon among short-lived processes would grow without bound.
+/// Past this many distinct paths the cache is dropped and rebuilt on
+/// demand; the address cache in front of it keeps hot addresses resolved.
+const MAX_CACHED_FILES: usize = 64;
 
 /// The blazesym-backed resolver.
 pub struct Blaze {
     symbolizer: Symbolizer,
+    /// Paths blazesym has cached since its last reset.
+    cached: std::collections::HashSet<std::path::PathBuf>,
     /// Files blazesym could not open or parse, counted for the summary.
     pub failed_files: u64,
+    /// Times the file cache was dropped for exceeding `MAX_CACHED_FILES`.
+    pub cache_resets: u64,
+}
+
+fn new_symbolizer() -> Symbolizer {
+    Symbolizer::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(true).build()
 }
 
 impl Default for Blaze {
     fn default() -> Self {
-        let symbolizer =
-            Symbolizer::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(true).build();
-        Self { symbolizer, failed_files: 0 }
+        Self { symbolizer: new_symbolizer(), cached: Default::default(), failed_files: 0, cache_resets: 0 }
     }
 }
 
 impl FileResolver for Blaze {
+    fn cache_resets(&self) -> u64 {
+        self.cache_resets
+    }
+
     fn resolve(&mut self, path: &Path, offsets: &[u64]) -> Vec<Resolved> {
+        if !self.cached.contains(path) {
+            if self.cached.len() >= MAX_CACHED_FILES {
+                self.symbolizer = new_symbolizer();
+                self.cached.clear();
+                self.cache_resets += 1;
+            }
+            self.cached.insert(path.to_path_buf());
+        }
         let src = Source::Elf(Elf::new(path));
         match self.symbolizer.symbolize(&src, Input::FileOffset(offsets)) {
             Ok(results) => results.into_iter().map(convert).collect(),

@@ -53,6 +53,8 @@ pub struct Telemetry {
     /// The CFI table thread's latest figures (None: frame pointers only).
     unwind: Mutex<Option<crate::unwind::UnwindStats>>,
     exporters: Mutex<BTreeMap<&'static str, std::sync::Arc<ExporterMetrics>>>,
+    /// Times the symbolizer dropped its per-file caches to stay bounded.
+    pub symbol_file_cache_resets: AtomicU64,
     /// Lifecycle events and the process table's figures (None: not tracked).
     processes: Mutex<Option<(crate::lifecycle::LifecycleStats, crate::process::ProcessStats)>>,
 }
@@ -207,8 +209,14 @@ impl Telemetry {
             for (kind, v) in [("fork", e.forks), ("exec", e.execs), ("exit", e.exits), ("lost", e.lost)] {
                 let _ = writeln!(s, "profiler_process_events_total{{kind=\"{kind}\"}} {v}");
             }
-            let series: [(&str, &str, &str, u64); 5] = [
+            let series: [(&str, &str, &str, u64); 6] = [
                 ("profiler_processes", "gauge", "Processes in the process table.", t.entries),
+                (
+                    "profiler_symbol_file_cache_resets_total",
+                    "counter",
+                    "Times the symbolizer dropped its parsed files to stay within its bound.",
+                    self.symbol_file_cache_resets.load(Relaxed),
+                ),
                 (
                     "profiler_processes_exited",
                     "gauge",

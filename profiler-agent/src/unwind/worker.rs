@@ -184,15 +184,26 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
         }
     };
     let mut last_sweep = Instant::now();
+    let mut queue = Queue::default();
     loop {
-        let result = match rx.recv_timeout(SWEEP_EVERY) {
-            Ok(Request::Seen(tgid)) => registry.seen(tgid),
-            Ok(Request::Refresh(tgid)) => registry.refresh(tgid),
-            Ok(Request::Exec(tgid)) => registry.exec(tgid),
-            Ok(Request::Fork { child, parent }) => registry.fork(child, parent),
-            Ok(Request::Exit(tgid)) => registry.exited(tgid),
-            Err(RecvTimeoutError::Timeout) => Ok(()),
-            Err(RecvTimeoutError::Disconnected) => break,
+        if queue.is_empty() {
+            match rx.recv_timeout(SWEEP_EVERY) {
+                Ok(r) => queue.push(r),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        while queue.len() < QUEUE {
+            let Ok(r) = rx.try_recv() else { break };
+            queue.push(r);
+        }
+        let result = match queue.pop() {
+            Some(Request::Seen(tgid)) => registry.seen(tgid),
+            Some(Request::Refresh(tgid)) => registry.refresh(tgid),
+            Some(Request::Exec(tgid)) => registry.exec(tgid),
+            Some(Request::Fork { child, parent }) => registry.fork(child, parent),
+            Some(Request::Exit(tgid)) => registry.exited(tgid),
+            None => Ok(()),
         };
         let result = result.and_then(|()| {
             if last_sweep.elapsed() >= SWEEP_EVERY {
@@ -211,6 +222,36 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
         publish(&registry);
     }
     publish(&registry);
+}
+
+/// Requests taken off the channel, lifecycle events first: a process that
+/// just exec'd may live only milliseconds, while a request from a sample
+/// (a process seen running for a while) can wait behind it. Without this an
+/// exec waited behind the loads of every process seen at start (seconds of
+/// table building on a busy host), and short-lived processes were sampled
+/// before their tables were in (`short_lived_processes_get_symbolized_stacks_reaching_main`).
+#[derive(Default)]
+struct Queue {
+    urgent: std::collections::VecDeque<Request>,
+    normal: std::collections::VecDeque<Request>,
+}
+
+impl Queue {
+    fn push(&mut self, r: Request) {
+        match r {
+            Request::Exec(_) | Request::Fork { .. } | Request::Exit(_) => self.urgent.push_back(r),
+            Request::Seen(_) | Request::Refresh(_) => self.normal.push_back(r),
+        }
+    }
+    fn pop(&mut self) -> Option<Request> {
+        self.urgent.pop_front().or_else(|| self.normal.pop_front())
+    }
+    fn len(&self) -> usize {
+        self.urgent.len() + self.normal.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Tables from the files processes map, opened through `/proc` so files in
@@ -288,6 +329,17 @@ mod tests {
         assert!(rx.try_recv().is_err(), "seen again within a second");
         feed.note([(7, SAMPLE_FLAG_UNKNOWN_MAPPING)]);
         assert!(matches!(rx.try_recv(), Ok(Request::Refresh(7))));
+    }
+
+    #[test]
+    fn lifecycle_requests_go_before_sample_requests() {
+        let mut q = Queue::default();
+        q.push(Request::Seen(1));
+        q.push(Request::Refresh(2));
+        q.push(Request::Exec(3));
+        q.push(Request::Exit(4));
+        let order: Vec<String> = std::iter::from_fn(|| q.pop()).map(|r| format!("{r:?}")).collect();
+        assert_eq!(order, ["Exec(3)", "Exit(4)", "Seen(1)", "Refresh(2)"]);
     }
 
     proptest! {

@@ -155,6 +155,7 @@ pub fn symbolize_intervals<R: FileResolver>(
         if let Some(cutoff) = Instant::now().checked_sub(since_cut + EXIT_MARGIN) {
             procs.lock().unwrap_or_else(|e| e.into_inner()).sweep_exited(cutoff);
         }
+        telemetry.symbol_file_cache_resets.store(symbolizer.resolver().cache_resets(), Ordering::Relaxed);
         let stats = symbolizer.stats();
         let cache = symbolizer.cache_stats();
         telemetry.frames.store(stats.frames, Ordering::Relaxed);
@@ -164,6 +165,11 @@ pub fn symbolize_intervals<R: FileResolver>(
         telemetry.aggregation_dropped.fetch_add(raw.aggregate.dropped, Ordering::Relaxed);
         telemetry.intervals.fetch_add(1, Ordering::Relaxed);
         emit(Arc::new(profiles));
+        // An interval's aggregates, profiles and parsed files were just
+        // freed; hand the free pages back instead of letting each arena keep
+        // its high-water mark (`cargo xtask bench churn`).
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        unsafe { libc::malloc_trim(0) };
     }
 }
 
