@@ -238,3 +238,19 @@ fn exited_processes_never_sampled_go_first() {
     assert_eq!(p.sweep_exited(Instant::now()), 1);
     assert!(p.is_empty());
 }
+
+#[test]
+fn a_process_found_gone_is_not_kept_as_live_and_is_read_once_per_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let procs = table(dir.path(), 8);
+    let mut p = procs.lock().unwrap();
+    assert_eq!(p.observe(9, "late").name, "late");
+    assert_eq!(p.observe(9, "late").name, "late");
+    let s = p.stats();
+    assert_eq!((s.entries, s.vanished), (0, 1), "not in the table, read once");
+    // After a sweep the pid may be a new process.
+    p.sweep_exited(Instant::now());
+    fake_proc(dir.path(), 9, "new", "");
+    assert_eq!(p.observe(9, "").name, "new");
+    assert_eq!(p.stats().entries, 1);
+}

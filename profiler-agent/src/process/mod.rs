@@ -260,8 +260,13 @@ pub struct ProcessTable {
     proc_root: PathBuf,
     processes: LruCache<u32, Entry>,
     modules: LruCache<(u64, u64), Arc<ModuleInfo>>,
+    /// Processes found gone, until the next sweep of exited processes.
+    gone: LruCache<u32, Arc<ProcessInfo>>,
     stats: ProcessStats,
 }
+
+/// Gone processes remembered between sweeps.
+const GONE_REMEMBERED: usize = 1024;
 
 impl ProcessTable {
     /// A table reading from `proc_root` (normally `/proc`), holding at most
@@ -273,6 +278,7 @@ impl ProcessTable {
             proc_root: proc_root.into(),
             processes: LruCache::new(capacity),
             modules: LruCache::new(modules),
+            gone: LruCache::new(NonZeroUsize::new(GONE_REMEMBERED).expect("non-zero")),
             stats: ProcessStats::default(),
         }
     }
@@ -305,9 +311,21 @@ impl ProcessTable {
         if let Some(e) = self.processes.get(&pid) {
             return e.latest().clone();
         }
+        if let Some(info) = self.gone.get(&pid) {
+            return info.clone();
+        }
         let read = ProcRead::read(&self.proc_root, pid);
+        let alive = read.maps.is_some();
         let info = Arc::new(self.info_from(read, fallback_name, None));
-        self.insert(pid, Entry::new(info.clone()));
+        if alive {
+            self.insert(pid, Entry::new(info.clone()));
+        } else {
+            // Gone before first sight (or swept after its exit, and asked
+            // for by late off-CPU data): remembered apart, until the next
+            // sweep, so it neither re-reads /proc for every stack nor
+            // lingers in the table as a live process.
+            self.gone.put(pid, info.clone());
+        }
         info
     }
 
@@ -432,6 +450,8 @@ impl ProcessTable {
             self.processes.pop(pid);
         }
         self.stats.exited_removed += gone.len() as u64;
+        // A pid found gone may name a new process by now.
+        self.gone.clear();
         // Modules no process maps any more are only held by this cache:
         // drop them with their processes so churn of distinct binaries
         // does not keep their paths and build ids.
@@ -458,6 +478,7 @@ impl ProcessTable {
             self.processes.pop(pid);
         }
         self.stats.exited_removed += gone.len() as u64;
+        self.gone.clear();
         gone.len()
     }
 

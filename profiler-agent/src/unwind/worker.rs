@@ -152,7 +152,12 @@ impl Worker {
         let (tx, rx) = sync_channel(QUEUE);
         let handle = {
             let stats = stats.clone();
-            std::thread::Builder::new().name("unwind-tables".into()).spawn(move || serve(registry, rx, stats))?
+            std::thread::Builder::new().name("unwind-tables".into()).spawn(move || {
+                // See `raise_priority`: an exec'd image's tables must be in
+                // before the process's first samples.
+                crate::lifecycle::raise_priority();
+                serve(registry, rx, stats)
+            })?
         };
         let feed = Feed { tx, dropped: dropped.clone(), last_seen: Mutex::new(HashMap::new()) };
         Ok((Worker { handle: Some(handle), stats, dropped }, feed))

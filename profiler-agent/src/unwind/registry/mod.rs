@@ -194,12 +194,11 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
 
     /// `child` was forked from `parent` and maps what the parent maps:
     /// copy the parent's mappings without reading `/proc` (the child may
-    /// exec or exit before a read would finish). An unknown parent is
-    /// loaded first.
+    /// exec or exit before a read would finish). An unknown parent is not
+    /// loaded here: building its tables (a big test harness, a shell) held
+    /// up the child's exec behind it; the child is loaded at its exec or
+    /// first sample instead.
     pub fn fork(&mut self, child: u32, parent: u32) -> Result<(), RegistryError> {
-        if !self.processes.contains_key(&parent) {
-            self.load(parent)?;
-        }
         let Some(p) = self.processes.get(&parent) else { return Ok(()) };
         let Some(start_time) = self.procs_from.start_time(child) else { return Ok(()) };
         let (mappings, files) = (p.mappings.clone(), p.files.clone());
