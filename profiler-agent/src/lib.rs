@@ -16,6 +16,7 @@ pub mod duration;
 pub mod export;
 pub mod latency;
 pub mod options;
+pub mod lifecycle;
 pub mod process;
 pub mod profile;
 pub mod runtimes;

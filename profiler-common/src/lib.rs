@@ -8,6 +8,7 @@
 
 pub mod offcpu;
 pub mod python;
+pub mod process;
 pub mod sample;
 pub mod stats;
 pub mod unwind;

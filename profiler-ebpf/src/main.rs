@@ -12,6 +12,7 @@ mod offcpu;
 mod oncpu;
 mod probe;
 mod python;
+mod process;
 mod stack;
 mod unwind;
 

@@ -29,6 +29,10 @@ impl Daemon {
         )
     }
 
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     /// SIGTERM, then the exit status within 20 s.
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: signalling our own child.

@@ -10,6 +10,7 @@
 //! as soon as it shows up, so its counters can still be read after the agent
 //! exits.
 
+mod churn;
 mod export;
 mod measure;
 mod offcpu;
@@ -58,6 +59,18 @@ pub enum Bench {
         #[arg(long, default_value_t = 3)]
         intervals: usize,
     },
+    /// The daemon's memory (`run --off-cpu`) while processes start and exit at a high rate.
+    Churn {
+        /// Seconds of churn (run 600 for the 10-minute soak).
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// Processes started per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u32,
+        /// Agent binary to measure (default: build the release agent).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+    },
     /// BPF time per sample of CFI against frame-pointer unwinding, table build time and map memory.
     Unwind {
         /// Seconds per record run.
@@ -81,6 +94,7 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Offcpu { duration, rounds } => offcpu::run(duration, rounds),
         Bench::Export { interval, intervals } => export::run(interval, intervals),
         Bench::Unwind { duration, rounds } => unwind::run(duration, rounds),
+        Bench::Churn { duration, rate, agent } => churn::run(duration, rate, agent),
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use profiler_common::{Sample, COMM_LEN};
 
-use crate::bpf::OffCpuRecord;
+use crate::{bpf::OffCpuRecord, process::LATEST_GENERATION};
 
 /// [`StackKey::cpu`] when there is no CPU to name.
 pub const NO_CPU: u32 = u32::MAX;
@@ -21,6 +21,10 @@ pub struct StackKey {
     /// thread that migrates splits into at most one stack per CPU.
     pub cpu: u32,
     pub thread_name: [u8; COMM_LEN],
+    /// Which image of the process the stack ran in (one per exec, see
+    /// `ProcessTable::observe_at`), so samples from before an exec are
+    /// symbolized against the old image; `LATEST_GENERATION` when unknown.
+    pub generation: u32,
     pub kernel: Box<[u64]>,
     pub user: Box<[u64]>,
 }
@@ -63,8 +67,17 @@ impl Aggregator {
         self.add_weighted(s, 1);
     }
 
+    /// Adds one sample of a known image generation of its process.
+    pub fn add_in_generation(&mut self, s: &Sample, generation: u32) {
+        self.add_sample(s, 1, generation);
+    }
+
     /// Adds one sample with the given weight (a count, or nanoseconds).
     pub fn add_weighted(&mut self, s: &Sample, weight: u64) {
+        self.add_sample(s, weight, LATEST_GENERATION);
+    }
+
+    fn add_sample(&mut self, s: &Sample, weight: u64, generation: u32) {
         self.current.samples += 1;
         if s.flags != 0 {
             self.current.truncated += 1;
@@ -74,6 +87,7 @@ impl Aggregator {
             tid: s.tid,
             cpu: s.cpu,
             thread_name: s.comm,
+            generation,
             kernel: s.kernel_stack().into(),
             user: s.user_stack().into(),
         };
@@ -128,6 +142,7 @@ pub fn from_off_cpu(records: &[OffCpuRecord], capacity: usize) -> Aggregate {
             tid: r.key.tid,
             cpu: NO_CPU,
             thread_name: r.key.comm,
+            generation: LATEST_GENERATION,
             kernel: r.kernel.clone().into(),
             user: r.user.clone().into(),
         };
@@ -156,6 +171,7 @@ mod tests {
             tid: 11,
             cpu: 0,
             thread_name: sample(0, 0, "w", &[], &[]).comm,
+            generation: LATEST_GENERATION,
             kernel: [].into(),
             user: [0x1, 0x2].into(),
         };

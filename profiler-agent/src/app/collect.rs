@@ -3,13 +3,19 @@
 //! even if it exits before the profile is symbolized.
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Mutex,
+    },
     time::Duration,
 };
+
+use profiler_common::Sample;
 
 use crate::{
     aggregate::Aggregator,
     bpf::{BpfError, SampleSource},
+    lifecycle::Tracker,
     process::ProcessTable,
     unwind::Feed,
 };
@@ -23,25 +29,18 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 pub fn collect<S: SampleSource>(
     source: &mut S,
     agg: &mut Aggregator,
-    procs: &mut ProcessTable,
+    procs: &Mutex<ProcessTable>,
     stop: &AtomicBool,
     progress: &AtomicU64,
     unwind: Option<&Feed>,
+    lifecycle: Option<&Tracker>,
 ) -> Result<(), BpfError> {
     let mut batch = Vec::with_capacity(256);
     loop {
         let stopping = stop.load(Ordering::Acquire);
         batch.clear();
         source.poll(&mut batch, if stopping { Duration::ZERO } else { POLL_TIMEOUT })?;
-        let mut python = crate::runtimes::python::shared().lock().unwrap_or_else(|e| e.into_inner());
-        for s in &batch {
-            let comm = String::from_utf8_lossy(s.comm_bytes());
-            procs.observe(s.tgid, &comm);
-            // Python functions are named while their process lives.
-            python.warm(s.tgid, s.user_stack());
-            agg.add(s);
-        }
-        drop(python);
+        add_batch(&batch, agg, procs, lifecycle);
         if let Some(feed) = unwind {
             feed.note(batch.iter().map(|s| (s.tgid, s.flags)));
         }
@@ -49,6 +48,27 @@ pub fn collect<S: SampleSource>(
         if stopping && batch.is_empty() {
             return Ok(());
         }
+    }
+}
+
+/// Stamps each sample with its process's image (generation) and adds it.
+/// Lifecycle events are applied first: every exec before these samples is
+/// then in the table, so none is stamped with an image it did not run.
+pub fn add_batch(batch: &[Sample], agg: &mut Aggregator, procs: &Mutex<ProcessTable>, lifecycle: Option<&Tracker>) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Some(t) = lifecycle {
+        t.catch_up();
+    }
+    let mut table = procs.lock().unwrap_or_else(|e| e.into_inner());
+    let mut python = crate::runtimes::python::shared().lock().unwrap_or_else(|e| e.into_inner());
+    for s in batch {
+        let comm = String::from_utf8_lossy(s.comm_bytes());
+        let generation = table.observe_at(s.tgid, s.time_ns, &comm);
+        // Python functions are named while their process lives.
+        python.warm(s.tgid, s.user_stack());
+        agg.add_in_generation(s, generation);
     }
 }
 
@@ -65,15 +85,15 @@ mod tests {
             src.push(sample(1, 1, "a", &[], &[0x1000 + i]));
         }
         let dir = tempfile::tempdir().unwrap();
-        let mut procs = ProcessTable::new(dir.path(), NonZeroUsize::new(4).unwrap());
+        let procs = Mutex::new(ProcessTable::new(dir.path(), NonZeroUsize::new(4).unwrap()));
         let mut agg = Aggregator::new(100);
         let stop = AtomicBool::new(true);
         let progress = AtomicU64::new(0);
-        collect(&mut src, &mut agg, &mut procs, &stop, &progress, None).unwrap();
+        collect(&mut src, &mut agg, &procs, &stop, &progress, None, None).unwrap();
         assert_eq!(progress.load(Ordering::Relaxed), 10);
         assert_eq!(agg.len(), 10);
         assert!(src.queue.is_empty());
         // The process was looked up on first sight (it had already gone).
-        assert_eq!(procs.stats().vanished, 1);
+        assert_eq!(procs.lock().unwrap().stats().vanished, 1);
     }
 }

@@ -69,6 +69,8 @@ pub struct Summary {
     pub unwind: Option<UnwindStats>,
     /// Perf maps and jitdumps, when a process had JIT code.
     pub jit: Option<JitSummary>,
+    /// Lifecycle events and the process table, when tracked.
+    pub lifecycle: Option<(crate::lifecycle::LifecycleStats, crate::process::ProcessStats)>,
     pub files: Vec<PathBuf>,
 }
 
@@ -118,6 +120,13 @@ impl Summary {
             "Frames: {:.1}% of {} unsymbolized ({} outside any known mapping; {} processes exited before they could be inspected).",
             share, self.symbols.frames, self.symbols.unknown_mapping, self.vanished_processes
         );
+        if let Some((e, t)) = &self.lifecycle {
+            let _ = writeln!(
+                s,
+                "Processes: {} forks, {} execs, {} exits seen ({} events lost); table: {} processes ({} exited), {} evicted.",
+                e.forks, e.execs, e.exits, e.lost, t.entries, t.exited_pending, t.evicted
+            );
+        }
         if let Some(u) = &self.unwind {
             self.render_unwind(&mut s, u);
         }

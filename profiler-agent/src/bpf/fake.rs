@@ -102,3 +102,29 @@ impl super::UnwindMaps for FakeUnwindMaps {
         Ok(())
     }
 }
+
+/// An in-memory [`ProcessEventSource`](super::ProcessEventSource): events
+/// queued by the test (through a shared handle, so the test can feed a
+/// tracker's running thread).
+#[derive(Clone, Default)]
+pub struct FakeProcessEvents {
+    pub queue: std::sync::Arc<std::sync::Mutex<VecDeque<profiler_common::process::ProcessEvent>>>,
+}
+
+impl FakeProcessEvents {
+    pub fn push(&self, kind: u32, tgid: u32, parent: u32, time_ns: u64, comm: &str) {
+        let mut e = profiler_common::process::ProcessEvent { kind, tgid, parent, time_ns, ..Default::default() };
+        let n = comm.len().min(e.comm.len());
+        e.comm[..n].copy_from_slice(&comm.as_bytes()[..n]);
+        self.queue.lock().unwrap().push_back(e);
+    }
+}
+
+impl super::ProcessEventSource for FakeProcessEvents {
+    fn drain(&mut self, out: &mut Vec<profiler_common::process::ProcessEvent>) -> usize {
+        let mut q = self.queue.lock().unwrap();
+        let n = q.len();
+        out.extend(q.drain(..));
+        n
+    }
+}

@@ -20,8 +20,8 @@ use profiler_common::{
 };
 
 use super::{
-    btf::StructOffsets, unwind_maps::EbpfUnwindMaps, BpfError, KernelStats, MapOccupancy, OffCpuRecord, ProgramRunTime,
-    SampleSource,
+    btf::StructOffsets, process_events::EbpfProcessEvents, unwind_maps::EbpfUnwindMaps, BpfError, KernelStats,
+    MapOccupancy, OffCpuRecord, ProgramRunTime, SampleSource,
 };
 
 /// The eBPF object built by `build.rs` from `profiler-ebpf`.
@@ -66,6 +66,14 @@ const SCHED_PROGRAMS: [(&str, &str, &str); 4] = [
     ("sched_wakeup", "sched_wakeup", "sched_wakeup_raw"),
     ("sched_wakeup_new", "sched_wakeup_new", "sched_wakeup_new_raw"),
     ("sched_process_exit", "sched_process_exit", "sched_process_exit_raw"),
+];
+
+/// Process lifecycle events (tracepoint, BTF program, raw fallback); see
+/// `profiler-ebpf/src/process.rs`.
+const LIFECYCLE_PROGRAMS: [(&str, &str, &str); 3] = [
+    ("sched_process_fork", "lifecycle_fork", "lifecycle_fork_raw"),
+    ("sched_process_exec", "lifecycle_exec", "lifecycle_exec_raw"),
+    ("sched_process_exit", "lifecycle_exit", "lifecycle_exit_raw"),
 ];
 
 /// The unwinder's exec hook (BTF program, raw-tracepoint fallback).
@@ -173,6 +181,10 @@ impl EbpfSource {
             }
             None => None,
         };
+        // The fork program reads the child's pid and tgid; without BTF it
+        // sends no fork events (execs and exits still come).
+        let (lifecycle_pid, lifecycle_tgid) =
+            if pid_offset != 0 { (pid_offset, tgid_offset) } else { lifecycle_offsets() };
         let cpus = aya::util::online_cpus().map_err(|(path, e)| BpfError::Cpus(path, e))?;
         let ring_bytes = ring_buffer_bytes(cpus.len(), opts.frequency);
         let wakeup_bytes = u64::from(ring_bytes / 4);
@@ -189,6 +201,8 @@ impl EbpfSource {
             .override_global("TASK_TGID_OFFSET", &tgid_offset, true)
             .override_global("MIN_BLOCK_NS", &min_block_ns, true)
             .override_global("TASK_FSBASE_OFFSET", &fsbase_offset, true)
+            .override_global("LIFECYCLE_PID_OFFSET", &lifecycle_pid, true)
+            .override_global("LIFECYCLE_TGID_OFFSET", &lifecycle_tgid, true)
             .load(EBPF_OBJECT)?;
         // The programs do not log today; keep the logger when the object has
         // a log map so future diagnostics surface, and keep it alive: dropping
@@ -257,6 +271,20 @@ impl EbpfSource {
             }
         }
 
+        {
+            let btf = match &btf {
+                Some(b) => Some(b.clone()),
+                None => Btf::from_sys_fs().ok(),
+            };
+            let force_raw = opts.off_cpu.as_ref().is_some_and(|o| o.force_raw_tracepoints);
+            for (tracepoint, btf_name, raw_name) in LIFECYCLE_PROGRAMS {
+                match &btf {
+                    Some(btf) => attach_sched(ebpf, btf, force_raw, tracepoint, btf_name, raw_name)?,
+                    None => attach_raw(ebpf, tracepoint, raw_name)?,
+                }
+            }
+        }
+
         if let Some(btf) = &btf {
             let force_raw = opts.off_cpu.as_ref().is_some_and(|o| o.force_raw_tracepoints);
             for (tracepoint, btf_name, raw_name) in SCHED_PROGRAMS {
@@ -276,6 +304,14 @@ impl EbpfSource {
         let processes = self.ebpf.take_map("PROCESSES").ok_or(BpfError::Missing("PROCESSES"))?;
         let python = self.ebpf.take_map("PY_PROCESSES").ok_or(BpfError::Missing("PY_PROCESSES"))?;
         EbpfUnwindMaps::new(rows, capacity, mappings, processes, python).map(Some)
+    }
+
+    /// The lifecycle event stream, for the tracker thread; `None` when
+    /// already taken.
+    pub fn take_process_events(&mut self) -> Result<Option<EbpfProcessEvents>, BpfError> {
+        let Some(ring) = self.ebpf.take_map("PROCESS_EVENTS") else { return Ok(None) };
+        let stats = self.ebpf.take_map("PROCESS_EVENT_STATS").ok_or(BpfError::Missing("PROCESS_EVENT_STATS"))?;
+        EbpfProcessEvents::new(ring, stats).map(Some)
     }
 
     fn drain(&mut self, out: &mut Vec<Sample>) -> usize {
@@ -435,6 +471,17 @@ fn map_mut<'a, K: aya::Pod, V: aya::Pod>(
 ) -> Result<HashMap<&'a mut MapData, K, V>, BpfError> {
     HashMap::try_from(ebpf.map_mut(name).ok_or(BpfError::Missing(name))?)
         .map_err(|source| BpfError::Map { name, source })
+}
+
+/// `task_struct.pid` and `.tgid` offsets for the fork program, (0, 0) when
+/// the kernel's BTF cannot be read.
+fn lifecycle_offsets() -> (u32, u32) {
+    let Ok(data) = fs::read("/sys/kernel/btf/vmlinux") else { return (0, 0) };
+    let Ok(offsets) = StructOffsets::parse(&data, &["task_struct"]) else { return (0, 0) };
+    match (offsets.offset("task_struct", "pid"), offsets.offset("task_struct", "tgid")) {
+        (Ok(pid), Ok(tgid)) => (pid, tgid),
+        _ => (0, 0),
+    }
 }
 
 /// Ring buffer size: half a second of samples from every CPU, so the 100 ms

@@ -9,6 +9,7 @@ pub mod btf;
 pub mod fake;
 mod loader;
 pub mod probe;
+mod process_events;
 mod unwind_maps;
 
 use std::time::Duration;
@@ -20,6 +21,7 @@ use profiler_common::{
 };
 
 pub use loader::{EbpfSource, LoadOptions, OffCpuOptions, UnwindOptions};
+pub use process_events::EbpfProcessEvents;
 pub use unwind_maps::EbpfUnwindMaps;
 
 /// Errors from loading, attaching and reading the BPF programs.
@@ -143,6 +145,23 @@ pub trait SampleSource {
     /// Threads present in the per-thread scheduler maps.
     fn occupancy(&self) -> Result<MapOccupancy, BpfError> {
         Ok(MapOccupancy::default())
+    }
+}
+
+/// Process lifecycle events from the kernel (fork, exec, exit); a seam so
+/// the lifecycle tracker is tested without root.
+pub trait ProcessEventSource: Send {
+    /// Appends every available event to `out`, oldest first; returns how
+    /// many.
+    fn drain(&mut self, out: &mut Vec<profiler_common::process::ProcessEvent>) -> usize;
+    /// A descriptor that polls readable when events wait; `None`: the
+    /// tracker polls on a timer.
+    fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Events the kernel could not deliver (ring buffer full).
+    fn lost(&self) -> u64 {
+        0
     }
 }
 

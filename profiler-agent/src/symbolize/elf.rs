@@ -15,25 +15,71 @@ use super::cache::{Resolved, SymFrame};
 pub trait FileResolver {
     /// One result per offset, in order; unknown offsets give an empty result.
     fn resolve(&mut self, path: &Path, offsets: &[u64]) -> Vec<Resolved>;
+    /// Times the resolver dropped its per-file caches to stay bounded.
+    fn cache_resets(&self) -> u64 {
+        0
+    }
 }
+
+/// Files, and bytes of files, blazesym keeps parsed at most. It caches every
+/// file it has opened (the mapping, symbol tables and DWARF indexes) for the
+/// symbolizer's life; the mapped pages it touched count in the agent's RSS,
+/// and paths through `/proc/PID/root` differ per process. System-wide on a
+/// host running big debug binaries (180 MB each, a new one per build) the
+/// daemon grew by ~10 MB a minute, mostly file pages of binaries long gone
+/// (`cargo xtask bench churn`: 591 MB RSS of which 144 MB anonymous). Past
+/// either bound the cache is dropped and rebuilt on demand, which costs
+/// re-parsing files still in use; the address cache in front of it keeps
+/// hot addresses resolved without blazesym.
+const MAX_CACHED_FILES: usize = 64;
+const MAX_CACHED_BYTES: u64 = 64 << 20;
 
 /// The blazesym-backed resolver.
 pub struct Blaze {
     symbolizer: Symbolizer,
+    /// Paths blazesym has cached since its last reset, and their sizes.
+    cached: std::collections::HashSet<std::path::PathBuf>,
+    cached_bytes: u64,
     /// Files blazesym could not open or parse, counted for the summary.
     pub failed_files: u64,
+    /// Times the file cache was dropped for exceeding `MAX_CACHED_FILES`.
+    pub cache_resets: u64,
+}
+
+fn new_symbolizer() -> Symbolizer {
+    Symbolizer::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(true).build()
 }
 
 impl Default for Blaze {
     fn default() -> Self {
-        let symbolizer =
-            Symbolizer::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(true).build();
-        Self { symbolizer, failed_files: 0 }
+        Self {
+            symbolizer: new_symbolizer(),
+            cached: Default::default(),
+            cached_bytes: 0,
+            failed_files: 0,
+            cache_resets: 0,
+        }
     }
 }
 
 impl FileResolver for Blaze {
+    fn cache_resets(&self) -> u64 {
+        self.cache_resets
+    }
+
     fn resolve(&mut self, path: &Path, offsets: &[u64]) -> Vec<Resolved> {
+        if !self.cached.contains(path) {
+            let size = std::fs::metadata(path).map_or(0, |m| m.len());
+            let full = self.cached.len() >= MAX_CACHED_FILES || self.cached_bytes + size > MAX_CACHED_BYTES;
+            if full && !self.cached.is_empty() {
+                self.symbolizer = new_symbolizer();
+                self.cached.clear();
+                self.cached_bytes = 0;
+                self.cache_resets += 1;
+            }
+            self.cached.insert(path.to_path_buf());
+            self.cached_bytes += size;
+        }
         let src = Source::Elf(Elf::new(path));
         match self.symbolizer.symbolize(&src, Input::FileOffset(offsets)) {
             Ok(results) => results.into_iter().map(convert).collect(),

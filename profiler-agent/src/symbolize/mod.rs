@@ -119,19 +119,22 @@ impl<R: FileResolver> Symbolizer<R> {
     /// Adds every stack of `agg` to `profile`, symbolized.
     pub fn symbolize(&mut self, agg: &Aggregate, procs: &mut impl ProcessLookup, profile: &mut Profile) {
         // Pass 1: translate every user address; collect cache misses per file.
-        let mut targets: HashMap<(u32, u64), Target> = HashMap::new();
-        let mut refreshed: Vec<u32> = Vec::new();
+        // Keyed by (pid, image generation, address): the same address means
+        // different code before and after an exec.
+        let mut targets: HashMap<(u32, u32, u64), Target> = HashMap::new();
+        let mut refreshed: Vec<(u32, u32)> = Vec::new();
         for key in agg.stacks.keys() {
             for (i, &addr) in key.user.iter().enumerate() {
                 if decode_py_frame(addr).is_some() {
                     continue; // named in pass 2
                 }
                 let lookup = lookup_addr(i, addr);
-                if targets.contains_key(&(key.pid, lookup)) {
+                if targets.contains_key(&(key.pid, key.generation, lookup)) {
                     continue;
                 }
-                let target = self.translate(procs, &mut refreshed, key.pid, &key.thread_name(), lookup);
-                targets.insert((key.pid, lookup), target);
+                let target =
+                    self.translate(procs, &mut refreshed, (key.pid, key.generation), &key.thread_name(), lookup);
+                targets.insert((key.pid, key.generation, lookup), target);
             }
         }
         let resolved = self.resolve_all(&targets);
@@ -142,7 +145,7 @@ impl<R: FileResolver> Symbolizer<R> {
         let mut python_frames: HashMap<(u32, u64), Frame> = HashMap::new();
         let kernel_module = b.module(profile, Module { path: "[kernel.kallsyms]".into(), build_id: None });
         for (key, &value) in &agg.stacks {
-            let process = procs.observe(key.pid, &key.thread_name());
+            let process = procs.observe_generation(key.pid, key.generation, &key.thread_name());
             let mut frames = Vec::with_capacity(key.kernel.len() + key.user.len());
             let kernel: Vec<Frame> = key
                 .kernel
@@ -165,7 +168,9 @@ impl<R: FileResolver> Symbolizer<R> {
                     continue;
                 }
                 let lookup = lookup_addr(i, addr);
-                for frame in self.user_frames(key.pid, &targets[&(key.pid, lookup)], &resolved, &mut b, profile) {
+                for frame in
+                    self.user_frames(key.pid, &targets[&(key.pid, key.generation, lookup)], &resolved, &mut b, profile)
+                {
                     frames.push(b.frame(profile, frame));
                 }
             }
@@ -190,17 +195,17 @@ impl<R: FileResolver> Symbolizer<R> {
     fn translate(
         &mut self,
         procs: &mut impl ProcessLookup,
-        refreshed: &mut Vec<u32>,
-        pid: u32,
+        refreshed: &mut Vec<(u32, u32)>,
+        (pid, generation): (u32, u32),
         name: &str,
         addr: u64,
     ) -> Target {
-        let mut process = procs.observe(pid, name);
-        if process.mapping(addr).is_none() && !refreshed.contains(&pid) {
-            // Mapped after first sight (dlopen) or the process exec'd: re-read
-            // once per pass; a dead process keeps what we had.
-            refreshed.push(pid);
-            if let Some(p) = procs.refresh(pid) {
+        let mut process = procs.observe_generation(pid, generation, name);
+        if process.mapping(addr).is_none() && !refreshed.contains(&(pid, generation)) {
+            // Mapped after first sight (dlopen): re-read once per pass; a
+            // dead process, or an image an exec replaced, keeps what we had.
+            refreshed.push((pid, generation));
+            if let Some(p) = procs.refresh_generation(pid, generation) {
                 process = p;
             }
         }
@@ -230,7 +235,10 @@ impl<R: FileResolver> Symbolizer<R> {
     }
 
     /// Resolves every file target through the cache, batching misses per file.
-    fn resolve_all(&mut self, targets: &HashMap<(u32, u64), Target>) -> HashMap<(*const ModuleInfo, u64), Resolved> {
+    fn resolve_all(
+        &mut self,
+        targets: &HashMap<(u32, u32, u64), Target>,
+    ) -> HashMap<(*const ModuleInfo, u64), Resolved> {
         let mut out = HashMap::new();
         let mut misses: HashMap<*const ModuleInfo, (Arc<ModuleInfo>, Vec<u64>)> = HashMap::new();
         for t in targets.values() {

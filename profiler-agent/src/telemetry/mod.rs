@@ -55,6 +55,10 @@ pub struct Telemetry {
     /// Perf map / jitdump tables and JIT frames named.
     jit: Mutex<Option<(crate::runtimes::RuntimeStats, u64, u64)>>,
     exporters: Mutex<BTreeMap<&'static str, std::sync::Arc<ExporterMetrics>>>,
+    /// Times the symbolizer dropped its per-file caches to stay bounded.
+    pub symbol_file_cache_resets: AtomicU64,
+    /// Lifecycle events and the process table's figures (None: not tracked).
+    processes: Mutex<Option<(crate::lifecycle::LifecycleStats, crate::process::ProcessStats)>>,
 }
 
 impl Telemetry {
@@ -79,6 +83,10 @@ impl Telemetry {
     /// The JIT tables' figures, and the JIT frames named and left unnamed.
     pub fn set_jit(&self, stats: crate::runtimes::RuntimeStats, named: u64, unnamed: u64) {
         *self.jit.lock().unwrap_or_else(|e| e.into_inner()) = Some((stats, named, unnamed));
+    }
+
+    pub fn set_processes(&self, events: crate::lifecycle::LifecycleStats, table: crate::process::ProcessStats) {
+        *self.processes.lock().unwrap_or_else(|e| e.into_inner()) = Some((events, table));
     }
 
     pub fn record_export(&self, m: &ExporterMetrics, ok: bool, took: Duration) {
@@ -270,6 +278,44 @@ impl Telemetry {
                     j.processes_evicted,
                 ),
                 ("profiler_jit_read_errors_total", "counter", "Perf map or jitdump reads that failed.", j.read_errors),
+            ];
+            for (name, kind, help, v) in series {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            }
+        }
+        if let Some((e, t)) = *self.processes.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = writeln!(s, "# HELP profiler_process_events_total Process lifecycle events from the kernel.");
+            let _ = writeln!(s, "# TYPE profiler_process_events_total counter");
+            for (kind, v) in [("fork", e.forks), ("exec", e.execs), ("exit", e.exits), ("lost", e.lost)] {
+                let _ = writeln!(s, "profiler_process_events_total{{kind=\"{kind}\"}} {v}");
+            }
+            let series: [(&str, &str, &str, u64); 6] = [
+                ("profiler_processes", "gauge", "Processes in the process table.", t.entries),
+                (
+                    "profiler_symbol_file_cache_resets_total",
+                    "counter",
+                    "Times the symbolizer dropped its parsed files to stay within its bound.",
+                    self.symbol_file_cache_resets.load(Relaxed),
+                ),
+                (
+                    "profiler_processes_exited",
+                    "gauge",
+                    "Exited processes kept until their last samples are symbolized.",
+                    t.exited_pending,
+                ),
+                ("profiler_processes_evicted_total", "counter", "Processes evicted from the full table.", t.evicted),
+                (
+                    "profiler_processes_vanished_total",
+                    "counter",
+                    "Processes gone before their mappings could be read.",
+                    t.vanished,
+                ),
+                (
+                    "profiler_processes_removed_total",
+                    "counter",
+                    "Exited processes removed after their samples were symbolized.",
+                    t.exited_removed,
+                ),
             ];
             for (name, kind, help, v) in series {
                 let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");

@@ -35,6 +35,14 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 enum Request {
     Seen(u32),
     Refresh(u32),
+    /// Lifecycle events: load an exec'd image at once, copy a parent's
+    /// mappings to its child, forget an exited process.
+    Exec(u32),
+    Fork {
+        child: u32,
+        parent: u32,
+    },
+    Exit(u32),
 }
 
 /// A process's tables are marked used at most this often; the LRU needs
@@ -78,12 +86,43 @@ impl Feed {
     }
 
     fn send(&self, r: Request) {
-        match self.tx.try_send(r) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        send(&self.tx, &self.dropped, r);
+    }
+
+    /// A handle for the lifecycle tracker, which tells the table thread of
+    /// forks, execs and exits as they happen, so a process's tables are in
+    /// the kernel before its first sample.
+    pub fn lifecycle(&self) -> LifecycleFeed {
+        LifecycleFeed { tx: self.tx.clone(), dropped: self.dropped.clone() }
+    }
+}
+
+fn send(tx: &SyncSender<Request>, dropped: &AtomicU64, r: Request) {
+    match tx.try_send(r) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Lifecycle events for the table thread (see [`Feed::lifecycle`]). The
+/// table thread runs until this handle, too, is dropped.
+#[derive(Clone)]
+pub struct LifecycleFeed {
+    tx: SyncSender<Request>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl LifecycleFeed {
+    pub fn exec(&self, tgid: u32) {
+        send(&self.tx, &self.dropped, Request::Exec(tgid));
+    }
+    pub fn fork(&self, child: u32, parent: u32) {
+        send(&self.tx, &self.dropped, Request::Fork { child, parent });
+    }
+    pub fn exit(&self, tgid: u32) {
+        send(&self.tx, &self.dropped, Request::Exit(tgid));
     }
 }
 
@@ -113,7 +152,12 @@ impl Worker {
         let (tx, rx) = sync_channel(QUEUE);
         let handle = {
             let stats = stats.clone();
-            std::thread::Builder::new().name("unwind-tables".into()).spawn(move || serve(registry, rx, stats))?
+            std::thread::Builder::new().name("unwind-tables".into()).spawn(move || {
+                // See `raise_priority`: an exec'd image's tables must be in
+                // before the process's first samples.
+                crate::lifecycle::raise_priority();
+                serve(registry, rx, stats)
+            })?
         };
         let feed = Feed { tx, dropped: dropped.clone(), last_seen: Mutex::new(HashMap::new()) };
         Ok((Worker { handle: Some(handle), stats, dropped }, feed))
@@ -145,12 +189,26 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
         }
     };
     let mut last_sweep = Instant::now();
+    let mut queue = Queue::default();
     loop {
-        let result = match rx.recv_timeout(SWEEP_EVERY) {
-            Ok(Request::Seen(tgid)) => registry.seen(tgid),
-            Ok(Request::Refresh(tgid)) => registry.refresh(tgid),
-            Err(RecvTimeoutError::Timeout) => Ok(()),
-            Err(RecvTimeoutError::Disconnected) => break,
+        if queue.is_empty() {
+            match rx.recv_timeout(SWEEP_EVERY) {
+                Ok(r) => queue.push(r),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        while queue.len() < QUEUE {
+            let Ok(r) = rx.try_recv() else { break };
+            queue.push(r);
+        }
+        let result = match queue.pop() {
+            Some(Request::Seen(tgid)) => registry.seen(tgid),
+            Some(Request::Refresh(tgid)) => registry.refresh(tgid),
+            Some(Request::Exec(tgid)) => registry.exec(tgid),
+            Some(Request::Fork { child, parent }) => registry.fork(child, parent),
+            Some(Request::Exit(tgid)) => registry.exited(tgid),
+            None => Ok(()),
         };
         let result = result.and_then(|()| {
             if last_sweep.elapsed() >= SWEEP_EVERY {
@@ -169,6 +227,36 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
         publish(&registry);
     }
     publish(&registry);
+}
+
+/// Requests taken off the channel, lifecycle events first: a process that
+/// just exec'd may live only milliseconds, while a request from a sample
+/// (a process seen running for a while) can wait behind it. Without this an
+/// exec waited behind the loads of every process seen at start (seconds of
+/// table building on a busy host), and short-lived processes were sampled
+/// before their tables were in (`short_lived_processes_get_symbolized_stacks_reaching_main`).
+#[derive(Default)]
+struct Queue {
+    urgent: std::collections::VecDeque<Request>,
+    normal: std::collections::VecDeque<Request>,
+}
+
+impl Queue {
+    fn push(&mut self, r: Request) {
+        match r {
+            Request::Exec(_) | Request::Fork { .. } | Request::Exit(_) => self.urgent.push_back(r),
+            Request::Seen(_) | Request::Refresh(_) => self.normal.push_back(r),
+        }
+    }
+    fn pop(&mut self) -> Option<Request> {
+        self.urgent.pop_front().or_else(|| self.normal.pop_front())
+    }
+    fn len(&self) -> usize {
+        self.urgent.len() + self.normal.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Tables from the files processes map, opened through `/proc` so files in
@@ -259,6 +347,17 @@ mod tests {
         assert!(rx.try_recv().is_err(), "seen again within a second");
         feed.note([(7, SAMPLE_FLAG_UNKNOWN_MAPPING)]);
         assert!(matches!(rx.try_recv(), Ok(Request::Refresh(7))));
+    }
+
+    #[test]
+    fn lifecycle_requests_go_before_sample_requests() {
+        let mut q = Queue::default();
+        q.push(Request::Seen(1));
+        q.push(Request::Refresh(2));
+        q.push(Request::Exec(3));
+        q.push(Request::Exit(4));
+        let order: Vec<String> = std::iter::from_fn(|| q.pop()).map(|r| format!("{r:?}")).collect();
+        assert_eq!(order, ["Exec(3)", "Exit(4)", "Seen(1)", "Refresh(2)"]);
     }
 
     proptest! {

@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Instant, SystemTime},
 };
@@ -85,6 +85,9 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
+    let procs = Arc::new(Mutex::new(ProcessTable::new("/proc", NonZeroUsize::new(MAX_PROCESSES).expect("non-zero"))));
+    let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), feed.as_ref())
+        .context("starting process lifecycle tracking")?;
     source.attach().with_context(|| crate::app::preflight::attach_failed_hint(args.unwinder == Unwinder::Cfi))?;
     let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
     let start_wall = SystemTime::now();
@@ -96,23 +99,24 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
     let collector = {
-        let (stop, progress) = (stop.clone(), progress.clone());
+        let (stop, progress, procs) = (stop.clone(), progress.clone(), procs.clone());
         std::thread::Builder::new().name("collect".into()).spawn(move || {
             let mut agg = Aggregator::new(MAX_UNIQUE_STACKS);
-            let mut procs = ProcessTable::new("/proc", NonZeroUsize::new(MAX_PROCESSES).expect("non-zero"));
             let mut tap = blocks::BlockTap::new(source, blocks::Blocks::new(blocks_start, blocks::BLOCK));
-            let result = collect(&mut tap, &mut agg, &mut procs, &stop, &progress, feed.as_ref());
+            let result = collect(&mut tap, &mut agg, &procs, &stop, &progress, feed.as_ref(), lifecycle.as_ref());
             let (source, blocks) = tap.into_parts();
-            // Dropping the feed ends the table thread.
+            let lifecycle = lifecycle.map(|t| t.stop());
+            // Dropping the feed (and the tracker's handle) ends the table
+            // thread.
             drop(feed);
-            (result, source, agg, procs, blocks)
+            (result, source, agg, lifecycle, blocks)
         })?
     };
 
     wait::until_done(args.duration, started, &progress).await?;
     stop.store(true, Ordering::Release);
     let end_ns = blocks::monotonic_ns();
-    let (result, mut source, mut agg, mut procs, time_blocks) = tokio::task::spawn_blocking(move || collector.join())
+    let (result, mut source, mut agg, lifecycle, time_blocks) = tokio::task::spawn_blocking(move || collector.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the sampling thread panicked"))?;
     result.context("reading samples from the kernel failed")?;
@@ -137,6 +141,8 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         NonZeroUsize::new(SYMBOL_CACHE_ENTRIES).expect("non-zero"),
     );
     let aggregate = agg.take();
+    let mut procs = procs.lock().unwrap_or_else(|e| e.into_inner());
+    let procs = &mut *procs;
     let period = 1_000_000_000 / args.frequency;
     let mut cpu = Profile::new(
         ValueType::new("samples", "count"),
@@ -145,7 +151,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         start_wall,
     );
     cpu.duration_ns = elapsed.as_nanos() as u64;
-    symbolizer.symbolize(&aggregate, &mut procs, &mut cpu);
+    symbolizer.symbolize(&aggregate, procs, &mut cpu);
 
     let mut outputs =
         vec![Output { stem: "cpu", profile: &cpu, title: "On-CPU flame graph", unit: "samples", pprof: true }];
@@ -154,7 +160,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     if args.off_cpu {
         let mut p = Profile::new(ValueType::new("off_cpu", "nanoseconds"), None, 0, start_wall);
         p.duration_ns = cpu.duration_ns;
-        symbolizer.symbolize(&aggregate::from_off_cpu(&off_cpu_records, MAX_UNIQUE_STACKS), &mut procs, &mut p);
+        symbolizer.symbolize(&aggregate::from_off_cpu(&off_cpu_records, MAX_UNIQUE_STACKS), procs, &mut p);
         off = p;
         wall = outputs::wall_profile(&cpu, &off);
         outputs.push(Output {
@@ -171,7 +177,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
             unit: "ns",
             pprof: false,
         });
-        let mut latencies = process_latencies(&histograms, &mut procs);
+        let mut latencies = process_latencies(&histograms, procs);
         let csv = dir.join("latency.csv");
         crate::export::files::write_atomic(&csv, latency_csv(&latencies).as_bytes())?;
         extra_files.push(csv);
@@ -190,7 +196,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     files.extend(extra_files);
     let blocks_abandoned = time_blocks.abandoned();
     if let Some((len, aggs)) = time_blocks.finish(end_ns) {
-        let (path, n) = blocks::write(&dir, &aggs, len, start_wall, period, &args.format, &mut symbolizer, &mut procs)?;
+        let (path, n) = blocks::write(&dir, &aggs, len, start_wall, period, &args.format, &mut symbolizer, procs)?;
         if n > 0 {
             files.push(path);
         }
@@ -199,7 +205,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let mut pids: Vec<u32> = aggregate.stacks.keys().map(|k| k.pid).collect();
     pids.sort_unstable();
     pids.dedup();
-    let jit = jit_summary(&symbolizer, &mut procs);
+    let jit = jit_summary(&symbolizer, procs);
     let summary = Summary {
         elapsed,
         frequency: args.frequency,
@@ -215,6 +221,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         scheduler,
         unwind: unwind_stats,
         jit,
+        lifecycle: lifecycle.map(|e| (e, procs.stats())),
         files,
     };
     eprint!("{}", summary.render());

@@ -53,6 +53,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (--http-listen)", config.http.listen))?;
 
+    limit_malloc_arenas();
     let telemetry = Arc::new(Telemetry::default());
     let opts = LoadOptions {
         frequency: config.sampling.frequency,
@@ -71,6 +72,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let procs = Arc::new(pipeline::process_table());
+    let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), tables.as_ref().map(|(_, f)| f))
+        .context("starting process lifecycle tracking")?;
     source
         .attach()
         .with_context(|| crate::app::preflight::attach_failed_hint(config.sampling.unwinder == Unwinder::Cfi))?;
@@ -88,7 +92,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     // Sampling and symbolizing threads.
-    let procs = Arc::new(pipeline::process_table());
     let control = Arc::new(Control::default());
     let (raw_tx, raw_rx) = sync_channel(2);
     let sampler = {
@@ -103,8 +106,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 &raw_tx,
                 &telemetry,
                 unwind,
+                lifecycle.as_ref(),
             );
             drop(source.detach());
+            // Releases its unwind handle before `tables` goes.
+            drop(lifecycle);
             // The feed goes with `tables`, which ends the table thread.
             r
         })?
@@ -149,6 +155,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             log::warn!("the last interval was not exported within {deadline:?} (export.shutdown_deadline)");
             Ok(())
         }
+    }
+}
+
+/// glibc gives each thread that allocates its own arena (up to 8 per CPU),
+/// and each keeps its freed pages: the daemon's sampling, lifecycle,
+/// table, symbolizing and exporter threads then hold several high-water
+/// marks at once. Two arenas are plenty for its allocation rate (`cargo
+/// xtask bench churn`). `MALLOC_ARENA_MAX` in the environment wins.
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes an allocator tunable.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     }
 }
 

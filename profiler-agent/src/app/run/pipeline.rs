@@ -13,7 +13,7 @@ use std::{
         mpsc::{Receiver, SyncSender, TrySendError},
         Arc, Mutex,
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use profiler_common::offcpu::{HistKey, Histogram, HIST_OFFCPU, HIST_RUNQ};
@@ -30,6 +30,10 @@ use crate::{
 
 /// How long one poll waits for samples.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// How long before an interval's cut a process must have exited for its
+/// entry to be dropped after the interval is symbolized.
+const EXIT_MARGIN: Duration = Duration::from_secs(1);
 
 /// Signals from the async side to the sampling thread.
 #[derive(Debug, Default)]
@@ -72,6 +76,7 @@ pub fn sample_intervals<S: SampleSource>(
     out: &SyncSender<RawInterval>,
     telemetry: &Telemetry,
     unwind: Option<(&crate::unwind::Worker, &crate::unwind::Feed)>,
+    lifecycle: Option<&crate::lifecycle::Tracker>,
 ) -> Result<(), BpfError> {
     let feed = unwind.map(|(_, f)| f);
     let mut agg = Aggregator::new(capacity);
@@ -81,13 +86,7 @@ pub fn sample_intervals<S: SampleSource>(
         let stopping = control.stop.load(Ordering::Acquire);
         batch.clear();
         source.poll(&mut batch, if stopping { Duration::ZERO } else { POLL_TIMEOUT })?;
-        if !batch.is_empty() {
-            let mut table = procs.lock().unwrap_or_else(|e| e.into_inner());
-            for s in &batch {
-                table.observe(s.tgid, &String::from_utf8_lossy(s.comm_bytes()));
-                agg.add(s);
-            }
-        }
+        crate::app::collect::add_batch(&batch, &mut agg, procs, lifecycle);
         if let Some(feed) = feed {
             feed.note(batch.iter().map(|s| (s.tgid, s.flags)));
         }
@@ -107,6 +106,10 @@ pub fn sample_intervals<S: SampleSource>(
             }
             if let Some((w, _)) = unwind {
                 telemetry.set_unwind(w.stats());
+            }
+            if let Some(t) = lifecycle {
+                let table = procs.lock().unwrap_or_else(|e| e.into_inner()).stats();
+                telemetry.set_processes(t.stats(), table);
             }
             let raw = RawInterval { start, end, aggregate: agg.take(), off_cpu, histograms, last };
             // The final interval must not be lost to a full queue: wait.
@@ -145,6 +148,14 @@ pub fn symbolize_intervals<R: FileResolver>(
             log::debug!("symbolizing the final, partial interval");
         }
         let profiles = symbolize_one(&raw, symbolizer, procs, frequency, off_cpu);
+        // Processes that exited before this interval's cut have had their
+        // samples symbolized (a sample reaches the aggregate within a poll
+        // period, 100 ms, of being taken; the margin covers a late poll).
+        let since_cut = SystemTime::now().duration_since(raw.end).unwrap_or_default();
+        if let Some(cutoff) = Instant::now().checked_sub(since_cut + EXIT_MARGIN) {
+            procs.lock().unwrap_or_else(|e| e.into_inner()).sweep_exited(cutoff);
+        }
+        telemetry.symbol_file_cache_resets.store(symbolizer.resolver().cache_resets(), Ordering::Relaxed);
         let stats = symbolizer.stats();
         let cache = symbolizer.cache_stats();
         telemetry.frames.store(stats.frames, Ordering::Relaxed);
@@ -156,6 +167,11 @@ pub fn symbolize_intervals<R: FileResolver>(
         telemetry.aggregation_dropped.fetch_add(raw.aggregate.dropped, Ordering::Relaxed);
         telemetry.intervals.fetch_add(1, Ordering::Relaxed);
         emit(Arc::new(profiles));
+        // An interval's aggregates, profiles and parsed files were just
+        // freed; hand the free pages back instead of letting each arena keep
+        // its high-water mark (`cargo xtask bench churn`).
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        unsafe { libc::malloc_trim(0) };
     }
 }
 
@@ -269,7 +285,7 @@ mod tests {
         control.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = sync_channel(2);
         let telemetry = Telemetry::default();
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None, None).unwrap();
         drop(tx);
         let raws: Vec<RawInterval> = rx.into_iter().collect();
         // The cut happens after the first batch (all 3 samples); the final
@@ -318,7 +334,7 @@ mod tests {
         let control = Control::default();
         control.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = sync_channel(2);
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &Telemetry::default(), None).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &Telemetry::default(), None, None).unwrap();
         drop(tx);
         let raw = rx.recv().unwrap();
         assert_eq!(raw.histograms.len(), 3, "taken at the cut, as the kernel gave them");
@@ -359,7 +375,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             rx.into_iter().count()
         });
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None, None).unwrap();
         drop(tx);
         assert_eq!(telemetry.intervals_dropped.load(Ordering::Relaxed), 1);
         assert_eq!(reader.join().unwrap(), 2, "the pre-filled one and the last one");

@@ -211,6 +211,41 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         self.load(tgid)
     }
 
+    /// `tgid` exec'd: its old mappings are gone from the kernel (the exec
+    /// program dropped them); load the new image now, whatever the refresh
+    /// rate limit says.
+    pub fn exec(&mut self, tgid: u32) -> Result<(), RegistryError> {
+        self.tick += 1;
+        self.load(tgid)
+    }
+
+    /// `child` was forked from `parent` and maps what the parent maps:
+    /// copy the parent's mappings without reading `/proc` (the child may
+    /// exec or exit before a read would finish). An unknown parent is not
+    /// loaded here: building its tables (a big test harness, a shell) held
+    /// up the child's exec behind it; the child is loaded at its exec or
+    /// first sample instead.
+    pub fn fork(&mut self, child: u32, parent: u32) -> Result<(), RegistryError> {
+        let Some(p) = self.processes.get(&parent) else { return Ok(()) };
+        let Some(start_time) = self.procs_from.start_time(child) else { return Ok(()) };
+        let (mappings, files) = (p.mappings.clone(), p.files.clone());
+        self.forget(child)?; // a reused pid
+        for f in &files {
+            if let Some(t) = self.tables.get_mut(f) {
+                t.users += 1;
+            }
+        }
+        self.processes.insert(child, Process { start_time, mappings, files, refreshed: Instant::now() });
+        self.write_process(child)
+    }
+
+    /// `tgid` exited: free its mappings now rather than at the next sweep
+    /// (under churn of thousands of processes a second, a second's worth
+    /// of dead processes would fill the mappings array).
+    pub fn exited(&mut self, tgid: u32) -> Result<(), RegistryError> {
+        self.forget(tgid)
+    }
+
     /// Reads the process's mappings, builds the tables it lacks, and writes
     /// its mappings into the kernel.
     pub fn load(&mut self, tgid: u32) -> Result<(), RegistryError> {

@@ -207,3 +207,50 @@ fn vaddr_of_handles_page_rounded_mapping_offsets() {
     assert_eq!(vaddr_of(&segs, 0x0), None, "a page further down is another segment");
     assert_eq!(vaddr_of(&segs, 0x7000), None);
 }
+
+#[test]
+fn fork_copies_the_parents_mappings_exec_reloads_and_exit_frees() {
+    let mut tables = Tables::default();
+    tables.sizes.insert("/bin/sh".into(), 10);
+    tables.sizes.insert("/bin/burn".into(), 30);
+    tables.sizes.insert("/lib/libc.so.6".into(), 20);
+    let mut procs = Procs::default();
+    procs.0.insert(10, (1, vec![file(0x40_0000, "/bin/sh", 1), libc(0x7f00_0000)]));
+    // The child's /proc entry already shows its post-exec image: the fork
+    // must not read it, and the exec must.
+    procs.0.insert(11, (5, vec![file(0x50_0000, "/bin/burn", 4), libc(0x7e00_0000)]));
+    let mut maps = FakeUnwindMaps::new(1000);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.fork(11, 10).unwrap();
+    assert_eq!(r.stats().processes, 0, "an unknown parent is not loaded for its child");
+    r.seen(10).unwrap();
+    r.fork(11, 10).unwrap();
+    assert_eq!(r.stats().processes, 2);
+    assert_eq!(r.maps.processes[&11], r.maps.processes[&10], "the child maps the parent's image");
+    // The exec comes right after the fork: no refresh rate limit applies.
+    r.exec(11).unwrap();
+    assert_eq!(r.maps.processes[&11][0].start, 0x50_0000);
+    assert_eq!(r.stats().rows, 12 + 32 + 22);
+    // Exit frees the child's own table at once, without a sweep.
+    r.exited(11).unwrap();
+    assert!(!r.maps.processes.contains_key(&11));
+    assert_eq!(r.stats().rows, 12 + 22);
+    assert_eq!(r.stats().processes, 1);
+    r.exited(10).unwrap();
+    assert_eq!((r.stats().rows, r.stats().tables), (0, 0), "no stale tables");
+    assert!(r.maps.processes.is_empty());
+}
+
+#[test]
+fn fork_of_a_child_already_gone_adds_nothing() {
+    let mut tables = Tables::default();
+    tables.sizes.insert("/bin/sh".into(), 10);
+    let mut procs = Procs::default();
+    procs.0.insert(10, (1, vec![file(0x40_0000, "/bin/sh", 1)]));
+    let mut maps = FakeUnwindMaps::new(1000);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.seen(10).unwrap();
+    r.fork(12, 10).unwrap();
+    assert_eq!(r.stats().processes, 1);
+    assert!(!r.maps.processes.contains_key(&12));
+}
