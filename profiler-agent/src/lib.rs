@@ -14,6 +14,7 @@ pub mod config;
 pub mod duration;
 pub mod export;
 pub mod latency;
+pub mod offcpu;
 pub mod process;
 pub mod profile;
 pub mod symbolize;

@@ -59,10 +59,15 @@ pub enum Stat {
     UnwindDepthLimit = 22,
     /// Stacks with at least one frame unwound by frame pointer.
     UnwindPartial = 23,
+    /// A block captured before the process's unwind tables were loaded
+    /// (walked by frame pointer, not reused; the agent was told).
+    OffCpuBeforeTables = 24,
+    /// Threads the start scan found already blocked.
+    OffCpuFoundBlocked = 25,
 }
 
 /// Number of counters; the size of the `STATS` array.
-pub const STAT_COUNT: u32 = 24;
+pub const STAT_COUNT: u32 = 26;
 
 impl Stat {
     /// Every counter, in index order.
@@ -91,6 +96,8 @@ impl Stat {
         Stat::UnwindReadFault,
         Stat::UnwindDepthLimit,
         Stat::UnwindPartial,
+        Stat::OffCpuBeforeTables,
+        Stat::OffCpuFoundBlocked,
     ];
 
     /// A stable snake_case name, used in summaries and metric labels.
@@ -120,6 +127,8 @@ impl Stat {
             Stat::UnwindReadFault => "unwind_read_fault",
             Stat::UnwindDepthLimit => "unwind_depth_limit",
             Stat::UnwindPartial => "unwind_partial",
+            Stat::OffCpuBeforeTables => "off_cpu_before_unwind_tables",
+            Stat::OffCpuFoundBlocked => "off_cpu_found_blocked",
         }
     }
 }

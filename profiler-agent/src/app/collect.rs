@@ -40,6 +40,8 @@ pub fn collect<S: SampleSource>(
         }
         if let Some(feed) = unwind {
             feed.note(batch.iter().map(|s| (s.tgid, s.flags)));
+            // Blocks of processes whose tables are not loaded yet.
+            feed.note(source.take_notices().into_iter().map(|tgid| (tgid, 0)));
         }
         progress.store(agg.samples(), Ordering::Relaxed);
         if stopping && batch.is_empty() {

@@ -72,6 +72,7 @@ pub fn sample_intervals<S: SampleSource>(
     out: &SyncSender<RawInterval>,
     telemetry: &Telemetry,
     unwind: Option<(&crate::unwind::Worker, &crate::unwind::Feed)>,
+    mut found: crate::offcpu::PendingFound,
 ) -> Result<(), BpfError> {
     let feed = unwind.map(|(_, f)| f);
     let mut agg = Aggregator::new(capacity);
@@ -90,6 +91,8 @@ pub fn sample_intervals<S: SampleSource>(
         }
         if let Some(feed) = feed {
             feed.note(batch.iter().map(|s| (s.tgid, s.flags)));
+            // Blocks of processes whose tables are not loaded yet.
+            feed.note(source.take_notices().into_iter().map(|tgid| (tgid, 0)));
         }
         let last = stopping && batch.is_empty();
         if last || control.cut.swap(false, Ordering::AcqRel) {
@@ -99,7 +102,13 @@ pub fn sample_intervals<S: SampleSource>(
             let histograms = source.take_histograms()?;
             let kernel = source.stats()?;
             telemetry.set_kernel(kernel);
-            let off_cpu = source.take_off_cpu()?;
+            // Stacks of threads found blocked at the start, before records
+            // refer to them; then threads still blocked are counted up to
+            // the cut (and from it in the next interval), so a hung thread
+            // shows in every interval and no time is counted twice.
+            found.store(source, last);
+            let mut off_cpu = source.cut_still_blocked(crate::bpf::monotonic_ns())?;
+            off_cpu.extend(source.take_off_cpu()?);
             if let Some(feed) = feed {
                 // Threads that only block are never sampled on-CPU: their
                 // processes are loaded from the off-CPU records.
@@ -267,7 +276,7 @@ mod tests {
         control.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = sync_channel(2);
         let telemetry = Telemetry::default();
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None, crate::offcpu::PendingFound::none()).unwrap();
         drop(tx);
         let raws: Vec<RawInterval> = rx.into_iter().collect();
         // The cut happens after the first batch (all 3 samples); the final
@@ -316,7 +325,7 @@ mod tests {
         let control = Control::default();
         control.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = sync_channel(2);
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &Telemetry::default(), None).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &Telemetry::default(), None, crate::offcpu::PendingFound::none()).unwrap();
         drop(tx);
         let raw = rx.recv().unwrap();
         assert_eq!(raw.histograms.len(), 3, "taken at the cut, as the kernel gave them");
@@ -357,7 +366,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             rx.into_iter().count()
         });
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None, crate::offcpu::PendingFound::none()).unwrap();
         drop(tx);
         assert_eq!(telemetry.intervals_dropped.load(Ordering::Relaxed), 1);
         assert_eq!(reader.join().unwrap(), 2, "the pre-filled one and the last one");
