@@ -74,7 +74,8 @@ pub struct BlockSite {
     pub user_stack: u64,
     /// Blocks served from this capture since it was taken.
     pub reused: u32,
-    pub _pad: u32,
+    /// When it was taken, in units of 2^20 ns (wraps).
+    pub taken: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<BlockSite>() == 32);
@@ -184,6 +185,24 @@ pub struct Histogram {
 
 const _: () = assert!(core::mem::size_of::<Histogram>() == 8 * (HIST_BUCKETS + 1));
 
+/// Both latency histograms of one process ([`HIST_RUNQ`], [`HIST_OFFCPU`]):
+/// one map entry, so a switch-in that ends a block and its run-queue wait
+/// looks the process up once, not twice.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcessHistograms {
+    pub kinds: [Histogram; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<ProcessHistograms>() == 2 * core::mem::size_of::<Histogram>());
+
+impl ProcessHistograms {
+    /// Whether the histogram of `kind` holds nothing.
+    pub fn is_empty(&self, kind: usize) -> bool {
+        self.kinds[kind].buckets.iter().all(|&b| b == 0)
+    }
+}
+
 /// The bucket of a value: the number of significant bits, so 0 -> 0,
 /// 1 -> 1, 2..3 -> 2, 4..7 -> 3, ...; values of 2^62 ns (146 years) and
 /// more share the last bucket.
@@ -217,6 +236,7 @@ mod pod {
     unsafe impl aya::Pod for BlockedRegs {}
     unsafe impl aya::Pod for ProcessNotice {}
     unsafe impl aya::Pod for Histogram {}
+    unsafe impl aya::Pod for ProcessHistograms {}
 }
 
 #[cfg(test)]

@@ -37,9 +37,9 @@ use aya_ebpf::{
 };
 use profiler_common::{
     offcpu::{
-        found_blocked_stack_id, hist_bucket, BlockSite, BlockedRegs, HistKey, Histogram, OffCpuKey, OffCpuValue,
-        ProcessNotice, StackTrace, ThreadState, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_CUT,
-        SCAN_FIND_BLOCKED, SCAN_MODE, SCAN_TIME, THREAD_FOUND_BLOCKED,
+        found_blocked_stack_id, hist_bucket, BlockSite, BlockedRegs, Histogram, OffCpuKey, OffCpuValue,
+        ProcessHistograms, ProcessNotice, StackTrace, ThreadState, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ,
+        NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_MODE, SCAN_TIME, THREAD_FOUND_BLOCKED,
     },
     Stat, COMM_LEN, MAX_STACK_DEPTH, SAMPLE_FLAG_USER_PARTIAL,
 };
@@ -64,8 +64,16 @@ static TASK_STATE_OFFSET: u32 = 0;
 #[no_mangle]
 static TASK_COMM_OFFSET: u32 = 0;
 
-/// Blocks served from one capture before unwinding again.
-const REFRESH_EVERY: u32 = 16;
+/// A site's capture is taken again after this many reuses or this long
+/// (in units of 2^20 ns, about a millisecond), whichever comes first: a
+/// fingerprint that also matches a different deeper stack is corrected
+/// within that. Every 16th block (the former rule) cost the one-site
+/// ping-pong a capture per 16 switches, a third of its BPF time on a 2-CPU
+/// VM (`cargo xtask bench offcpu`, load "max": sched_switch 1477 ns per
+/// switch); at low block rates the age rule refreshes on every block, where
+/// it costs nothing that matters.
+const REFRESH_EVERY: u32 = 256;
+const REFRESH_AGE: u32 = 25;
 
 const TASK_RUNNING: u32 = 0;
 const TASK_INTERRUPTIBLE: u32 = 0x1;
@@ -89,7 +97,7 @@ static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(32_768, BPF_
 /// allocation from the tracepoint context fails when its per-CPU cache is
 /// empty.
 #[map]
-static HISTOGRAMS: HashMap<HistKey, Histogram> = HashMap::with_max_entries(4_096, 0);
+static HISTOGRAMS: HashMap<u32, ProcessHistograms> = HashMap::with_max_entries(2_048, 0);
 /// Blocked time of threads still blocked at an interval cut, up to the cut
 /// (keyed like `OFFCPU`). Written by the task iterator, cleared by the agent.
 #[map]
@@ -255,8 +263,11 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
     }
     let fp = fingerprint();
     let mut hit = BLOCK_SITES as u32;
+    // A site captured before the process's tables were loaded is stored
+    // with the fingerprint's low bit (always set) cleared: it is reused
+    // (a fresh walk would be just as partial) until the tables are there.
     for i in 0..BLOCK_SITES {
-        if fp != 0 && t.sites[i].fingerprint == fp {
+        if fp != 0 && t.sites[i].fingerprint | 1 == fp {
             hit = i as u32;
         }
     }
@@ -266,7 +277,13 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
     // branch) made those states distinct until loading took minutes.
     unsafe { core::ptr::write_volatile(&mut t.site, hit) };
     let hit = unsafe { core::ptr::read_volatile(&t.site) } as usize;
-    if hit < BLOCK_SITES && t.sites[hit & (BLOCK_SITES - 1)].reused < REFRESH_EVERY {
+    let now_ms = (now >> 20) as u32;
+    let fresh = |s: &BlockSite| s.reused < REFRESH_EVERY && now_ms.wrapping_sub(s.taken) < REFRESH_AGE;
+    let reusable = hit < BLOCK_SITES && fresh(&t.sites[hit & (BLOCK_SITES - 1)]) && {
+        let partial = t.sites[hit & (BLOCK_SITES - 1)].fingerprint & 1 == 0;
+        !partial || !tables_known(tgid, now)
+    };
+    if reusable {
         let site = &mut t.sites[hit & (BLOCK_SITES - 1)];
         site.reused += 1;
         t.kernel_stack = site.kernel_stack;
@@ -288,8 +305,8 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
         unsafe { core::ptr::write_volatile(&mut t.kernel_stack, kernel.id) };
         let user = capture(ctx, tgid, true);
         // A stack that could not be stored is not reused: the next block
-        // at this place tries again. Nor is one walked before the process's
-        // tables were loaded.
+        // at this place tries again. One walked before the process's tables
+        // were loaded is marked, and taken again once they are.
         let complete = user.flags & SAMPLE_FLAG_USER_PARTIAL == 0 || tables_known(tgid, now);
         let (kernel, slot, fp) = unsafe {
             (
@@ -298,13 +315,19 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
                 core::ptr::read_volatile(&t.fingerprint),
             )
         };
-        let stored = kernel != STACK_LOST && user.id != STACK_LOST && complete;
+        let stored = kernel != STACK_LOST && user.id != STACK_LOST;
         t.sites[slot & (BLOCK_SITES - 1)] = BlockSite {
-            fingerprint: if stored { fp } else { 0 },
+            fingerprint: if !stored {
+                0
+            } else if complete {
+                fp
+            } else {
+                fp & !1
+            },
             kernel_stack: kernel,
             user_stack: user.id,
             reused: 0,
-            _pad: 0,
+            taken: now_ms,
         };
         t.user_stack = user.id;
         t.comm = bpf_get_current_comm().unwrap_or([0; 16]);
@@ -383,8 +406,10 @@ fn switch_in(now: u64, next: *const u8) {
     }
     let Some(t) = THREADS.get_ptr_mut(&tid) else { return };
     let t = unsafe { &mut *t };
+    let mut hists = None;
     if t.runq_start_ns != 0 {
-        record_latency(tgid, HIST_RUNQ, now.saturating_sub(t.runq_start_ns));
+        hists = process_histograms(tgid);
+        record_latency(hists, HIST_RUNQ, now.saturating_sub(t.runq_start_ns));
         t.runq_start_ns = 0;
     }
     if t.block_start_ns == 0 {
@@ -401,7 +426,10 @@ fn switch_in(now: u64, next: *const u8) {
         count(Stat::OffCpuShort);
         return;
     }
-    record_latency(tgid, HIST_OFFCPU, whole);
+    if hists.is_none() {
+        hists = process_histograms(tgid);
+    }
+    record_latency(hists, HIST_OFFCPU, whole);
     let key = OffCpuKey { tgid, tid, kernel_stack: t.kernel_stack, user_stack: t.user_stack, comm: t.comm };
     add_blocked(&OFFCPU, &key, blocked);
 }
@@ -431,20 +459,26 @@ fn add_blocked(map: &HashMap<OffCpuKey, OffCpuValue>, key: &OffCpuKey, ns: u64) 
     }
 }
 
+/// The histograms of `tgid`, created on first use.
 #[inline(always)]
-fn record_latency(tgid: u32, kind: u32, ns: u64) {
-    let key = HistKey { tgid, kind };
-    let mut h = HISTOGRAMS.get_ptr_mut(&key);
+fn process_histograms(tgid: u32) -> Option<*mut ProcessHistograms> {
+    let mut h = HISTOGRAMS.get_ptr_mut(&tgid);
     if h.is_none() {
         if let Some(empty) = SCRATCH_HIST.get_ptr(0) {
-            let _ = HISTOGRAMS.insert(&key, unsafe { &*empty }, BPF_NOEXIST);
+            let _ = HISTOGRAMS.insert(&tgid, unsafe { &*empty }, BPF_NOEXIST);
         }
-        h = HISTOGRAMS.get_ptr_mut(&key);
+        h = HISTOGRAMS.get_ptr_mut(&tgid);
     }
-    let Some(h) = h else {
+    if h.is_none() {
         count(Stat::HistogramMapFull);
-        return;
-    };
+    }
+    h
+}
+
+#[inline(always)]
+fn record_latency(hists: Option<*mut ProcessHistograms>, kind: u32, ns: u64) {
+    let Some(all) = hists else { return };
+    let h: *mut Histogram = unsafe { &mut (*all).kinds[kind as usize & 1] };
     let b = hist_bucket(ns);
     unsafe {
         atomic_add(&mut (*h).buckets[b], 1);
@@ -458,7 +492,7 @@ fn record_latency(tgid: u32, kind: u32, ns: u64) {
 
 /// A zeroed histogram used as the initial value (too big for the stack).
 #[map]
-static SCRATCH_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH_HIST: PerCpuArray<ProcessHistograms> = PerCpuArray::with_max_entries(1, 0);
 
 /// An atomic add (BPF_ATOMIC | BPF_ADD). `core::sync::atomic` offers no
 /// read-modify-write on the BPF target, so the intrinsic is used directly.

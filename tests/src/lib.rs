@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod daemon;
 pub mod folded;
+pub mod offcpu;
 pub mod sched;
 pub mod unwind;
 pub mod workload;

@@ -17,8 +17,8 @@ use aya::{
 };
 use profiler_common::{
     offcpu::{
-        BlockedRegs, HistKey, Histogram, OffCpuKey, OffCpuValue, ProcessNotice, StackTrace, ThreadState,
-        NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_MODE, SCAN_TIME,
+        BlockedRegs, HistKey, Histogram, OffCpuKey, OffCpuValue, ProcessHistograms, ProcessNotice, StackTrace,
+        ThreadState, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_MODE, SCAN_TIME,
     },
     Sample, MAX_STACK_DEPTH, STAT_COUNT,
 };
@@ -159,9 +159,8 @@ impl EbpfSource {
                 pid_offset = offsets.offset("task_struct", "pid")?;
                 tgid_offset = offsets.offset("task_struct", "tgid")?;
                 // `__state` since Linux 5.14, `state` before.
-                state_offset = offsets
-                    .offset("task_struct", "__state")
-                    .or_else(|_| offsets.offset("task_struct", "state"))?;
+                state_offset =
+                    offsets.offset("task_struct", "__state").or_else(|_| offsets.offset("task_struct", "state"))?;
                 comm_offset = offsets.offset("task_struct", "comm")?;
                 min_block_ns = off.min_block_ns;
                 Some(Btf::from_sys_fs().map_err(|e| BpfError::BtfRead(std::io::Error::other(e)))?)
@@ -468,14 +467,18 @@ impl SampleSource for EbpfSource {
         if !self.off_cpu {
             return Ok(Vec::new());
         }
-        let mut hists: HashMap<_, HistKey, Histogram> = map_mut(&mut self.ebpf, "HISTOGRAMS")?;
-        let keys: Vec<HistKey> = hists.keys().filter_map(Result::ok).collect();
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            if let Ok(h) = hists.get(&key, 0) {
-                out.push((key, h));
+        let mut hists: HashMap<_, u32, ProcessHistograms> = map_mut(&mut self.ebpf, "HISTOGRAMS")?;
+        let tgids: Vec<u32> = hists.keys().filter_map(Result::ok).collect();
+        let mut out = Vec::with_capacity(tgids.len());
+        for tgid in tgids {
+            if let Ok(h) = hists.get(&tgid, 0) {
+                for kind in [HIST_RUNQ, HIST_OFFCPU] {
+                    if !h.is_empty(kind as usize) {
+                        out.push((HistKey { tgid, kind }, h.kinds[kind as usize]));
+                    }
+                }
             }
-            let _ = hists.remove(&key);
+            let _ = hists.remove(&tgid);
         }
         Ok(out)
     }

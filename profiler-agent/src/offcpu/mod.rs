@@ -144,7 +144,8 @@ pub struct StillBlocked {
     pub tid: u32,
     pub thread_name: String,
     pub ns: u64,
-    /// The innermost user function, else the innermost frame.
+    /// The innermost two user functions, caller first (`wait_for_input >
+    /// read`), else the innermost frame.
     pub blocked_in: String,
 }
 
@@ -163,8 +164,21 @@ pub fn longest_still_blocked(off: &Profile, n: usize) -> Vec<StillBlocked> {
         e.ns += s.value;
         if e.blocked_in.is_empty() {
             let frames: Vec<_> = s.frames.iter().filter_map(|&i| off.frames.get(i)).collect();
-            let user = frames.iter().find(|f| f.kind != crate::profile::FrameKind::Kernel);
-            e.blocked_in = user.or(frames.first()).map(|f| f.function.clone()).unwrap_or_default();
+            let mut user: Vec<&str> = Vec::new();
+            for f in frames.iter().filter(|f| f.kind != crate::profile::FrameKind::Kernel) {
+                if user.last() != Some(&f.function.as_str()) {
+                    user.push(&f.function);
+                }
+                if user.len() == 2 {
+                    break;
+                }
+            }
+            user.reverse();
+            e.blocked_in = if user.is_empty() {
+                frames.first().map(|f| f.function.clone()).unwrap_or_default()
+            } else {
+                user.join(" > ")
+            };
         }
     }
     let mut v: Vec<StillBlocked> = by_thread.into_values().collect();
@@ -196,16 +210,17 @@ mod tests {
         let mut p = Profile::new(ValueType::new("off_cpu", "nanoseconds"), None, 0, std::time::SystemTime::UNIX_EPOCH);
         let mut k = Frame::named("pipe_read", false);
         k.kind = FrameKind::Kernel;
-        p.frames = vec![k, Frame::named("wait_for_input", false)];
+        p.frames =
+            vec![k, Frame::named("read", false), Frame::named("wait_for_input", false), Frame::named("main", false)];
         p.samples = vec![
-            sample(2, 5, vec![0, 1], true),
-            sample(2, 7, vec![0, 1], true),
+            sample(2, 5, vec![0, 1, 1, 2, 3], true),
+            sample(2, 7, vec![0, 1, 1, 2, 3], true),
             sample(3, 100, vec![0, 1], false),
             sample(4, 9, vec![0], true),
         ];
         let top = longest_still_blocked(&p, 5);
         assert_eq!(top.len(), 2, "blocks that ended are not listed");
-        assert_eq!((top[0].tid, top[0].ns, top[0].blocked_in.as_str()), (2, 12, "wait_for_input"));
+        assert_eq!((top[0].tid, top[0].ns, top[0].blocked_in.as_str()), (2, 12, "wait_for_input > read"));
         assert_eq!((top[1].tid, top[1].blocked_in.as_str()), (4, "pipe_read"));
         assert_eq!(longest_still_blocked(&p, 1).len(), 1);
     }

@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
-        mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError},
+        mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError},
         Arc, Mutex,
     },
     thread::JoinHandle,
@@ -35,6 +35,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 enum Request {
     Seen(u32),
     Refresh(u32),
+    /// Load these when nothing else is asked (the off-CPU start scan:
+    /// processes that block are announced and served first).
+    Backlog(Vec<u32>),
 }
 
 /// A process's tables are marked used at most this often; the LRU needs
@@ -75,6 +78,11 @@ impl Feed {
                 self.send(Request::Seen(tgid));
             }
         }
+    }
+
+    /// Loads `tgids` in the background, behind every other request.
+    pub fn load_in_background(&self, tgids: Vec<u32>) {
+        self.send(Request::Backlog(tgids));
     }
 
     fn send(&self, r: Request) {
@@ -145,10 +153,26 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
         }
     };
     let mut last_sweep = Instant::now();
+    let mut backlog: Vec<u32> = Vec::new();
     loop {
-        let result = match rx.recv_timeout(SWEEP_EVERY) {
+        let next = if backlog.is_empty() {
+            rx.recv_timeout(SWEEP_EVERY)
+        } else {
+            match rx.try_recv() {
+                Ok(r) => Ok(r),
+                Err(TryRecvError::Empty) => Ok(Request::Seen(backlog.pop().expect("not empty"))),
+                Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+            }
+        };
+        let result = match next {
             Ok(Request::Seen(tgid)) => registry.seen(tgid),
             Ok(Request::Refresh(tgid)) => registry.refresh(tgid),
+            Ok(Request::Backlog(mut tgids)) => {
+                // Bounded like the queue; the rest load on first sight.
+                tgids.truncate(QUEUE);
+                backlog = tgids;
+                Ok(())
+            }
             Err(RecvTimeoutError::Timeout) => Ok(()),
             Err(RecvTimeoutError::Disconnected) => break,
         };

@@ -84,7 +84,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         let found = source.find_blocked(crate::bpf::monotonic_ns()).context("scanning for blocked threads failed")?;
         // (`--pid` processes were loaded before attaching.)
         if let (Some(feed), true) = (&feed, args.pids.is_empty()) {
-            feed.note(offcpu::running_processes().into_iter().map(|p| (p, 0)));
+            feed.load_in_background(offcpu::running_processes());
         }
         offcpu::PendingFound::start(found)?
     } else {

@@ -77,7 +77,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let found = if config.sampling.off_cpu {
         let found = source.find_blocked(crate::bpf::monotonic_ns()).context("scanning for blocked threads failed")?;
         if let (Some((_, feed)), true) = (&tables, config.sampling.pids.is_empty()) {
-            feed.note(crate::offcpu::running_processes().into_iter().map(|p| (p, 0)));
+            feed.load_in_background(crate::offcpu::running_processes());
         }
         crate::offcpu::PendingFound::start(found)?
     } else {
