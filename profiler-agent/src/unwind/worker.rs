@@ -38,6 +38,8 @@ enum Request {
     /// Load these when nothing else is asked (the off-CPU start scan:
     /// processes that block are announced and served first).
     Backlog(Vec<u32>),
+    /// One process of the backlog.
+    Background(u32),
 }
 
 /// A process's tables are marked used at most this often; the LRU needs
@@ -160,13 +162,14 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
         } else {
             match rx.try_recv() {
                 Ok(r) => Ok(r),
-                Err(TryRecvError::Empty) => Ok(Request::Seen(backlog.pop().expect("not empty"))),
+                Err(TryRecvError::Empty) => Ok(Request::Background(backlog.pop().expect("not empty"))),
                 Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
             }
         };
         let result = match next {
             Ok(Request::Seen(tgid)) => registry.seen(tgid),
             Ok(Request::Refresh(tgid)) => registry.refresh(tgid),
+            Ok(Request::Background(tgid)) => registry.load_without_evicting(tgid),
             Ok(Request::Backlog(mut tgids)) => {
                 // Bounded like the queue; the rest load on first sight.
                 tgids.truncate(QUEUE);

@@ -207,3 +207,28 @@ fn vaddr_of_handles_page_rounded_mapping_offsets() {
     assert_eq!(vaddr_of(&segs, 0x0), None, "a page further down is another segment");
     assert_eq!(vaddr_of(&segs, 0x7000), None);
 }
+
+#[test]
+fn background_loads_defer_what_does_not_fit_instead_of_evicting() {
+    let mut tables = Tables::default();
+    for (p, n) in [("/bin/a", 40), ("/bin/b", 40), ("/bin/c", 40)] {
+        tables.sizes.insert(p.into(), n);
+    }
+    let mut procs = Procs::default();
+    procs.0.insert(1, (1, vec![file(0x40_0000, "/bin/a", 1)]));
+    procs.0.insert(2, (1, vec![file(0x40_0000, "/bin/b", 2)]));
+    procs.0.insert(3, (1, vec![file(0x40_0000, "/bin/c", 3)]));
+    let mut maps = FakeUnwindMaps::new(100);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.seen(1).unwrap();
+    r.load_without_evicting(2).unwrap();
+    r.load_without_evicting(3).unwrap(); // does not fit: deferred, a and b stay
+    let s = r.stats();
+    assert_eq!((s.evicted, s.tables, s.too_big), (0, 2, 0));
+    assert_eq!(r.maps.processes[&3][0].rows_len, 0, "c unwinds by frame pointer for now");
+    // Seen (it blocks or is sampled): loaded now, evicting the least used.
+    r.seen(3).unwrap();
+    let s = r.stats();
+    assert_eq!((s.evicted, s.tables), (1, 2));
+    assert_ne!(r.maps.processes[&3][0].rows_len, 0);
+}
