@@ -206,6 +206,11 @@ pub struct FileTables {
 }
 
 impl TableSource for FileTables {
+    fn file_size(&mut self, tgid: u32, m: &MapEntry) -> Option<u64> {
+        let via_map_files = format!("/proc/{tgid}/map_files/{:x}-{:x}", m.start, m.end);
+        fs::metadata(via_map_files).ok().map(|md| md.len())
+    }
+
     fn build(&mut self, tgid: u32, m: &MapEntry) -> Result<UnwindTable, TableError> {
         if m.path == "[vdso]" {
             // Every process has the same vDSO: the agent's own.

@@ -47,7 +47,18 @@ impl FileId {
 /// hand out prepared tables.
 pub trait TableSource: Send {
     fn build(&mut self, tgid: u32, mapping: &MapEntry) -> Result<UnwindTable, TableError>;
+
+    /// Size in bytes of the mapped file, when cheaply known.
+    fn file_size(&mut self, _tgid: u32, _mapping: &MapEntry) -> Option<u64> {
+        None
+    }
 }
+
+/// Files larger than this are not built by background loads: their tables
+/// take seconds to build (64 ms per MB of CFI measured on a busy 2-CPU VM),
+/// during which the table thread serves no process that needs one now.
+/// They load when their process is seen.
+pub const BACKGROUND_MAX_FILE: u64 = 8 << 20;
 
 /// What a process looks like now: its executable mappings and its start
 /// time (which tells a reused pid from the process it replaced).
@@ -298,6 +309,9 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
     }
 
     fn build(&mut self, tgid: u32, m: &MapEntry, f: FileId) -> Result<(), RegistryError> {
+        if self.no_evict && self.tables_from.file_size(tgid, m).is_some_and(|n| n > BACKGROUND_MAX_FILE) {
+            return Ok(()); // deferred: built when the process is next seen
+        }
         let started = Instant::now();
         let table = match self.tables_from.build(tgid, m) {
             Ok(t) => t,

@@ -13,6 +13,11 @@ struct Tables {
 }
 
 impl TableSource for &mut Tables {
+    fn file_size(&mut self, _tgid: u32, m: &MapEntry) -> Option<u64> {
+        // Paths naming "big" stand for files over the background limit.
+        m.path.contains("big").then_some(BACKGROUND_MAX_FILE + 1)
+    }
+
     fn build(&mut self, _tgid: u32, m: &MapEntry) -> Result<UnwindTable, TableError> {
         self.builds.push(m.path.clone());
         let Some(&n) = self.sizes.get(&m.path) else {
@@ -231,4 +236,19 @@ fn background_loads_defer_what_does_not_fit_instead_of_evicting() {
     let s = r.stats();
     assert_eq!((s.evicted, s.tables), (1, 2));
     assert_ne!(r.maps.processes[&3][0].rows_len, 0);
+}
+
+#[test]
+fn background_loads_leave_big_files_to_first_sight() {
+    let mut tables = Tables::default();
+    tables.sizes.insert("/bin/big".into(), 10);
+    let mut procs = Procs::default();
+    procs.0.insert(1, (1, vec![file(0x40_0000, "/bin/big", 1)]));
+    let mut maps = FakeUnwindMaps::new(100);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.load_without_evicting(1).unwrap();
+    assert_eq!(r.stats().tables, 0);
+    r.seen(1).unwrap();
+    assert_eq!(r.stats().tables, 1);
+    assert_eq!(tables.builds, ["/bin/big"], "built once, when seen");
 }
