@@ -59,9 +59,13 @@ const _: () = assert!(core::mem::size_of::<OffCpuValue>() == 16);
 /// Block sites remembered per thread. Real services block at a few places
 /// in turn (a read, a write, a timer, a futex); with one remembered site
 /// every change of place re-captured both stacks, which cost a multi-site
-/// load 1050 ns per switch. Four sites cover the loads of
-/// `cargo xtask bench offcpu` (four sites per thread) with one slot spare.
-pub const BLOCK_SITES: usize = 4;
+/// load 1050 ns per switch. With four, the multi-site load of `cargo xtask
+/// bench offcpu` (a client blocking at four places, five counting a
+/// contended mutex inside the condition variable) still missed on every
+/// block (round-robin replacement cycling through five sites): eight leave
+/// room. 8 x 32 bytes per thread: 22 MB of kernel memory for the 65536
+/// threads the map holds.
+pub const BLOCK_SITES: usize = 8;
 
 /// A place a thread blocked at, and the stacks captured there.
 #[repr(C)]

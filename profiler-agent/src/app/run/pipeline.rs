@@ -91,8 +91,11 @@ pub fn sample_intervals<S: SampleSource>(
         }
         if let Some(feed) = feed {
             feed.note(batch.iter().map(|s| (s.tgid, s.flags)));
-            // Blocks of processes whose tables are not loaded yet.
-            feed.note(source.take_notices().into_iter().map(|tgid| (tgid, 0)));
+            // Blocks of processes the kernel has no tables for: (re)load
+            // them, like an unwind that met an unknown mapping (after an
+            // exec the table thread may still hold the old image).
+            let unknown = profiler_common::SAMPLE_FLAG_UNKNOWN_MAPPING;
+            feed.note(source.take_notices().into_iter().map(|tgid| (tgid, unknown)));
         }
         let last = stopping && batch.is_empty();
         if last || control.cut.swap(false, Ordering::AcqRel) {
