@@ -52,8 +52,10 @@ const OVERHEAD_RATE: f64 = 10_000.0;
 /// Server sleep unit of the "multi" load: short, so it switches often.
 const MULTI_UNIT_US: u64 = 20;
 const LOADS: [&str; 2] = ["max", "multi"];
-/// Seconds a tracer runs before the load starts and after it ends.
-const MARGIN: u64 = 1;
+/// Seconds a tracer runs before the load starts and after it ends: the
+/// agent loads every process's unwind tables at the start (seconds of CPU
+/// on a busy host), which is not the steady state the loads measure.
+const MARGIN: u64 = 4;
 /// Processes that may have programs on the scheduler tracepoints.
 const OTHER_TRACERS: [&str; 4] = ["profiler-agent", "bpftrace", "perf", "offcputime"];
 /// Off-CPU aggregation like the agent's, with tracepoints only (no
