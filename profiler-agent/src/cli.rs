@@ -115,7 +115,9 @@ pub struct RunArgs {
     /// Samples per second per CPU [default: 19].
     #[arg(short = 'F', long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub frequency: Option<u64>,
-    /// Also trace the scheduler: off-CPU profiles and latency.
+    /// Also trace the scheduler: off-CPU profiles (exact, not sampled) and
+    /// latency. A thread still blocked at a cut is counted up to it, labelled
+    /// state=still_blocked, so a hung thread shows in every interval.
     #[arg(long)]
     pub off_cpu: bool,
     /// Address of /healthz, /readyz and /metrics [default: 127.0.0.1:9464].
@@ -157,7 +159,10 @@ pub struct RecordArgs {
     pub format: Vec<Format>,
     /// Also record off-CPU time: where threads block, in nanoseconds
     /// (off-cpu.*), a per-thread wall-clock view (wall.*), and run-queue and
-    /// off-CPU latency histograms in the summary.
+    /// off-CPU latency histograms in the summary. Exact, not sampled: every
+    /// block is timed. Threads already blocked at the start count from it;
+    /// threads still blocked at the end count up to it, labelled
+    /// state=still_blocked, and the summary lists the longest.
     #[arg(long)]
     pub off_cpu: bool,
     /// With --off-cpu, ignore blocks shorter than this (`1ms`, `50us`); 0 records every block.

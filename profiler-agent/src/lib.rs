@@ -17,6 +17,7 @@ pub mod export;
 pub mod latency;
 pub mod options;
 pub mod lifecycle;
+pub mod offcpu;
 pub mod process;
 pub mod profile;
 pub mod runtimes;

@@ -124,6 +124,20 @@ pub struct Sample {
     pub frames: Vec<usize>,
     /// Number of samples (on-CPU) or nanoseconds (off-CPU), per [`Profile::value_type`].
     pub value: u64,
+    /// Further (key, value) labels: `state=still_blocked` on off-CPU time of
+    /// a thread still blocked when the interval ended.
+    pub labels: Vec<(String, String)>,
+}
+
+/// The label of off-CPU time counted up to the end of an interval for a
+/// thread that was still blocked then (it may be hung).
+pub const STILL_BLOCKED_LABEL: (&str, &str) = ("state", "still_blocked");
+
+impl Sample {
+    /// Whether the sample carries the still-blocked label.
+    pub fn still_blocked(&self) -> bool {
+        self.labels.iter().any(|(k, v)| k == STILL_BLOCKED_LABEL.0 && v == STILL_BLOCKED_LABEL.1)
+    }
 }
 
 /// What is known about a process that has samples in a profile; exporters

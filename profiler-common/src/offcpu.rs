@@ -56,6 +56,38 @@ pub struct OffCpuValue {
 
 const _: () = assert!(core::mem::size_of::<OffCpuValue>() == 16);
 
+/// Block sites remembered per thread. Real services block at a few places
+/// in turn (a read, a write, a timer, a futex); with one remembered site
+/// every change of place re-captured both stacks, which cost a multi-site
+/// load 1050 ns per switch. With four, the multi-site load of `cargo xtask
+/// bench offcpu` (a client blocking at four places, five counting a
+/// contended mutex inside the condition variable) still missed on every
+/// block (round-robin replacement cycling through five sites): eight leave
+/// room. 8 x 32 bytes per thread: 22 MB of kernel memory for the 65536
+/// threads the map holds.
+pub const BLOCK_SITES: usize = 8;
+
+/// A place a thread blocked at, and the stacks captured there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockSite {
+    /// Fingerprint of the user registers and return addresses at kernel
+    /// entry; 0 for an empty slot.
+    pub fingerprint: u64,
+    pub kernel_stack: u64,
+    pub user_stack: u64,
+    /// Blocks served from this capture since it was taken.
+    pub reused: u32,
+    /// When it was taken, in units of 2^20 ns (wraps).
+    pub taken: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<BlockSite>() == 32);
+
+/// [`ThreadState::flags`]: the thread was found blocked by the start scan
+/// (blocked before recording began); its user stack is unwound by the agent.
+pub const THREAD_FOUND_BLOCKED: u32 = 1;
+
 /// What the scheduler programs know about one thread, in the `THREADS`
 /// map from its first scheduling event until it exits.
 #[repr(C)]
@@ -63,21 +95,78 @@ const _: () = assert!(core::mem::size_of::<OffCpuValue>() == 16);
 pub struct ThreadState {
     /// When it started waiting on a run queue; 0 when it is not waiting.
     pub runq_start_ns: u64,
-    /// When it blocked; 0 when it is not blocked.
+    /// When it blocked, or the last interval cut while it stayed blocked
+    /// (time before that was already counted); 0 when it is not blocked.
     pub block_start_ns: u64,
-    /// Stack ids of its last capture.
+    /// When the current (or last) block began, for the minimum block
+    /// duration and the histogram.
+    pub blocked_since_ns: u64,
+    /// Stack ids of the current (or last) block.
     pub kernel_stack: u64,
     pub user_stack: u64,
-    /// Fingerprint of the user registers and return addresses at that
-    /// capture; a block with the same fingerprint reuses its stacks.
-    pub fingerprint: u64,
-    /// Blocks served from the last capture since it was taken.
-    pub reused: u32,
+    /// Recent block sites, reused when the fingerprint matches.
+    pub sites: [BlockSite; BLOCK_SITES],
+    /// The slot the next new site replaces (round robin).
+    pub next_site: u32,
+    /// `THREAD_*` bits.
+    pub flags: u32,
+    /// The slot of the current block's site (BLOCK_SITES: none). Goes
+    /// through memory so the verifier sees one unknown index rather than
+    /// following each slot's path separately.
+    pub site: u32,
     pub _pad: u32,
+    /// The current block's fingerprint, kept while its stacks are captured.
+    pub fingerprint: u64,
     pub comm: [u8; COMM_LEN],
 }
 
-const _: () = assert!(core::mem::size_of::<ThreadState>() == 64);
+const _: () = assert!(core::mem::size_of::<ThreadState>() == 80 + 32 * BLOCK_SITES);
+
+/// Stack id the start scan gives the user stack of a thread it found
+/// blocked: even, so it never equals a content hash (those are odd). The
+/// agent unwinds that stack from [`BlockedRegs`] and stores it under it.
+pub const fn found_blocked_stack_id(tid: u32) -> u64 {
+    (tid as u64) << 1
+}
+
+/// User registers of a thread found blocked by the start scan, for the
+/// agent to unwind (a blocked thread's user memory can only be read from
+/// user space, with `process_vm_readv`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockedRegs {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<BlockedRegs>() == 32);
+
+/// Slots of the `SCAN` array the agent sets before running the task
+/// iterator: the time it counts from or up to, and what it does.
+pub const SCAN_TIME: u32 = 0;
+pub const SCAN_MODE: u32 = 1;
+/// Find threads blocked before recording started: they get a `THREADS`
+/// entry blocked since `SCAN_TIME`, their kernel stack and their registers.
+pub const SCAN_FIND_BLOCKED: u64 = 1;
+/// Cut: every thread still blocked has its blocked time up to `SCAN_TIME`
+/// added to `STILL_BLOCKED`, and counts from `SCAN_TIME` on.
+pub const SCAN_CUT: u64 = 2;
+
+/// A small ring buffer record: the switch program met a process whose
+/// unwind tables are not loaded. Told apart from samples by its size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessNotice {
+    pub kind: u32,
+    pub tgid: u32,
+}
+
+pub const NOTICE_NO_TABLES: u32 = 1;
+
+const _: () = assert!(core::mem::size_of::<ProcessNotice>() == 8);
 
 /// Key of the per-process histograms.
 #[repr(C)]
@@ -99,6 +188,24 @@ pub struct Histogram {
 }
 
 const _: () = assert!(core::mem::size_of::<Histogram>() == 8 * (HIST_BUCKETS + 1));
+
+/// Both latency histograms of one process ([`HIST_RUNQ`], [`HIST_OFFCPU`]):
+/// one map entry, so a switch-in that ends a block and its run-queue wait
+/// looks the process up once, not twice.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcessHistograms {
+    pub kinds: [Histogram; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<ProcessHistograms>() == 2 * core::mem::size_of::<Histogram>());
+
+impl ProcessHistograms {
+    /// Whether the histogram of `kind` holds nothing.
+    pub fn is_empty(&self, kind: usize) -> bool {
+        self.kinds[kind].buckets.iter().all(|&b| b == 0)
+    }
+}
 
 /// The bucket of a value: the number of significant bits, so 0 -> 0,
 /// 1 -> 1, 2..3 -> 2, 4..7 -> 3, ...; values of 2^62 ns (146 years) and
@@ -130,7 +237,10 @@ mod pod {
     unsafe impl aya::Pod for OffCpuValue {}
     unsafe impl aya::Pod for ThreadState {}
     unsafe impl aya::Pod for HistKey {}
+    unsafe impl aya::Pod for BlockedRegs {}
+    unsafe impl aya::Pod for ProcessNotice {}
     unsafe impl aya::Pod for Histogram {}
+    unsafe impl aya::Pod for ProcessHistograms {}
 }
 
 #[cfg(test)]

@@ -78,10 +78,15 @@ pub enum Stat {
     /// Interpreter calls met with no Python frame left in the chain (the
     /// walk and the native stack disagree); left native.
     PythonChainEnd = 30,
+    /// A block captured before the process's unwind tables were loaded
+    /// (walked by frame pointer, not reused; the agent was told).
+    OffCpuBeforeTables = 31,
+    /// Threads the start scan found already blocked.
+    OffCpuFoundBlocked = 32,
 }
 
 /// Number of counters; the size of the `STATS` array.
-pub const STAT_COUNT: u32 = 31;
+pub const STAT_COUNT: u32 = 33;
 
 impl Stat {
     /// Every counter, in index order.
@@ -117,6 +122,8 @@ impl Stat {
         Stat::PythonNoThreadState,
         Stat::PythonReadFault,
         Stat::PythonChainEnd,
+        Stat::OffCpuBeforeTables,
+        Stat::OffCpuFoundBlocked,
     ];
 
     /// A stable snake_case name, used in summaries and metric labels.
@@ -153,6 +160,8 @@ impl Stat {
             Stat::PythonNoThreadState => "python_no_thread_state",
             Stat::PythonReadFault => "python_read_fault",
             Stat::PythonChainEnd => "python_chain_end",
+            Stat::OffCpuBeforeTables => "off_cpu_before_unwind_tables",
+            Stat::OffCpuFoundBlocked => "off_cpu_found_blocked",
         }
     }
 }

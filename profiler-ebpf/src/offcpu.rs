@@ -25,25 +25,28 @@
 //! identical fingerprint, so every `REFRESH_EVERY`-th block unwinds again.
 
 use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_task_stack, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{BtfTracePointContext, RawTracePointContext},
     EbpfContext,
 };
 use profiler_common::{
     offcpu::{
-        hist_bucket, HistKey, Histogram, OffCpuKey, OffCpuValue, StackTrace, ThreadState, HIST_OFFCPU, HIST_RUNQ,
+        found_blocked_stack_id, hist_bucket, BlockSite, BlockedRegs, Histogram, OffCpuKey, OffCpuValue,
+        ProcessHistograms, ProcessNotice, StackTrace, ThreadState, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ,
+        NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_MODE, SCAN_TIME, THREAD_FOUND_BLOCKED,
     },
-    Stat, MAX_STACK_DEPTH,
+    Stat, COMM_LEN, MAX_STACK_DEPTH, SAMPLE_FLAG_USER_PARTIAL,
 };
 
 use crate::{
-    maps::{count, wanted},
-    stack,
+    maps::{count, wanted, SAMPLES},
+    stack, unwind,
 };
 
 /// Set by the agent: blocks shorter than this are not recorded.
@@ -55,9 +58,22 @@ static MIN_BLOCK_NS: u64 = 0;
 static TASK_PID_OFFSET: u32 = 0;
 #[no_mangle]
 static TASK_TGID_OFFSET: u32 = 0;
+/// Offsets of `task_struct.__state` and `.comm`, for the task iterator.
+#[no_mangle]
+static TASK_STATE_OFFSET: u32 = 0;
+#[no_mangle]
+static TASK_COMM_OFFSET: u32 = 0;
 
-/// Blocks served from one capture before unwinding again.
-const REFRESH_EVERY: u32 = 16;
+/// A site's capture is taken again after this many reuses or this long
+/// (in units of 2^20 ns, about a millisecond), whichever comes first: a
+/// fingerprint that also matches a different deeper stack is corrected
+/// within that. Every 16th block (the former rule) cost the one-site
+/// ping-pong a capture per 16 switches, a third of its BPF time on a 2-CPU
+/// VM (`cargo xtask bench offcpu`, load "max": sched_switch 1477 ns per
+/// switch); at low block rates the age rule refreshes on every block, where
+/// it costs nothing that matters.
+const REFRESH_EVERY: u32 = 256;
+const REFRESH_AGE: u32 = 25;
 
 const TASK_RUNNING: u32 = 0;
 const TASK_INTERRUPTIBLE: u32 = 0x1;
@@ -81,7 +97,26 @@ static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(32_768, BPF_
 /// allocation from the tracepoint context fails when its per-CPU cache is
 /// empty.
 #[map]
-static HISTOGRAMS: HashMap<HistKey, Histogram> = HashMap::with_max_entries(4_096, 0);
+static HISTOGRAMS: HashMap<u32, ProcessHistograms> = HashMap::with_max_entries(2_048, 0);
+/// Blocked time of threads still blocked at an interval cut, up to the cut
+/// (keyed like `OFFCPU`). Written by the task iterator, cleared by the agent.
+#[map]
+static STILL_BLOCKED: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(16_384, 0);
+/// Registers of threads the start scan found blocked, by tid, for the agent
+/// to unwind their user stacks.
+#[map]
+static BLOCKED_REGS: HashMap<u32, BlockedRegs> = HashMap::with_max_entries(8_192, 0);
+/// What the task iterator does (`SCAN_*` slots), set by the agent per run.
+#[map]
+static SCAN: Array<u64> = Array::with_max_entries(2, 0);
+/// When each process without unwind tables was last announced to the agent.
+#[map]
+static ANNOUNCED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4_096, 0);
+/// A process without tables is announced at most this often: the agent
+/// loads it within milliseconds, and the queue to its table thread is
+/// bounded.
+const ANNOUNCE_EVERY_NS: u64 = 250_000_000;
+
 /// Per-CPU scratch for capturing a stack: too big for the BPF stack.
 #[map]
 static SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
@@ -218,6 +253,9 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
     if preempt || prev_state == TASK_RUNNING {
         // Still runnable: the time until it runs again is run-queue wait.
         t.runq_start_ns = now;
+        // It ran, so it is not blocked (this clears a start-scan entry whose
+        // thread woke between the scan's look and its insert).
+        t.block_start_ns = 0;
         return;
     }
     if prev_state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
@@ -227,21 +265,112 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
     // covers: two Python functions blocking through the same C path would
     // share one, so a Python process's stacks are never reused.
     let fp = if crate::python::walks(tgid) { 0 } else { fingerprint() };
-    if fp != 0 && fp == t.fingerprint && t.reused < REFRESH_EVERY {
-        t.reused += 1;
+    let mut hit = BLOCK_SITES as u32;
+    // A site captured before the process's tables were loaded is stored
+    // with the fingerprint's low bit (always set) cleared: it is reused
+    // (a fresh walk would be just as partial) until the tables are there.
+    for i in 0..BLOCK_SITES {
+        if fp != 0 && t.sites[i].fingerprint | 1 == fp {
+            hit = i as u32;
+        }
+    }
+    // Values that live across the captures go through the thread's map
+    // entry: the verifier checks the unwinder's loop once per distinct
+    // state it is entered with, and values it knows (which slot, which
+    // branch) made those states distinct until loading took minutes.
+    unsafe { core::ptr::write_volatile(&mut t.site, hit) };
+    let hit = unsafe { core::ptr::read_volatile(&t.site) } as usize;
+    let now_ms = (now >> 20) as u32;
+    let fresh = |s: &BlockSite| s.reused < REFRESH_EVERY && now_ms.wrapping_sub(s.taken) < REFRESH_AGE;
+    let reusable = hit < BLOCK_SITES && fresh(&t.sites[hit & (BLOCK_SITES - 1)]) && {
+        let partial = t.sites[hit & (BLOCK_SITES - 1)].fingerprint & 1 == 0;
+        !partial || !tables_known(tgid, now)
+    };
+    if reusable {
+        let site = &mut t.sites[hit & (BLOCK_SITES - 1)];
+        site.reused += 1;
+        t.kernel_stack = site.kernel_stack;
+        t.user_stack = site.user_stack;
         count(Stat::StacksReused);
     } else {
-        t.kernel_stack = capture(ctx, tgid, false);
-        t.user_stack = capture(ctx, tgid, true);
+        let slot = if hit < BLOCK_SITES {
+            hit as u32
+        } else {
+            let s = t.next_site;
+            t.next_site = s.wrapping_add(1);
+            s
+        };
+        unsafe {
+            core::ptr::write_volatile(&mut t.site, slot);
+            core::ptr::write_volatile(&mut t.fingerprint, fp);
+        }
+        let kernel = capture(ctx, tgid, false);
+        unsafe { core::ptr::write_volatile(&mut t.kernel_stack, kernel.id) };
+        let user = capture(ctx, tgid, true);
         // A stack that could not be stored is not reused: the next block
-        // at this place tries again.
-        let stored = t.kernel_stack != STACK_LOST && t.user_stack != STACK_LOST;
-        t.fingerprint = if stored { fp } else { 0 };
-        t.reused = 0;
+        // at this place tries again. One walked before the process's tables
+        // were loaded is marked, and taken again once they are.
+        let complete = user.flags & SAMPLE_FLAG_USER_PARTIAL == 0 || tables_known(tgid, now);
+        let (kernel, slot, fp) = unsafe {
+            (
+                core::ptr::read_volatile(&t.kernel_stack),
+                core::ptr::read_volatile(&t.site) as usize,
+                core::ptr::read_volatile(&t.fingerprint),
+            )
+        };
+        let stored = kernel != STACK_LOST && user.id != STACK_LOST;
+        t.sites[slot & (BLOCK_SITES - 1)] = BlockSite {
+            fingerprint: if !stored {
+                0
+            } else if complete {
+                fp
+            } else {
+                fp & !1
+            },
+            kernel_stack: kernel,
+            user_stack: user.id,
+            reused: 0,
+            taken: now_ms,
+        };
+        t.user_stack = user.id;
         t.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     }
     t.block_start_ns = now;
+    t.blocked_since_ns = now;
+    t.flags = 0;
     count(Stat::OffCpuBlocks);
+}
+
+const _: () = assert!(BLOCK_SITES.is_power_of_two());
+
+/// Whether the unwinder has `tgid`'s tables, for a stack the unwinder
+/// flagged partial. If not (CFI unwinding on and the process unknown), the
+/// block is counted and the agent told, at most every ANNOUNCE_EVERY_NS.
+#[inline(always)]
+fn tables_known(tgid: u32, now: u64) -> bool {
+    if !unwind::cfi_enabled() || unwind::known(tgid) {
+        return true;
+    }
+    count(Stat::OffCpuBeforeTables);
+    match ANNOUNCED.get_ptr_mut(&tgid) {
+        Some(last) => unsafe {
+            if now.wrapping_sub(*last) < ANNOUNCE_EVERY_NS {
+                return false;
+            }
+            *last = now;
+        },
+        None => {
+            let _ = ANNOUNCED.insert(&tgid, &now, 0);
+        }
+    }
+    match SAMPLES.reserve::<ProcessNotice>(0) {
+        Some(mut entry) => {
+            unsafe { entry.as_mut_ptr().write(ProcessNotice { kind: NOTICE_NO_TABLES, tgid }) };
+            entry.submit(BPF_RB_NO_WAKEUP as u64);
+        }
+        None => count(Stat::RingBufferFull),
+    }
+    false
 }
 
 /// A hash of where the current thread entered the kernel: user ip, sp, bp,
@@ -280,35 +409,50 @@ fn switch_in(now: u64, next: *const u8) {
     }
     let Some(t) = THREADS.get_ptr_mut(&tid) else { return };
     let t = unsafe { &mut *t };
+    let mut hists = None;
     if t.runq_start_ns != 0 {
-        record_latency(tgid, HIST_RUNQ, now.saturating_sub(t.runq_start_ns));
+        hists = process_histograms(tgid);
+        record_latency(hists, HIST_RUNQ, now.saturating_sub(t.runq_start_ns));
         t.runq_start_ns = 0;
     }
     if t.block_start_ns == 0 {
         return;
     }
+    // Counted from the last interval cut it stayed blocked through (the
+    // time before is in STILL_BLOCKED already); judged and binned by the
+    // whole block.
     let blocked = now.saturating_sub(t.block_start_ns);
+    let whole = now.saturating_sub(t.blocked_since_ns);
     t.block_start_ns = 0;
     let min = unsafe { core::ptr::read_volatile(&MIN_BLOCK_NS) };
-    if blocked < min {
+    if whole < min {
         count(Stat::OffCpuShort);
         return;
     }
-    record_latency(tgid, HIST_OFFCPU, blocked);
+    if hists.is_none() {
+        hists = process_histograms(tgid);
+    }
+    record_latency(hists, HIST_OFFCPU, whole);
     let key = OffCpuKey { tgid, tid, kernel_stack: t.kernel_stack, user_stack: t.user_stack, comm: t.comm };
-    match OFFCPU.get_ptr_mut(&key) {
+    add_blocked(&OFFCPU, &key, blocked);
+}
+
+/// Adds `ns` to `key` in an aggregate map.
+#[inline(always)]
+fn add_blocked(map: &HashMap<OffCpuKey, OffCpuValue>, key: &OffCpuKey, ns: u64) {
+    match map.get_ptr_mut(key) {
         Some(v) => unsafe {
             // Another CPU may add to the same key concurrently.
-            atomic_add(&mut (*v).total_ns, blocked);
+            atomic_add(&mut (*v).total_ns, ns);
             atomic_add(&mut (*v).count, 1);
         },
         None => {
-            let v = OffCpuValue { total_ns: blocked, count: 1 };
-            if OFFCPU.insert(&key, &v, BPF_NOEXIST).is_err() {
+            let v = OffCpuValue { total_ns: ns, count: 1 };
+            if map.insert(key, &v, BPF_NOEXIST).is_err() {
                 // Lost a race with another CPU inserting the same key, or full.
-                match OFFCPU.get_ptr_mut(&key) {
+                match map.get_ptr_mut(key) {
                     Some(v) => unsafe {
-                        atomic_add(&mut (*v).total_ns, blocked);
+                        atomic_add(&mut (*v).total_ns, ns);
                         atomic_add(&mut (*v).count, 1);
                     },
                     None => count(Stat::OffCpuAggregateFull),
@@ -318,20 +462,26 @@ fn switch_in(now: u64, next: *const u8) {
     }
 }
 
+/// The histograms of `tgid`, created on first use.
 #[inline(always)]
-fn record_latency(tgid: u32, kind: u32, ns: u64) {
-    let key = HistKey { tgid, kind };
-    let mut h = HISTOGRAMS.get_ptr_mut(&key);
+fn process_histograms(tgid: u32) -> Option<*mut ProcessHistograms> {
+    let mut h = HISTOGRAMS.get_ptr_mut(&tgid);
     if h.is_none() {
         if let Some(empty) = SCRATCH_HIST.get_ptr(0) {
-            let _ = HISTOGRAMS.insert(&key, unsafe { &*empty }, BPF_NOEXIST);
+            let _ = HISTOGRAMS.insert(&tgid, unsafe { &*empty }, BPF_NOEXIST);
         }
-        h = HISTOGRAMS.get_ptr_mut(&key);
+        h = HISTOGRAMS.get_ptr_mut(&tgid);
     }
-    let Some(h) = h else {
+    if h.is_none() {
         count(Stat::HistogramMapFull);
-        return;
-    };
+    }
+    h
+}
+
+#[inline(always)]
+fn record_latency(hists: Option<*mut ProcessHistograms>, kind: u32, ns: u64) {
+    let Some(all) = hists else { return };
+    let h: *mut Histogram = unsafe { &mut (*all).kinds[kind as usize & 1] };
     let b = hist_bucket(ns);
     unsafe {
         atomic_add(&mut (*h).buckets[b], 1);
@@ -345,7 +495,7 @@ fn record_latency(tgid: u32, kind: u32, ns: u64) {
 
 /// A zeroed histogram used as the initial value (too big for the stack).
 #[map]
-static SCRATCH_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH_HIST: PerCpuArray<ProcessHistograms> = PerCpuArray::with_max_entries(1, 0);
 
 /// An atomic add (BPF_ATOMIC | BPF_ADD). `core::sync::atomic` offers no
 /// read-modify-write on the BPF target, so the intrinsic is used directly.
@@ -358,18 +508,36 @@ unsafe fn atomic_add(p: *mut u64, v: u64) {
 /// was full, or its on-demand allocation failed); user space sees no frames.
 const STACK_LOST: u64 = 0;
 
+/// A stored stack: its id and the unwinder's flags.
+struct Stored {
+    id: u64,
+    flags: u32,
+}
+
 /// Captures the current kernel or user stack, stores it in `STACKS` under
 /// the hash of its content, and returns the hash (0: no stack).
 #[inline(always)]
-fn capture<C: EbpfContext>(ctx: &C, tgid: u32, user: bool) -> u64 {
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 0 };
+fn capture<C: EbpfContext>(ctx: &C, tgid: u32, user: bool) -> Stored {
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return Stored { id: 0, flags: 0 } };
     let buf = unsafe { &mut *buf };
     let got = if user { stack::user_stack(ctx, tgid, &mut buf.ips) } else { stack::kernel_stack(ctx, &mut buf.ips) };
-    if got.frames == 0 {
+    // The flags go through memory before the caller branches on them: a
+    // branch on the unwinder's own value makes the verifier track it
+    // precisely through every unwind step, and it then never finished.
+    unsafe { core::ptr::write_volatile(&mut buf._pad, got.flags) };
+    let flags = unsafe { core::ptr::read_volatile(&buf._pad) };
+    buf._pad = 0;
+    Stored { id: store(buf, got.frames), flags }
+}
+
+/// Stores the first `frames` of `buf` in `STACKS`; returns its id.
+#[inline(always)]
+fn store(buf: &mut StackTrace, frames: u32) -> u64 {
+    if frames == 0 {
         return 0;
     }
-    buf.len = got.frames;
-    let id = hash(&buf.ips, got.frames);
+    buf.len = frames;
+    let id = hash(&buf.ips, frames);
     if STACKS.insert(&id, buf, BPF_NOEXIST).is_err() && unsafe { STACKS.get(&id) }.is_none() {
         count(Stat::StackMapFull);
         return STACK_LOST;
@@ -390,3 +558,104 @@ fn hash(ips: &[u64; MAX_STACK_DEPTH], len: u32) -> u64 {
     }
     h | 1
 }
+
+/// The task iterator: per task, the scan the agent asked for in `SCAN`.
+/// Context: `struct bpf_iter__task { struct bpf_iter_meta *meta; struct
+/// task_struct *task; }`; `task` is NULL once, at the end.
+#[no_mangle]
+#[link_section = "iter/task"]
+pub extern "C" fn offcpu_tasks(ctx: *mut core::ffi::c_void) -> i32 {
+    let task = unsafe { core::ptr::read_volatile((ctx as *const *const u8).add(1)) };
+    if !task.is_null() {
+        scan_task(task);
+    }
+    0
+}
+
+#[inline(always)]
+fn scan_task(task: *const u8) {
+    let Some((tid, tgid)) = task_ids(task) else { return };
+    if tid == 0 || !wanted(tgid) {
+        return;
+    }
+    let (Some(&time), Some(&mode)) = (SCAN.get(SCAN_TIME), SCAN.get(SCAN_MODE)) else { return };
+    if mode == SCAN_CUT {
+        cut(tid, tgid, time);
+    } else if mode == SCAN_FIND_BLOCKED {
+        find_blocked(task, tid, tgid, time);
+    }
+}
+
+/// Moves a still-blocked thread's time up to `time` into `STILL_BLOCKED`;
+/// its switch-in then counts from `time`. The re-check before the write
+/// narrows the race with a switch-in on another CPU to a few instructions
+/// (BPF has no compare-and-swap at this program's instruction set level).
+#[inline(always)]
+fn cut(tid: u32, tgid: u32, time: u64) {
+    let Some(t) = THREADS.get_ptr_mut(&tid) else { return };
+    let t = unsafe { &mut *t };
+    let start = unsafe { core::ptr::read_volatile(&t.block_start_ns) };
+    if start == 0 || start >= time {
+        return;
+    }
+    let key = OffCpuKey { tgid, tid, kernel_stack: t.kernel_stack, user_stack: t.user_stack, comm: t.comm };
+    if unsafe { core::ptr::read_volatile(&t.block_start_ns) } != start {
+        return;
+    }
+    unsafe { core::ptr::write_volatile(&mut t.block_start_ns, time) };
+    add_blocked(&STILL_BLOCKED, &key, time - start);
+}
+
+/// A thread blocked since before the programs were attached has no entry:
+/// give it one, blocked since `time`, with its kernel stack and the
+/// registers the agent unwinds its user stack from. Kernel threads are
+/// left to their first block (an idle system has hundreds, all "blocked").
+#[inline(always)]
+fn find_blocked(task: *const u8, tid: u32, tgid: u32, time: u64) {
+    let state_off = unsafe { core::ptr::read_volatile(&TASK_STATE_OFFSET) };
+    let Some(state) = read_u32(task, state_off) else { return };
+    if state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
+        return;
+    }
+    if THREADS.get_ptr(&tid).is_some() {
+        return; // switched out since we attached: already tracked
+    }
+    let regs = unsafe { bpf_task_pt_regs(task as *mut _) } as *const u8;
+    if regs.is_null() {
+        return;
+    }
+    // x86-64 `struct pt_regs`: bp at 32, ip 128, cs 136, sp 152.
+    let Ok(bp) = (unsafe { bpf_probe_read_kernel(regs.add(32) as *const u64) }) else { return };
+    let Ok(tail) = (unsafe { bpf_probe_read_kernel(regs.add(128) as *const [u64; 4]) }) else { return };
+    let (ip, cs, sp) = (tail[0], tail[1], tail[3]);
+    if cs & 3 != 3 || ip == 0 {
+        return; // a kernel thread
+    }
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return };
+    let buf = unsafe { &mut *buf };
+    let ret =
+        unsafe { bpf_get_task_stack(task as *mut _, buf.ips.as_mut_ptr().cast(), (MAX_STACK_DEPTH * 8) as u32, 0) };
+    let kernel = if ret > 0 { store(buf, (ret as u32) / 8) } else { 0 };
+    let comm_off = unsafe { core::ptr::read_volatile(&TASK_COMM_OFFSET) };
+    let comm =
+        unsafe { bpf_probe_read_kernel(task.add(comm_off as usize) as *const [u8; COMM_LEN]) }.unwrap_or([0; 16]);
+    let Some(st) = SCRATCH_THREAD.get_ptr_mut(0) else { return };
+    let st = unsafe { &mut *st };
+    *st = ThreadState::default();
+    st.block_start_ns = time;
+    st.blocked_since_ns = time;
+    st.kernel_stack = kernel;
+    st.user_stack = found_blocked_stack_id(tid);
+    st.flags = THREAD_FOUND_BLOCKED;
+    st.comm = comm;
+    if THREADS.insert(&tid, st, BPF_NOEXIST).is_err() {
+        return; // it switched out meanwhile, or the map is full
+    }
+    let _ = BLOCKED_REGS.insert(&tid, &BlockedRegs { tgid, _pad: 0, ip, sp, bp }, 0);
+    count(Stat::OffCpuFoundBlocked);
+}
+
+/// A ThreadState under construction: too big for the iterator's stack
+/// next to its other locals.
+#[map]
+static SCRATCH_THREAD: PerCpuArray<ThreadState> = PerCpuArray::with_max_entries(1, 0);

@@ -37,6 +37,13 @@ use crate::{maps::count, python};
 #[no_mangle]
 static CFI_UNWINDING: u32 = 0;
 
+/// Whether the agent has loaded `tgid`'s mappings (its tables), so the
+/// off-CPU program can tell a stack walked before they were loaded.
+#[inline(always)]
+pub fn known(tgid: u32) -> bool {
+    unsafe { PROCESSES.get(&tgid).is_some() }
+}
+
 #[inline(always)]
 pub fn cfi_enabled() -> bool {
     unsafe { core::ptr::read_volatile(&CFI_UNWINDING) != 0 }

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod daemon;
 pub mod folded;
 pub mod privilege;
+pub mod offcpu;
 pub mod sched;
 pub mod unwind;
 pub mod workload;

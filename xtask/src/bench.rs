@@ -41,9 +41,9 @@ pub enum Bench {
         #[arg(long, default_value_t = 20)]
         duration: u64,
     },
-    /// Cost of `record --off-cpu` on a context-switch-heavy pipe ping-pong.
+    /// Cost of `record --off-cpu` on switch-heavy loads (one-site ping-pong, multi-site service) against bpftrace, and at 99 Hz.
     Offcpu {
-        /// Seconds per load run (two loads per phase).
+        /// Seconds per load run.
         #[arg(long, default_value_t = 15)]
         duration: u64,
         /// Rounds of baseline / agent (/ bpftrace); medians are reported.

@@ -27,6 +27,9 @@ pub struct StackKey {
     pub generation: u32,
     pub kernel: Box<[u64]>,
     pub user: Box<[u64]>,
+    /// Off-CPU time of a thread still blocked at the end of the interval
+    /// (labelled `state=still_blocked` by the exporters).
+    pub still_blocked: bool,
 }
 
 impl StackKey {
@@ -90,6 +93,7 @@ impl Aggregator {
             generation,
             kernel: s.kernel_stack().into(),
             user: s.user_stack().into(),
+            still_blocked: false,
         };
         self.insert(key, weight);
     }
@@ -145,6 +149,7 @@ pub fn from_off_cpu(records: &[OffCpuRecord], capacity: usize) -> Aggregate {
             generation: LATEST_GENERATION,
             kernel: r.kernel.clone().into(),
             user: r.user.clone().into(),
+            still_blocked: r.still_blocked,
         };
         agg.add_stack(key, r.value.total_ns);
     }
@@ -174,6 +179,7 @@ mod tests {
             generation: LATEST_GENERATION,
             kernel: [].into(),
             user: [0x1, 0x2].into(),
+            still_blocked: false,
         };
         assert_eq!(a.stacks[&key], 2);
         assert_eq!(key.thread_name(), "w");
@@ -196,10 +202,11 @@ mod tests {
     fn off_cpu_records_become_weighted_stacks() {
         let key = profiler_common::offcpu::OffCpuKey { tgid: 1, tid: 2, kernel_stack: 5, user_stack: 6, comm: [0; 16] };
         let value = profiler_common::offcpu::OffCpuValue { total_ns: 1_000, count: 4 };
-        let agg = from_off_cpu(&[OffCpuRecord { key, value, kernel: vec![0xffff], user: vec![1, 2] }], 10);
+        let agg = from_off_cpu(&[OffCpuRecord { key, value, kernel: vec![0xffff], user: vec![1, 2], still_blocked: true }], 10);
         assert_eq!(agg.stacks.len(), 1);
         let (k, v) = agg.stacks.iter().next().unwrap();
         assert_eq!((k.pid, k.tid, &*k.user, *v), (1, 2, &[1u64, 2][..], 1_000));
+        assert!(k.still_blocked, "the still-blocked mark survives aggregation");
     }
 
     #[test]

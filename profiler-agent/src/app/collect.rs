@@ -43,6 +43,11 @@ pub fn collect<S: SampleSource>(
         add_batch(&batch, agg, procs, lifecycle);
         if let Some(feed) = unwind {
             feed.note(batch.iter().map(|s| (s.tgid, s.flags)));
+            // Blocks of processes the kernel has no tables for: (re)load
+            // them, like an unwind that met an unknown mapping (after an
+            // exec the table thread may still hold the old image).
+            let unknown = profiler_common::SAMPLE_FLAG_UNKNOWN_MAPPING;
+            feed.note(source.take_notices().into_iter().map(|tgid| (tgid, unknown)));
         }
         progress.store(agg.samples(), Ordering::Relaxed);
         if stopping && batch.is_empty() {

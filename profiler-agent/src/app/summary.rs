@@ -35,6 +35,10 @@ pub struct SchedulerSummary {
     pub runnable_left: usize,
     /// Threads with an entry in the per-thread map (exited ones are removed).
     pub tracked_left: usize,
+    /// Threads the start scan found already blocked (counted from the start).
+    pub found_blocked: usize,
+    /// The threads still blocked at the end with the most blocked time.
+    pub longest_still_blocked: Vec<crate::offcpu::StillBlocked>,
 }
 
 /// What was named in JIT code, and how to name what was not.
@@ -270,6 +274,28 @@ impl Summary {
             "Scheduler maps at exit: {} threads still blocked, {} waiting to run, {} threads tracked.",
             sched.blocked_left, sched.runnable_left, sched.tracked_left
         );
+        let before = k(Stat::OffCpuBeforeTables);
+        if sched.found_blocked > 0 || before > 0 {
+            let _ = writeln!(
+                s,
+                "Off-CPU coverage: {} threads already blocked at the start (counted from it); {before} blocks walked by frame pointer before their process's unwind tables loaded.",
+                sched.found_blocked
+            );
+        }
+        if !sched.longest_still_blocked.is_empty() {
+            let _ = writeln!(s, "Longest still blocked at the end (state=still_blocked in the profiles):");
+            for t in &sched.longest_still_blocked {
+                let _ = writeln!(
+                    s,
+                    "  {:<16} {:>7}/{:<7} {:>9.3} s  in {}",
+                    t.thread_name,
+                    t.pid,
+                    t.tid,
+                    t.ns as f64 / 1e9,
+                    t.blocked_in
+                );
+            }
+        }
     }
 }
 
@@ -338,10 +364,20 @@ mod tests {
                 blocked_left: 3,
                 runnable_left: 1,
                 tracked_left: 5,
+                found_blocked: 1,
+                longest_still_blocked: vec![crate::offcpu::StillBlocked {
+                    pid: 42,
+                    tid: 43,
+                    thread_name: "db-io".into(),
+                    ns: 6_000_000_000,
+                    blocked_in: "wait_for_input".into(),
+                }],
             }),
             ..Default::default()
         }
         .render();
+        assert!(s.contains("db-io") && s.contains("6.000 s  in wait_for_input"), "{s}");
+        assert!(s.contains("1 threads already blocked at the start"), "{s}");
         assert!(s.contains("Scheduler: 5000 switches; 1200 blocks captured"), "{s}");
         assert!(s.contains("1.500 s off-CPU"), "{s}");
         assert!(s.contains("dropped: 2 (") && s.contains("stack_store_failed 2"), "{s}");

@@ -2,21 +2,25 @@
 
 use std::{
     fs,
+    io::Read,
     os::fd::{AsFd, AsRawFd},
     time::Duration,
 };
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-        BtfTracePoint, PerfEvent, Program, RawTracePoint,
+        BtfTracePoint, Iter, PerfEvent, Program, RawTracePoint,
     },
     Btf, Ebpf, EbpfLoader,
 };
 use profiler_common::{
-    offcpu::{HistKey, Histogram, OffCpuKey, OffCpuValue, StackTrace, ThreadState},
-    Sample, STAT_COUNT,
+    offcpu::{
+        BlockedRegs, HistKey, Histogram, OffCpuKey, OffCpuValue, ProcessHistograms, ProcessNotice, StackTrace,
+        ThreadState, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_MODE, SCAN_TIME,
+    },
+    Sample, MAX_STACK_DEPTH, STAT_COUNT,
 };
 
 use super::{
@@ -28,6 +32,11 @@ use super::{
 pub(super) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
 const ON_CPU_PROGRAM: &str = "on_cpu_sample";
+/// The task iterator of the off-CPU scans (start and interval cuts).
+const TASK_ITER: &str = "offcpu_tasks";
+/// Notices kept between two `take_notices`; beyond it they are dropped
+/// (the kernel repeats them every 250 ms while a process has no tables).
+const MAX_NOTICES: usize = 4096;
 
 /// What to load and how to attach it.
 #[derive(Clone, Debug)]
@@ -89,6 +98,8 @@ pub struct EbpfSource {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ebpf: Ebpf,
     off_cpu: bool,
+    /// Processes noticed without unwind tables, until taken.
+    notices: Vec<u32>,
     /// Rows of the unwind array while its maps have not been taken.
     unwind_rows: Option<u32>,
     /// What `attach` needs, until it has run.
@@ -170,12 +181,17 @@ impl EbpfSource {
         }
         let filter: u32 = u32::from(!opts.pids.is_empty());
         let (mut pid_offset, mut tgid_offset, mut min_block_ns) = (0u32, 0u32, 0u64);
+        let (mut state_offset, mut comm_offset) = (0u32, 0u32);
         let btf = match &opts.off_cpu {
             Some(off) => {
                 let data = fs::read("/sys/kernel/btf/vmlinux").map_err(BpfError::BtfRead)?;
                 let offsets = StructOffsets::parse(&data, &["task_struct"])?;
                 pid_offset = offsets.offset("task_struct", "pid")?;
                 tgid_offset = offsets.offset("task_struct", "tgid")?;
+                // `__state` since Linux 5.14, `state` before.
+                state_offset =
+                    offsets.offset("task_struct", "__state").or_else(|_| offsets.offset("task_struct", "state"))?;
+                comm_offset = offsets.offset("task_struct", "comm")?;
                 min_block_ns = off.min_block_ns;
                 Some(Btf::from_sys_fs().map_err(|e| BpfError::BtfRead(std::io::Error::other(e)))?)
             }
@@ -203,6 +219,8 @@ impl EbpfSource {
             .override_global("TASK_FSBASE_OFFSET", &fsbase_offset, true)
             .override_global("LIFECYCLE_PID_OFFSET", &lifecycle_pid, true)
             .override_global("LIFECYCLE_TGID_OFFSET", &lifecycle_tgid, true)
+            .override_global("TASK_STATE_OFFSET", &state_offset, true)
+            .override_global("TASK_COMM_OFFSET", &comm_offset, true)
             .load(EBPF_OBJECT)?;
         // The programs do not log today; keep the logger when the object has
         // a log map so future diagnostics surface, and keep it alive: dropping
@@ -228,6 +246,7 @@ impl EbpfSource {
             logger,
             ebpf,
             off_cpu: opts.off_cpu.is_some(),
+            notices: Vec::new(),
             unwind_rows: opts.unwind.as_ref().map(|_| unwind_rows),
             pending: Some(Pending { opts: opts.clone(), btf, cpus }),
         })
@@ -290,6 +309,12 @@ impl EbpfSource {
             for (tracepoint, btf_name, raw_name) in SCHED_PROGRAMS {
                 attach_sched(ebpf, btf, force_raw, tracepoint, btf_name, raw_name)?;
             }
+            let p: &mut Iter = ebpf
+                .program_mut(TASK_ITER)
+                .ok_or(BpfError::Missing(TASK_ITER))?
+                .try_into()
+                .map_err(|source| BpfError::Program { name: TASK_ITER, source })?;
+            p.load("task", btf).map_err(|source| BpfError::Program { name: TASK_ITER, source })?;
         }
 
         Ok(())
@@ -322,9 +347,72 @@ impl EbpfSource {
                 // ring buffer records are only 8-byte aligned, hence unaligned.
                 out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Sample>()) });
                 n += 1;
+            } else if item.len() == std::mem::size_of::<ProcessNotice>() {
+                // SAFETY: as above, a whole ProcessNotice.
+                let notice = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcessNotice>()) };
+                if notice.kind == NOTICE_NO_TABLES && self.notices.len() < MAX_NOTICES {
+                    self.notices.push(notice.tgid);
+                }
             }
         }
         n
+    }
+
+    /// Runs the task iterator once in `mode`, with `time`.
+    fn scan(&mut self, mode: u64, time: u64) -> Result<(), BpfError> {
+        {
+            let mut scan: Array<_, u64> = Array::try_from(self.ebpf.map_mut("SCAN").ok_or(BpfError::Missing("SCAN"))?)
+                .map_err(|source| BpfError::Map { name: "SCAN", source })?;
+            scan.set(SCAN_TIME, time, 0).map_err(|source| BpfError::Map { name: "SCAN", source })?;
+            scan.set(SCAN_MODE, mode, 0).map_err(|source| BpfError::Map { name: "SCAN", source })?;
+        }
+        let p: &mut Iter = self
+            .ebpf
+            .program_mut(TASK_ITER)
+            .ok_or(BpfError::Missing(TASK_ITER))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name: TASK_ITER, source })?;
+        let id = p.attach().map_err(|source| BpfError::Program { name: TASK_ITER, source })?;
+        let link = p.take_link(id).map_err(|source| BpfError::Program { name: TASK_ITER, source })?;
+        let mut file = link.into_file().map_err(|e| BpfError::Iter(std::io::Error::other(e)))?;
+        // Reading runs the program over every task; it writes nothing.
+        let mut sink = Vec::new();
+        file.read_to_end(&mut sink).map_err(BpfError::Iter)?;
+        Ok(())
+    }
+
+    /// Reads and clears an aggregate map (`OFFCPU`, `STILL_BLOCKED`), stacks
+    /// resolved.
+    fn take_aggregate(&mut self, name: &'static str, still_blocked: bool) -> Result<Vec<OffCpuRecord>, BpfError> {
+        let mut entries = Vec::new();
+        {
+            let mut agg: HashMap<_, OffCpuKey, OffCpuValue> = map_mut(&mut self.ebpf, name)?;
+            let keys: Vec<OffCpuKey> = agg.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                if let Ok(value) = agg.get(&key, 0) {
+                    entries.push((key, value));
+                }
+                let _ = agg.remove(&key);
+            }
+        }
+        // Stacks stay in STACKS: threads still blocked refer to them.
+        let stacks: HashMap<_, u64, StackTrace> = map(&self.ebpf, "STACKS")?;
+        let stack = |id: u64| -> Vec<u64> {
+            if id == 0 {
+                return Vec::new();
+            }
+            stacks.get(&id, 0).map(|s| s.frames().to_vec()).unwrap_or_default()
+        };
+        Ok(entries
+            .into_iter()
+            .map(|(key, value)| OffCpuRecord {
+                kernel: stack(key.kernel_stack),
+                user: stack(key.user_stack),
+                key,
+                value,
+                still_blocked,
+            })
+            .collect())
     }
 }
 
@@ -392,48 +480,66 @@ impl SampleSource for EbpfSource {
         if !self.off_cpu {
             return Ok(Vec::new());
         }
-        let mut entries = Vec::new();
-        {
-            let mut agg: HashMap<_, OffCpuKey, OffCpuValue> = map_mut(&mut self.ebpf, "OFFCPU")?;
-            let keys: Vec<OffCpuKey> = agg.keys().filter_map(Result::ok).collect();
-            for key in keys {
-                if let Ok(value) = agg.get(&key, 0) {
-                    entries.push((key, value));
-                }
-                let _ = agg.remove(&key);
-            }
+        self.take_aggregate("OFFCPU", false)
+    }
+
+    fn take_notices(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.notices)
+    }
+
+    fn find_blocked(&mut self, since_ns: u64) -> Result<Vec<(u32, BlockedRegs)>, BpfError> {
+        if !self.off_cpu {
+            return Ok(Vec::new());
         }
-        // Stacks stay in STACKS: threads still blocked refer to them.
-        let stacks: HashMap<_, u64, StackTrace> = map(&self.ebpf, "STACKS")?;
-        let stack = |id: u64| -> Vec<u64> {
-            if id == 0 {
-                return Vec::new();
+        self.scan(SCAN_FIND_BLOCKED, since_ns)?;
+        let mut regs: HashMap<_, u32, BlockedRegs> = map_mut(&mut self.ebpf, "BLOCKED_REGS")?;
+        let tids: Vec<u32> = regs.keys().filter_map(Result::ok).collect();
+        let mut out = Vec::with_capacity(tids.len());
+        for tid in tids {
+            if let Ok(r) = regs.get(&tid, 0) {
+                out.push((tid, r));
             }
-            stacks.get(&id, 0).map(|s| s.frames().to_vec()).unwrap_or_default()
-        };
-        Ok(entries
-            .into_iter()
-            .map(|(key, value)| OffCpuRecord {
-                kernel: stack(key.kernel_stack),
-                user: stack(key.user_stack),
-                key,
-                value,
-            })
-            .collect())
+            let _ = regs.remove(&tid);
+        }
+        Ok(out)
+    }
+
+    fn store_stack(&mut self, id: u64, frames: &[u64]) -> Result<(), BpfError> {
+        if !self.off_cpu || frames.is_empty() {
+            return Ok(());
+        }
+        let mut stack = StackTrace { len: 0, _pad: 0, ips: [0; MAX_STACK_DEPTH] };
+        let n = frames.len().min(MAX_STACK_DEPTH);
+        stack.ips[..n].copy_from_slice(&frames[..n]);
+        stack.len = n as u32;
+        let mut stacks: HashMap<_, u64, StackTrace> = map_mut(&mut self.ebpf, "STACKS")?;
+        stacks.insert(id, stack, 0).map_err(|source| BpfError::Map { name: "STACKS", source })
+    }
+
+    fn cut_still_blocked(&mut self, at_ns: u64) -> Result<Vec<OffCpuRecord>, BpfError> {
+        if !self.off_cpu {
+            return Ok(Vec::new());
+        }
+        self.scan(SCAN_CUT, at_ns)?;
+        self.take_aggregate("STILL_BLOCKED", true)
     }
 
     fn take_histograms(&mut self) -> Result<Vec<(HistKey, Histogram)>, BpfError> {
         if !self.off_cpu {
             return Ok(Vec::new());
         }
-        let mut hists: HashMap<_, HistKey, Histogram> = map_mut(&mut self.ebpf, "HISTOGRAMS")?;
-        let keys: Vec<HistKey> = hists.keys().filter_map(Result::ok).collect();
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            if let Ok(h) = hists.get(&key, 0) {
-                out.push((key, h));
+        let mut hists: HashMap<_, u32, ProcessHistograms> = map_mut(&mut self.ebpf, "HISTOGRAMS")?;
+        let tgids: Vec<u32> = hists.keys().filter_map(Result::ok).collect();
+        let mut out = Vec::with_capacity(tgids.len());
+        for tgid in tgids {
+            if let Ok(h) = hists.get(&tgid, 0) {
+                for kind in [HIST_RUNQ, HIST_OFFCPU] {
+                    if !h.is_empty(kind as usize) {
+                        out.push((HistKey { tgid, kind }, h.kinds[kind as usize]));
+                    }
+                }
             }
-            let _ = hists.remove(&key);
+            let _ = hists.remove(&tgid);
         }
         Ok(out)
     }

@@ -15,7 +15,7 @@ mod unwind_maps;
 use std::time::Duration;
 
 use profiler_common::{
-    offcpu::{HistKey, Histogram, OffCpuKey, OffCpuValue},
+    offcpu::{BlockedRegs, HistKey, Histogram, OffCpuKey, OffCpuValue},
     unwind::{Mapping, UnwindRow},
     Sample, Stat, STAT_COUNT,
 };
@@ -59,14 +59,23 @@ pub enum BpfError {
     Mmap(#[source] std::io::Error),
     #[error("rows {start}..{end} are outside the unwind rows array ({capacity} rows)")]
     RowsOutOfRange { start: u64, end: u64, capacity: u32 },
+    #[error("running the task iterator failed: {0}")]
+    Iter(#[source] std::io::Error),
     #[error("the unwinder's mappings array is full ({0} slots); this process unwinds by frame pointer")]
     MappingsFull(u32),
 }
 
 /// Totals of the kernel-side counters, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelStats {
     pub counts: [u64; STAT_COUNT as usize],
+}
+
+// Written out: `Default` is derived for arrays of at most 32 elements.
+impl Default for KernelStats {
+    fn default() -> Self {
+        KernelStats { counts: [0; STAT_COUNT as usize] }
+    }
 }
 
 impl KernelStats {
@@ -90,6 +99,9 @@ pub struct OffCpuRecord {
     pub kernel: Vec<u64>,
     /// User stack, innermost first.
     pub user: Vec<u64>,
+    /// Time of a thread still blocked at the cut (or the end), counted up
+    /// to it; its block goes on.
+    pub still_blocked: bool,
 }
 
 /// Cumulative run time of one loaded program (`kernel.bpf_stats_enabled`).
@@ -146,6 +158,40 @@ pub trait SampleSource {
     fn occupancy(&self) -> Result<MapOccupancy, BpfError> {
         Ok(MapOccupancy::default())
     }
+
+    /// Processes the switch program met before their unwind tables were
+    /// loaded, since the last call (from notices in the sample stream).
+    fn take_notices(&mut self) -> Vec<u32> {
+        Vec::new()
+    }
+
+    /// Finds the threads that were blocked before the programs were
+    /// attached and counts them blocked from `since_ns` (CLOCK_MONOTONIC);
+    /// returns each one's tid and user registers, whose user stack the
+    /// caller unwinds and stores with [`store_stack`](Self::store_stack).
+    fn find_blocked(&mut self, _since_ns: u64) -> Result<Vec<(u32, BlockedRegs)>, BpfError> {
+        Ok(Vec::new())
+    }
+
+    /// Stores a stack (innermost first) under `id` for the off-CPU records.
+    fn store_stack(&mut self, _id: u64, _frames: &[u64]) -> Result<(), BpfError> {
+        Ok(())
+    }
+
+    /// Counts every thread still blocked up to `at_ns` (CLOCK_MONOTONIC) and
+    /// returns that time, stacks resolved; their blocks count on from
+    /// `at_ns`, so no time is counted twice.
+    fn cut_still_blocked(&mut self, _at_ns: u64) -> Result<Vec<OffCpuRecord>, BpfError> {
+        Ok(Vec::new())
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Process lifecycle events from the kernel (fork, exec, exit); a seam so

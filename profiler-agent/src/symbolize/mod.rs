@@ -188,6 +188,11 @@ impl<R: FileResolver> Symbolizer<R> {
                 cpu: (key.cpu != crate::aggregate::NO_CPU).then_some(key.cpu),
                 frames,
                 value,
+                labels: if key.still_blocked {
+                    vec![(crate::profile::STILL_BLOCKED_LABEL.0.into(), crate::profile::STILL_BLOCKED_LABEL.1.into())]
+                } else {
+                    Vec::new()
+                },
             });
         }
     }

@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
-        mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError},
+        mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError},
         Arc, Mutex,
     },
     thread::JoinHandle,
@@ -43,6 +43,11 @@ enum Request {
         parent: u32,
     },
     Exit(u32),
+    /// Load these when nothing else is asked (the off-CPU start scan:
+    /// processes that block are announced and served first).
+    Backlog(Vec<u32>),
+    /// One process of the backlog.
+    Background(u32),
 }
 
 /// A process's tables are marked used at most this often; the LRU needs
@@ -83,6 +88,11 @@ impl Feed {
                 self.send(Request::Seen(tgid));
             }
         }
+    }
+
+    /// Loads `tgids` in the background, behind every other request.
+    pub fn load_in_background(&self, tgids: Vec<u32>) {
+        self.send(Request::Backlog(tgids));
     }
 
     fn send(&self, r: Request) {
@@ -190,12 +200,23 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
     };
     let mut last_sweep = Instant::now();
     let mut queue = Queue::default();
+    // The off-CPU start scan's processes: loaded one at a time whenever
+    // nothing else is asked.
+    let mut backlog: Vec<u32> = Vec::new();
     loop {
         if queue.is_empty() {
-            match rx.recv_timeout(SWEEP_EVERY) {
-                Ok(r) => queue.push(r),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+            if backlog.is_empty() {
+                match rx.recv_timeout(SWEEP_EVERY) {
+                    Ok(r) => queue.push(r),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(r) => queue.push(r),
+                    Err(TryRecvError::Empty) => queue.push(Request::Background(backlog.pop().expect("not empty"))),
+                    Err(TryRecvError::Disconnected) => break,
+                }
             }
         }
         while queue.len() < QUEUE {
@@ -208,6 +229,13 @@ fn serve<M: UnwindMaps, T: TableSource, P: ProcessReader>(
             Some(Request::Exec(tgid)) => registry.exec(tgid),
             Some(Request::Fork { child, parent }) => registry.fork(child, parent),
             Some(Request::Exit(tgid)) => registry.exited(tgid),
+            Some(Request::Background(tgid)) => registry.load_without_evicting(tgid),
+            Some(Request::Backlog(mut tgids)) => {
+                // Bounded like the queue; the rest load on first sight.
+                tgids.truncate(QUEUE);
+                backlog = tgids;
+                Ok(())
+            }
             None => Ok(()),
         };
         let result = result.and_then(|()| {
@@ -245,7 +273,9 @@ impl Queue {
     fn push(&mut self, r: Request) {
         match r {
             Request::Exec(_) | Request::Fork { .. } | Request::Exit(_) => self.urgent.push_back(r),
-            Request::Seen(_) | Request::Refresh(_) => self.normal.push_back(r),
+            Request::Seen(_) | Request::Refresh(_) | Request::Backlog(_) | Request::Background(_) => {
+                self.normal.push_back(r)
+            }
         }
     }
     fn pop(&mut self) -> Option<Request> {
@@ -268,6 +298,11 @@ pub struct FileTables {
 }
 
 impl TableSource for FileTables {
+    fn file_size(&mut self, tgid: u32, m: &MapEntry) -> Option<u64> {
+        let via_map_files = format!("/proc/{tgid}/map_files/{:x}-{:x}", m.start, m.end);
+        fs::metadata(via_map_files).ok().map(|md| md.len())
+    }
+
     fn build(&mut self, tgid: u32, m: &MapEntry) -> Result<UnwindTable, TableError> {
         if m.path == "[vdso]" {
             // Every process has the same vDSO: the agent's own.

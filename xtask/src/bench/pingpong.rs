@@ -47,22 +47,6 @@ pub fn spin(iters: u64) {
     black_box(x);
 }
 
-/// Nanoseconds per [`spin`] iteration on `cpu` (best of three).
-pub fn spin_ns_per_iter(cpu: usize) -> Result<f64> {
-    on_cpu(cpu, || {
-        const N: u64 = 20_000_000;
-        let best = (0..3)
-            .map(|_| {
-                let t = Instant::now();
-                spin(N);
-                t.elapsed()
-            })
-            .min()
-            .unwrap_or_default();
-        Ok(best.as_nanos() as f64 / N as f64)
-    })
-}
-
 /// The highest-numbered CPU this process may run on.
 pub fn last_cpu() -> Result<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it in.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use profiler_common::{
-    offcpu::{HistKey, Histogram},
+    offcpu::{BlockedRegs, HistKey, Histogram},
     Sample,
 };
 
@@ -201,6 +201,18 @@ impl<S: SampleSource> SampleSource for BlockTap<S> {
     }
     fn occupancy(&self) -> Result<MapOccupancy, BpfError> {
         self.inner.occupancy()
+    }
+    fn take_notices(&mut self) -> Vec<u32> {
+        self.inner.take_notices()
+    }
+    fn find_blocked(&mut self, since_ns: u64) -> Result<Vec<(u32, BlockedRegs)>, BpfError> {
+        self.inner.find_blocked(since_ns)
+    }
+    fn store_stack(&mut self, id: u64, frames: &[u64]) -> Result<(), BpfError> {
+        self.inner.store_stack(id, frames)
+    }
+    fn cut_still_blocked(&mut self, at_ns: u64) -> Result<Vec<OffCpuRecord>, BpfError> {
+        self.inner.cut_still_blocked(at_ns)
     }
 }
 

@@ -28,7 +28,7 @@ use crate::{
     aggregate::{self, Aggregator},
     bpf::{EbpfSource, LoadOptions, OffCpuOptions, SampleSource, UnwindOptions},
     cli::{RecordArgs, Unwinder},
-    latency,
+    latency, offcpu,
     process::ProcessTable,
     profile::{Profile, ValueType},
     symbolize::{elf::Blaze, kallsyms::KernelSymbols, Symbolizer},
@@ -89,6 +89,21 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), feed.as_ref())
         .context("starting process lifecycle tracking")?;
     source.attach().with_context(|| crate::app::preflight::attach_failed_hint(args.unwinder == Unwinder::Cfi))?;
+    // Off-CPU from the first second: threads blocked since before now are
+    // found (their user stacks unwound on another thread, stored before the
+    // records are read), and every process's tables load in the background
+    // rather than on its first on-CPU sample, which a process that mostly
+    // blocks rarely has.
+    let found_unwinder = if args.off_cpu {
+        let found = source.find_blocked(crate::bpf::monotonic_ns()).context("scanning for blocked threads failed")?;
+        // (`--pid` processes were loaded before attaching.)
+        if let (Some(feed), true) = (&feed, args.pids.is_empty()) {
+            feed.load_in_background(offcpu::running_processes());
+        }
+        offcpu::PendingFound::start(found)?
+    } else {
+        offcpu::PendingFound::none()
+    };
     let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
     let start_wall = SystemTime::now();
     let started = Instant::now();
@@ -126,7 +141,13 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let kernel_stats = source.stats().context("reading the kernel-side counters failed")?;
     let run_time = source.run_time();
     source.detach().context("detaching the eBPF programs failed")?;
-    let off_cpu_records = source.take_off_cpu().context("reading the off-CPU aggregate failed")?;
+    let cut_ns = crate::bpf::monotonic_ns();
+    let mut found_unwinder = found_unwinder;
+    let found_blocked = found_unwinder.store(&mut source, true).map_or(0, |f| f.threads);
+    // Threads still blocked now are counted up to the end.
+    let mut off_cpu_records =
+        source.cut_still_blocked(cut_ns).context("counting the threads still blocked failed")?;
+    off_cpu_records.extend(source.take_off_cpu().context("reading the off-CPU aggregate failed")?);
     let histograms = source.take_histograms().context("reading the latency histograms failed")?;
     let occupancy = source.occupancy().context("reading the scheduler maps failed")?;
     drop(source);
@@ -188,6 +209,8 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
             blocked_left: occupancy.blocked,
             runnable_left: occupancy.runnable,
             tracked_left: occupancy.threads.len(),
+            found_blocked,
+            longest_still_blocked: offcpu::longest_still_blocked(&off, TOP_PROCESSES),
         });
     } else {
         scheduler = None;

@@ -100,6 +100,7 @@ mod tests {
             cpu: None,
             frames: ids,
             value,
+            labels: Vec::new(),
         });
         p
     }

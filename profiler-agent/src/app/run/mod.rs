@@ -78,6 +78,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     source
         .attach()
         .with_context(|| crate::app::preflight::attach_failed_hint(config.sampling.unwinder == Unwinder::Cfi))?;
+    // Threads blocked since before now are counted from now, and every
+    // process's tables load in the background (see `record`).
+    let found = if config.sampling.off_cpu {
+        let found = source.find_blocked(crate::bpf::monotonic_ns()).context("scanning for blocked threads failed")?;
+        if let (Some((_, feed)), true) = (&tables, config.sampling.pids.is_empty()) {
+            feed.load_in_background(crate::offcpu::running_processes());
+        }
+        crate::offcpu::PendingFound::start(found)?
+    } else {
+        crate::offcpu::PendingFound::none()
+    };
     telemetry.attached.store(true, Ordering::Relaxed);
     let http_task = tokio::spawn(http::serve(listener, telemetry.clone()));
     // Exporters, each behind its own bounded queue.
@@ -107,6 +118,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 &telemetry,
                 unwind,
                 lifecycle.as_ref(),
+                found,
             );
             drop(source.detach());
             // Releases its unwind handle before `tables` goes.

@@ -77,6 +77,7 @@ pub fn sample_intervals<S: SampleSource>(
     telemetry: &Telemetry,
     unwind: Option<(&crate::unwind::Worker, &crate::unwind::Feed)>,
     lifecycle: Option<&crate::lifecycle::Tracker>,
+    mut found: crate::offcpu::PendingFound,
 ) -> Result<(), BpfError> {
     let feed = unwind.map(|(_, f)| f);
     let mut agg = Aggregator::new(capacity);
@@ -89,6 +90,11 @@ pub fn sample_intervals<S: SampleSource>(
         crate::app::collect::add_batch(&batch, &mut agg, procs, lifecycle);
         if let Some(feed) = feed {
             feed.note(batch.iter().map(|s| (s.tgid, s.flags)));
+            // Blocks of processes the kernel has no tables for: (re)load
+            // them, like an unwind that met an unknown mapping (after an
+            // exec the table thread may still hold the old image).
+            let unknown = profiler_common::SAMPLE_FLAG_UNKNOWN_MAPPING;
+            feed.note(source.take_notices().into_iter().map(|tgid| (tgid, unknown)));
         }
         let last = stopping && batch.is_empty();
         if last || control.cut.swap(false, Ordering::AcqRel) {
@@ -98,7 +104,13 @@ pub fn sample_intervals<S: SampleSource>(
             let histograms = source.take_histograms()?;
             let kernel = source.stats()?;
             telemetry.set_kernel(kernel);
-            let off_cpu = source.take_off_cpu()?;
+            // Stacks of threads found blocked at the start, before records
+            // refer to them; then threads still blocked are counted up to
+            // the cut (and from it in the next interval), so a hung thread
+            // shows in every interval and no time is counted twice.
+            found.store(source, last);
+            let mut off_cpu = source.cut_still_blocked(crate::bpf::monotonic_ns())?;
+            off_cpu.extend(source.take_off_cpu()?);
             if let Some(feed) = feed {
                 // Threads that only block are never sampled on-CPU: their
                 // processes are loaded from the off-CPU records.
@@ -285,7 +297,7 @@ mod tests {
         control.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = sync_channel(2);
         let telemetry = Telemetry::default();
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None, None).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None, None, crate::offcpu::PendingFound::none()).unwrap();
         drop(tx);
         let raws: Vec<RawInterval> = rx.into_iter().collect();
         // The cut happens after the first batch (all 3 samples); the final
@@ -334,7 +346,7 @@ mod tests {
         let control = Control::default();
         control.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = sync_channel(2);
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &Telemetry::default(), None, None).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &Telemetry::default(), None, None, crate::offcpu::PendingFound::none()).unwrap();
         drop(tx);
         let raw = rx.recv().unwrap();
         assert_eq!(raw.histograms.len(), 3, "taken at the cut, as the kernel gave them");
@@ -375,7 +387,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             rx.into_iter().count()
         });
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None, None).unwrap();
+        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None, None, crate::offcpu::PendingFound::none()).unwrap();
         drop(tx);
         assert_eq!(telemetry.intervals_dropped.load(Ordering::Relaxed), 1);
         assert_eq!(reader.join().unwrap(), 2, "the pre-filled one and the last one");

@@ -213,6 +213,9 @@ impl Encoder<'_> {
             if let Some(cpu) = sample.cpu {
                 attribute_indices.push(self.dict.attribute("cpu.logical_number", AttrValue::Int(cpu.into())));
             }
+            for (k, v) in &sample.labels {
+                attribute_indices.push(self.dict.attribute(k, AttrValue::Str(v.clone())));
+            }
             let value = saturating_i64(sample.value);
             let key = (stack_index, attribute_indices);
             if let Some(&i) = seen.get(&key) {

@@ -105,6 +105,7 @@ pub(crate) mod tests {
                     cpu: Some(0),
                     frames: vec![leaf, main],
                     value: u64::from(pid % 7 + s + 1),
+                    labels: Vec::new(),
                 });
             }
         }

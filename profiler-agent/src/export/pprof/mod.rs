@@ -133,12 +133,15 @@ impl<'a> Encoder<'a> {
             if period_type.is_some() {
                 value.push(saturating_i64(sample.value.saturating_mul(profile.period)));
             }
-            let label = vec![
+            let mut label = vec![
                 num_label(pid, sample.pid.into()),
                 num_label(tid, sample.tid.into()),
                 str_label(thread_name, self.strings.intern(&sample.thread_name)),
                 str_label(process_name, self.strings.intern(&sample.process_name)),
             ];
+            for (k, v) in &sample.labels {
+                label.push(str_label(self.strings.intern(k), self.strings.intern(v)));
+            }
             samples.push(proto::Sample { location_id: self.locations_of(&sample.frames), value, label });
         }
 

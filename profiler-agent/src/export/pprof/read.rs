@@ -154,12 +154,15 @@ pub fn to_profile(p: &proto::Profile) -> Result<Profile, ReadError> {
             frames.extend_from_slice(loc);
         }
         let (mut pid, mut tid, mut process_name, mut thread_name) = (0, 0, None, None);
+        let mut labels = Vec::new();
         for l in &sample.label {
             match s(l.key)? {
                 "pid" => pid = u32::try_from(l.num).unwrap_or(0),
                 "tid" => tid = u32::try_from(l.num).unwrap_or(0),
                 "process_name" => process_name = Some(s(l.str)?.to_owned()),
                 "thread_name" => thread_name = Some(s(l.str)?.to_owned()),
+                // Other string labels (`state = still_blocked`) are kept.
+                key if l.str != 0 => labels.push((key.to_owned(), s(l.str)?.to_owned())),
                 _ => {}
             }
         }
@@ -171,6 +174,7 @@ pub fn to_profile(p: &proto::Profile) -> Result<Profile, ReadError> {
             cpu: None,
             frames,
             value,
+            labels,
         });
     }
     Ok(profile)

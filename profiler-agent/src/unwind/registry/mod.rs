@@ -59,7 +59,18 @@ pub trait TableSource: Send {
     fn python(&mut self, _tgid: u32, _mappings: &[MapEntry]) -> Result<Option<PyProcess>, Unsupported> {
         Ok(None)
     }
+
+    /// Size in bytes of the mapped file, when cheaply known.
+    fn file_size(&mut self, _tgid: u32, _mapping: &MapEntry) -> Option<u64> {
+        None
+    }
 }
+
+/// Files larger than this are not built by background loads: their tables
+/// take seconds to build (64 ms per MB of CFI measured on a busy 2-CPU VM),
+/// during which the table thread serves no process that needs one now.
+/// They load when their process is seen.
+pub const BACKGROUND_MAX_FILE: u64 = 8 << 20;
 
 /// What a process looks like now: its executable mappings and its start
 /// time (which tells a reused pid from the process it replaced).
@@ -145,6 +156,11 @@ pub struct Registry<M, T, P> {
     python_unsupported: HashSet<u32>,
     /// Reasons already warned about, bounded.
     python_warned: HashSet<String>,
+    /// Loading in the background: tables that do not fit are deferred
+    /// rather than evicting others.
+    no_evict: bool,
+    /// Set when a table was deferred for that reason.
+    deferred: bool,
 }
 
 /// Errors that stop the table thread (the kernel maps cannot be written).
@@ -171,7 +187,23 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
             python: HashSet::new(),
             python_unsupported: HashSet::new(),
             python_warned: HashSet::new(),
+            no_evict: false,
+            deferred: false,
         }
+    }
+
+    /// Loads `tgid` (the off-CPU start scan) with the tables that fit in
+    /// the free rows only: loading every process at the start must not
+    /// evict the tables processes are using. Tables left out load, with
+    /// eviction, when the process is next seen.
+    pub fn load_without_evicting(&mut self, tgid: u32) -> Result<(), RegistryError> {
+        if self.processes.contains_key(&tgid) {
+            return Ok(());
+        }
+        self.no_evict = true;
+        let r = self.load(tgid);
+        self.no_evict = false;
+        r
     }
 
     pub fn stats(&self) -> UnwindStats {
@@ -191,6 +223,10 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
     pub fn seen(&mut self, tgid: u32) -> Result<(), RegistryError> {
         self.tick += 1;
         let Some(p) = self.processes.get(&tgid) else { return self.load(tgid) };
+        if p.files.iter().any(|f| self.tables.get(f).is_some_and(|t| t.rows.is_none())) {
+            return self.load(tgid); // some were deferred
+        }
+        let p = &self.processes[&tgid];
         for f in &p.files {
             if let Some(t) = self.tables.get_mut(f) {
                 t.last_used = self.tick;
@@ -287,7 +323,8 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         let mut built = HashSet::new();
         for (m, f) in &mappings {
             let Some(f) = f else { continue };
-            if !old_files.contains(f) && built.insert(*f) && self.tables.get(f).is_some_and(|t| t.rows.is_none()) {
+            // Not built yet: new, or deferred by a background load.
+            if built.insert(*f) && self.tables.get(f).is_some_and(|t| t.rows.is_none()) {
                 self.build(tgid, m, *f)?;
             }
         }
@@ -356,6 +393,9 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
     }
 
     fn build(&mut self, tgid: u32, m: &MapEntry, f: FileId) -> Result<(), RegistryError> {
+        if self.no_evict && self.tables_from.file_size(tgid, m).is_some_and(|n| n > BACKGROUND_MAX_FILE) {
+            return Ok(()); // deferred: built when the process is next seen
+        }
         let started = Instant::now();
         let table = match self.tables_from.build(tgid, m) {
             Ok(t) => t,
@@ -378,6 +418,9 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         let table_rows = u32::try_from(table.rows.len()).unwrap_or(u32::MAX);
         let len = table_rows.saturating_add(index.len() as u32);
         let Some(range) = self.allocate(len, f)? else {
+            if std::mem::take(&mut self.deferred) {
+                return Ok(()); // tried again when the process is next seen
+            }
             log::debug!("unwind table of {} ({len} rows) does not fit the budget", m.path);
             self.stats.too_big += 1;
             // Not retried for other processes mapping the file.
@@ -406,6 +449,10 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         loop {
             if let Some(r) = self.alloc.alloc(len) {
                 return Ok(Some(r));
+            }
+            if self.no_evict {
+                self.deferred = true;
+                return Ok(None);
             }
             let victim = self
                 .tables

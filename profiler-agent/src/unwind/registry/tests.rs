@@ -13,6 +13,11 @@ struct Tables {
 }
 
 impl TableSource for &mut Tables {
+    fn file_size(&mut self, _tgid: u32, m: &MapEntry) -> Option<u64> {
+        // Paths naming "big" stand for files over the background limit.
+        m.path.contains("big").then_some(BACKGROUND_MAX_FILE + 1)
+    }
+
     fn build(&mut self, _tgid: u32, m: &MapEntry) -> Result<UnwindTable, TableError> {
         self.builds.push(m.path.clone());
         let Some(&n) = self.sizes.get(&m.path) else {
@@ -253,4 +258,44 @@ fn fork_of_a_child_already_gone_adds_nothing() {
     r.fork(12, 10).unwrap();
     assert_eq!(r.stats().processes, 1);
     assert!(!r.maps.processes.contains_key(&12));
+}
+
+#[test]
+fn background_loads_defer_what_does_not_fit_instead_of_evicting() {
+    let mut tables = Tables::default();
+    for (p, n) in [("/bin/a", 40), ("/bin/b", 40), ("/bin/c", 40)] {
+        tables.sizes.insert(p.into(), n);
+    }
+    let mut procs = Procs::default();
+    procs.0.insert(1, (1, vec![file(0x40_0000, "/bin/a", 1)]));
+    procs.0.insert(2, (1, vec![file(0x40_0000, "/bin/b", 2)]));
+    procs.0.insert(3, (1, vec![file(0x40_0000, "/bin/c", 3)]));
+    let mut maps = FakeUnwindMaps::new(100);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.seen(1).unwrap();
+    r.load_without_evicting(2).unwrap();
+    r.load_without_evicting(3).unwrap(); // does not fit: deferred, a and b stay
+    let s = r.stats();
+    assert_eq!((s.evicted, s.tables, s.too_big), (0, 2, 0));
+    assert_eq!(r.maps.processes[&3][0].rows_len, 0, "c unwinds by frame pointer for now");
+    // Seen (it blocks or is sampled): loaded now, evicting the least used.
+    r.seen(3).unwrap();
+    let s = r.stats();
+    assert_eq!((s.evicted, s.tables), (1, 2));
+    assert_ne!(r.maps.processes[&3][0].rows_len, 0);
+}
+
+#[test]
+fn background_loads_leave_big_files_to_first_sight() {
+    let mut tables = Tables::default();
+    tables.sizes.insert("/bin/big".into(), 10);
+    let mut procs = Procs::default();
+    procs.0.insert(1, (1, vec![file(0x40_0000, "/bin/big", 1)]));
+    let mut maps = FakeUnwindMaps::new(100);
+    let mut r = Registry::new(&mut maps, &mut tables, &mut procs);
+    r.load_without_evicting(1).unwrap();
+    assert_eq!(r.stats().tables, 0);
+    r.seen(1).unwrap();
+    assert_eq!(r.stats().tables, 1);
+    assert_eq!(tables.builds, ["/bin/big"], "built once, when seen");
 }
