@@ -196,8 +196,27 @@ fn diff_flags_a_real_shift_in_the_right_directions_only() {
     assert!(svg.contains("leaf_alpha") && svg.contains("leaf_gamma"), "widths from AFTER show every frame");
     assert!(svg.contains("shrank (significant)") && svg.contains("grew (significant)"), "tooltips");
     assert!(svg.contains("no significant change"));
-    // alpha: the largest significant drop, fully saturated blue.
-    assert!(svg.contains("rgb(0,0,255)") && svg.contains("rgb(255,"), "red and blue fills");
+    // Saturated blue for the leaf that shrank, red for the one that grew
+    // (fully saturated for the bigger change), pale or grey for the rest.
+    let (r, g, b) = fill_of(&svg, "leaf_alpha");
+    assert!(b == 255 && r <= 102 && g <= 102, "leaf_alpha fill rgb({r},{g},{b})");
+    let (r, g, b) = fill_of(&svg, "leaf_beta");
+    assert!(r == 255 && g <= 102 && b <= 102, "leaf_beta fill rgb({r},{g},{b})");
+    assert!(svg.contains("rgb(255,0,0)") || svg.contains("rgb(0,0,255)"), "the biggest change is fully saturated");
+    for name in ["leaf_gamma", "middle", "other_work"] {
+        let (r, g, b) = fill_of(&svg, name);
+        assert!(r >= 200 && g >= 200 && b >= 200, "{name} fill rgb({r},{g},{b}) is not pale");
+    }
+}
+
+/// The fill of the first frame of `name` in a flame graph SVG (the rect
+/// after its tooltip).
+fn fill_of(svg: &str, name: &str) -> (u8, u8, u8) {
+    let at = svg.find(&format!("<title>{name}: ")).unwrap_or_else(|| panic!("no frame {name} in the SVG"));
+    let rest = &svg[at..];
+    let fill = &rest[rest.find("fill=\"rgb(").expect("a filled rect") + 10..];
+    let parts: Vec<u8> = fill[..fill.find(')').unwrap()].split(',').map(|v| v.trim().parse().unwrap()).collect();
+    (parts[0], parts[1], parts[2])
 }
 
 /// splitmix64: a fixed, dependency-free shuffle, so the trials are the
@@ -266,4 +285,11 @@ fn diff_aa_flags_nothing_in_19_of_20_trials_and_refuses_bad_input() {
         assert!(!run.status.success(), "{args:?} succeeded\n{}", run.context());
         assert!(run.stderr.contains(want), "{args:?}: want {want:?}\n{}", run.context());
     }
+    // `record --compare-to` checks the earlier recording before it loads anything.
+    let out = tmp.path().join("never");
+    let args = ["record", "--duration", "30", "-o", out.to_str().unwrap(), "--compare-to", missing.to_str().unwrap()];
+    let run = run_agent(&args, DIFF_TIMEOUT);
+    assert!(!run.status.success() && run.stderr.contains("no such file or directory"), "{}", run.context());
+    assert!(run.elapsed < Duration::from_secs(20), "refused only after recording: {}", run.context());
+    assert!(!out.exists(), "output directory created for a refused recording");
 }

@@ -55,8 +55,6 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     preflight::warn_degraded(&status);
     preflight::check_btf(Path::new("/sys/kernel/btf/vmlinux"))?;
     preflight::check_pids(Path::new("/proc"), &args.pids)?;
-    let dir = args.output_dir.clone().unwrap_or_else(default_output_dir);
-    preflight::prepare_output_dir(&dir)?;
     // The earlier recording is checked now, not after recording for minutes.
     let baseline = match &args.compare_to {
         Some(d) => {
@@ -66,6 +64,8 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let dir = args.output_dir.clone().unwrap_or_else(default_output_dir);
+    preflight::prepare_output_dir(&dir)?;
 
     let opts = LoadOptions {
         frequency: args.frequency,
