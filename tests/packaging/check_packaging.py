@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -412,7 +413,9 @@ def dockerfile_instructions(text):
 
 def cmd_dockerfile(_args):
     path = ROOT / "packaging/docker/Dockerfile"
-    hadolint = shutil.which("hadolint")
+    # pip puts the binary in the interpreter's scripts directory, which may not be on PATH.
+    scripts = Path(sysconfig.get_path("scripts")) / "hadolint"
+    hadolint = shutil.which("hadolint") or (str(scripts) if scripts.exists() else None)
     if check(hadolint is not None, f"dockerfile: hadolint is not installed; {INSTALL_HINT}"):
         r = subprocess.run([hadolint, "--no-color", str(path)], capture_output=True, text=True, timeout=60)
         check(r.returncode == 0, f"dockerfile: hadolint found problems:\n{r.stdout}{r.stderr}")
