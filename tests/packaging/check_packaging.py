@@ -369,6 +369,15 @@ def cmd_manifests(args):
         check_config(config, "pyroscope-configmap.yaml")
         check("pyroscope" in config["export"] and "otlp" not in config["export"],
               "pyroscope-configmap.yaml must push straight to Pyroscope")
+    # The Helm examples render, validate, and configure what they say.
+    for name, section in (("values-pyroscope.yaml", "pyroscope"), ("values-otlp-tls.yaml", "otlp")):
+        values = yaml.safe_load((MANIFESTS / "examples" / name).read_text())
+        objs, _ = render(values)
+        by_kind = validate(objs, f"examples/{name}")
+        check_daemonset(by_kind, f"examples/{name}")
+        config = config_of(by_kind)
+        check_config(config, f"examples/{name}")
+        check(section in config["export"], f"examples/{name}: no [export.{section}] in the rendered config")
     collector = yaml.safe_load((MANIFESTS / "examples/otel-collector.yaml").read_text())
     check_collector(collector)
 
