@@ -236,6 +236,11 @@ def check_resources(ds, config, where):
 
 
 def cmd_chart(_args):
+    # `helm lint --strict` (INFO-level advice such as "icon is recommended" aside).
+    lint = helm_python.lint(CHART, strict=True, kube_version="1.33.0")
+    for m in lint.get("messages", []):
+        check(m.get("severity", 0) <= 1, f"chart: helm lint: {m.get('path')}: {m.get('error')}")
+    check(not lint.get("errors"), f"chart: helm lint errors: {lint.get('errors')}")
     # Defaults: files only, no network exporter.
     objs, rendered = render({})
     by_kind = validate(objs, "chart defaults")
