@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -235,6 +236,11 @@ def check_resources(ds, config, where):
 
 
 def cmd_chart(_args):
+    # `helm lint --strict` (INFO-level advice such as "icon is recommended" aside).
+    lint = helm_python.lint(CHART, strict=True, kube_version="1.33.0")
+    for m in lint.get("messages", []):
+        check(m.get("severity", 0) <= 1, f"chart: helm lint: {m.get('path')}: {m.get('error')}")
+    check(not lint.get("errors"), f"chart: helm lint errors: {lint.get('errors')}")
     # Defaults: files only, no network exporter.
     objs, rendered = render({})
     by_kind = validate(objs, "chart defaults")
@@ -368,6 +374,15 @@ def cmd_manifests(args):
         check_config(config, "pyroscope-configmap.yaml")
         check("pyroscope" in config["export"] and "otlp" not in config["export"],
               "pyroscope-configmap.yaml must push straight to Pyroscope")
+    # The Helm examples render, validate, and configure what they say.
+    for name, section in (("values-pyroscope.yaml", "pyroscope"), ("values-otlp-tls.yaml", "otlp")):
+        values = yaml.safe_load((MANIFESTS / "examples" / name).read_text())
+        objs, _ = render(values)
+        by_kind = validate(objs, f"examples/{name}")
+        check_daemonset(by_kind, f"examples/{name}")
+        config = config_of(by_kind)
+        check_config(config, f"examples/{name}")
+        check(section in config["export"], f"examples/{name}: no [export.{section}] in the rendered config")
     collector = yaml.safe_load((MANIFESTS / "examples/otel-collector.yaml").read_text())
     check_collector(collector)
 
@@ -412,7 +427,9 @@ def dockerfile_instructions(text):
 
 def cmd_dockerfile(_args):
     path = ROOT / "packaging/docker/Dockerfile"
-    hadolint = shutil.which("hadolint")
+    # pip puts the binary in the interpreter's scripts directory, which may not be on PATH.
+    scripts = Path(sysconfig.get_path("scripts")) / "hadolint"
+    hadolint = shutil.which("hadolint") or (str(scripts) if scripts.exists() else None)
     if check(hadolint is not None, f"dockerfile: hadolint is not installed; {INSTALL_HINT}"):
         r = subprocess.run([hadolint, "--no-color", str(path)], capture_output=True, text=True, timeout=60)
         check(r.returncode == 0, f"dockerfile: hadolint found problems:\n{r.stdout}{r.stderr}")

@@ -325,10 +325,40 @@ impl Telemetry {
             let _ = writeln!(s, "# HELP profiler_resident_memory_bytes Resident set size of the agent.");
             let _ = writeln!(s, "# TYPE profiler_resident_memory_bytes gauge\nprofiler_resident_memory_bytes {rss}");
         }
+        if let Some(cpu) = cpu_seconds() {
+            let _ = writeln!(s, "# HELP profiler_cpu_seconds_total User and system CPU time of the agent.");
+            let _ = writeln!(s, "# TYPE profiler_cpu_seconds_total counter\nprofiler_cpu_seconds_total {cpu:.6}");
+        }
         let _ = writeln!(s, "# HELP profiler_ready 1 when programs are attached and exports succeed.");
         let _ = writeln!(s, "# TYPE profiler_ready gauge\nprofiler_ready {}", u64::from(self.ready()));
         s
     }
+}
+
+/// User + system CPU seconds of this process, from /proc/self/stat.
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_seconds_from_stat(&stat, clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime (fields 14 and 15) in seconds. The command name (field 2)
+/// may hold spaces and parentheses, so fields are counted after its last `)`.
+fn cpu_seconds_from_stat(stat: &str, ticks_per_second: f64) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / ticks_per_second)
 }
 
 /// VmRSS of this process.
@@ -361,6 +391,7 @@ mod tests {
         assert!(text.contains("profiler_export_healthy{exporter=\"files\"} 1"), "{text}");
         assert!(text.contains("profiler_export_latency_seconds_total{exporter=\"otlp\"} 0.010000"), "{text}");
         assert!(text.contains("# TYPE profiler_export_buffered_bytes gauge"), "{text}");
+        assert!(text.contains("# TYPE profiler_cpu_seconds_total counter"), "{text}");
         // Every non-comment line is `name{labels} value` or `name value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
@@ -394,5 +425,12 @@ mod tests {
         assert!(!t.ready());
         t.record_export(&e, true, Duration::ZERO);
         assert!(t.ready());
+    }
+
+    #[test]
+    fn cpu_seconds_count_fields_after_the_command_name() {
+        let stat = "42 (my (odd) proc) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 100 0 0";
+        assert_eq!(super::cpu_seconds_from_stat(stat, 100.0), Some(3.0));
+        assert_eq!(super::cpu_seconds_from_stat("garbage", 100.0), None);
     }
 }
