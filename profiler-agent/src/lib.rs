@@ -11,6 +11,8 @@ pub mod app;
 pub mod bpf;
 pub mod cli;
 pub mod config;
+#[cfg(test)]
+mod docs;
 pub mod duration;
 pub mod export;
 pub mod latency;
