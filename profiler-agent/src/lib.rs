@@ -12,6 +12,8 @@ pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod diff;
+#[cfg(test)]
+mod docs;
 pub mod duration;
 pub mod export;
 pub mod latency;

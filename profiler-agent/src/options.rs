@@ -4,6 +4,7 @@
 
 /// How user stacks are walked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum Unwinder {
     /// CFI (.eh_frame) tables, frame pointers where there are none.

@@ -370,31 +370,91 @@ fn unit_syscall_filter_allows_every_call_the_agent_makes() {
     let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
     let work = start_work();
     let dir = shared_tempdir("profiler-deb-strace-");
-    let trace = dir.path().join("trace");
-    let inner = as_nobody_with_caps(&caps, &package().root.join("usr/bin/profiler-agent"));
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-o"]).arg(&trace).arg(inner.get_program()).args(inner.get_args());
-    cmd.args(["record", "-d", "2", "--off-cpu", "--pid"]).arg(work.pid_arg()).arg("-o").arg(dir.path().join("p"));
-    let run = run_command(cmd, TIMEOUT);
-    assert!(run.status.success(), "strace'd agent failed\n{}", run.context());
-    let trace = std::fs::read_to_string(&trace).unwrap();
-    // Calls after the agent's execve: setpriv's own (setresuid, capset...) do not count.
-    let agent_part = trace
-        .split_once("profiler-agent\", [")
-        .map(|(_, rest)| rest)
-        .unwrap_or_else(|| panic!("no execve of the agent in the trace"));
-    let used: std::collections::BTreeSet<String> = agent_part
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ');
-            let name: String = l.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-            (l[name.len()..].starts_with('(') && !name.is_empty()).then_some(name)
-        })
+    // The daemon as the unit runs it, exporting to files and to an OTLP
+    // endpoint that refuses connections (so connect runs); then record.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let files = dir.path().join("files");
+    let daemon: Vec<std::ffi::OsString> =
+        ["run", "--off-cpu", "--export-interval", "1s", "--http-listen", "127.0.0.1:0"]
+            .iter()
+            .map(Into::into)
+            .chain(["--otlp-endpoint".into(), format!("http://{closed}").into(), "-o".into(), files.clone().into()])
+            .collect();
+    let record: Vec<std::ffi::OsString> = ["record", "-d", "2", "--off-cpu", "--pid", &work.pid_arg(), "-o"]
+        .iter()
+        .map(Into::into)
+        .chain([dir.path().join("p").into_os_string()])
         .collect();
+    let mut used = std::collections::BTreeSet::new();
+    for (i, args) in [daemon, record].into_iter().enumerate() {
+        let trace = dir.path().join(format!("trace{i}"));
+        let inner = as_nobody_with_caps(&caps, &package().root.join("usr/bin/profiler-agent"));
+        let mut cmd = Command::new("strace");
+        cmd.args(["-f", "-qq", "-o"]).arg(&trace).arg(inner.get_program()).args(inner.get_args()).args(&args);
+        let status = if i == 0 {
+            // Steady state once the first interval is written; then SIGTERM,
+            // which exports the last interval and exits 0.
+            let mut child = cmd.stdin(std::process::Stdio::null()).spawn().expect("strace");
+            let start = std::time::Instant::now();
+            while !std::fs::read_dir(&files)
+                .is_ok_and(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".pb.gz")))
+            {
+                assert!(start.elapsed() < TIMEOUT, "the traced daemon wrote no profile");
+                assert!(child.try_wait().unwrap().is_none(), "the traced daemon exited early");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let children =
+                std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id())).unwrap();
+            let agent: i32 = children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("strace's child");
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(agent, libc::SIGTERM) };
+            child.wait().unwrap()
+        } else {
+            let run = run_command(cmd, TIMEOUT);
+            assert!(run.status.success(), "traced agent {args:?} failed\n{}", run.context());
+            run.status
+        };
+        assert!(status.success(), "traced agent {args:?}: {status}");
+        used.extend(agent_calls(&std::fs::read_to_string(&trace).unwrap()));
+    }
     eprintln!("the agent made {} distinct system calls: {used:?}", used.len());
-    assert!(used.contains("bpf") && used.contains("perf_event_open"), "{used:?}");
+    for needed in ["bpf", "perf_event_open", "connect", "bind"] {
+        assert!(used.contains(needed), "no {needed} in the trace: {used:?}");
+    }
     let refused: Vec<&String> = used.iter().filter(|c| !effective.contains(*c)).collect();
     assert!(refused.is_empty(), "the unit's SystemCallFilter refuses calls the agent makes: {refused:?}");
+}
+
+/// The system calls in an `strace -f` trace made by the agent and its
+/// threads: from the process that exec'd profiler-agent, and every task it
+/// cloned (setpriv's and timeout's own calls do not count).
+fn agent_calls(trace: &str) -> std::collections::BTreeSet<String> {
+    let mut pids = std::collections::BTreeSet::new();
+    let mut calls = std::collections::BTreeSet::new();
+    for line in trace.lines() {
+        let (pid, rest) = line.split_once(' ').unwrap_or(("", line));
+        let rest = rest.trim_start();
+        if rest.starts_with("execve(") && rest.contains("/usr/bin/profiler-agent\"") {
+            pids.insert(pid.to_owned());
+        }
+        if !pids.contains(pid) {
+            continue;
+        }
+        let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        if !name.is_empty() && rest[name.len()..].starts_with('(') {
+            calls.insert(name);
+        }
+        // New threads: clone/clone3 return the child's id (possibly on a `resumed` line).
+        if rest.contains("clone") {
+            if let Some(child) = rest.rsplit("= ").next().and_then(|v| v.split_whitespace().next()) {
+                if child.parse::<u32>().is_ok_and(|c| c > 0) {
+                    pids.insert(child.to_owned());
+                }
+            }
+        }
+    }
+    assert!(!pids.is_empty(), "no execve of the agent in the trace");
+    calls
 }
 
 /// The system calls in a SystemCallFilter= item: a name, or a `@group` as

@@ -6,6 +6,7 @@
 
 mod bench;
 mod build;
+mod docs;
 mod package;
 mod run;
 mod setup;
@@ -44,6 +45,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Regenerate docs/operations.md (configuration, metrics, troubleshooting) from the code.
+    Docs,
     /// Build an installable package: `cargo xtask package deb`.
     Package {
         #[command(subcommand)]
@@ -81,6 +84,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Run { args } => run::run(&args),
         Command::Bench { bench } => bench::run(bench),
         Command::Package { package } => package::run(package),
+        Command::Docs => docs::run(),
     }
 }
 

@@ -40,6 +40,7 @@ pub enum ConfigError {
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub sampling: Sampling,
@@ -50,6 +51,7 @@ pub struct Config {
 
 /// What is sampled.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Sampling {
     /// On-CPU samples per second per CPU. 19 Hz (a prime, so it does not
@@ -85,14 +87,18 @@ impl Default for Sampling {
 
 /// Where profiles and metrics go, and how often.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Export {
-    /// Length of one profile.
+    /// Length of one profile; each is exported when it ends.
     pub interval: HumanDuration,
     /// On SIGTERM, how long the final partial interval may take to export.
     pub shutdown_deadline: HumanDuration,
+    /// OTLP profiles and metrics; absent: off.
     pub otlp: Option<Otlp>,
+    /// Grafana Pyroscope push; absent: off.
     pub pyroscope: Option<Pyroscope>,
+    /// Rolling local files; on by default only when no other exporter is configured.
     pub files: Option<Files>,
 }
 
@@ -110,6 +116,7 @@ impl Default for Export {
 
 /// OTLP transport.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[cfg_attr(test, derive(serde::Serialize, schemars::JsonSchema))]
 pub enum OtlpProtocol {
     #[default]
     #[serde(rename = "grpc")]
@@ -131,16 +138,22 @@ impl std::str::FromStr for OtlpProtocol {
 
 /// The OTLP exporter (profiles and metrics).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Otlp {
     /// `http://host:4317` for gRPC, `http://host:4318` for HTTP.
     pub endpoint: String,
+    /// `grpc` or `http/protobuf`.
     pub protocol: OtlpProtocol,
+    /// Extra request headers (`authorization`, tenant ids).
     pub headers: BTreeMap<String, String>,
+    /// Limit for establishing a connection.
     pub connect_timeout: HumanDuration,
+    /// Limit for one export request.
     pub timeout: HumanDuration,
     /// Retry buffer bound; the oldest data is dropped (and counted) first.
     pub buffer_bytes: ByteSize,
+    /// Buffered data older than this is dropped (and counted).
     pub buffer_max_age: HumanDuration,
     /// Also export the latency histograms and health series as OTLP metrics.
     pub metrics: bool,
@@ -174,13 +187,20 @@ impl Default for Otlp {
 
 /// The Grafana Pyroscope push exporter.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Pyroscope {
+    /// Base URL of the Pyroscope server (`http://pyroscope:4040`).
     pub url: String,
+    /// Extra request headers (`X-Scope-OrgID` for multi-tenant servers).
     pub headers: BTreeMap<String, String>,
+    /// Limit for establishing a connection.
     pub connect_timeout: HumanDuration,
+    /// Limit for one push request.
     pub timeout: HumanDuration,
+    /// Retry buffer bound; the oldest data is dropped (and counted) first.
     pub buffer_bytes: ByteSize,
+    /// Buffered data older than this is dropped (and counted).
     pub buffer_max_age: HumanDuration,
 }
 
@@ -199,8 +219,10 @@ impl Default for Pyroscope {
 
 /// Rolling local files.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Files {
+    /// Directory of the `cpu-<start>.pb.gz` and `.folded` files.
     pub dir: PathBuf,
     /// Oldest files are deleted when the directory grows past this.
     pub max_bytes: ByteSize,
@@ -220,8 +242,11 @@ impl Default for Files {
 
 /// The agent's own HTTP endpoint (/healthz, /readyz, /metrics).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Http {
+    /// Address of /healthz, /readyz and /metrics; loopback by default, since
+    /// the endpoint has no authentication.
     pub listen: SocketAddr,
 }
 
@@ -234,6 +259,7 @@ impl Default for Http {
 
 /// What the agent says about itself and the host in every export.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct ResourceConfig {
     /// Overrides the per-process service name (OTEL_SERVICE_NAME).

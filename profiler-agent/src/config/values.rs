@@ -62,3 +62,55 @@ impl<'de> Deserialize<'de> for ByteSize {
         d.deserialize_any(V)
     }
 }
+
+/// `10s`, `500ms`, `2m`, `24h`: how the configuration reference shows defaults.
+#[cfg(test)]
+impl serde::Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let d = self.0;
+        let text = match (d.as_secs(), d.subsec_nanos()) {
+            (0, 0) => "0".to_owned(),
+            (secs, 0) if secs % 3600 == 0 => format!("{}h", secs / 3600),
+            (secs, 0) if secs % 60 == 0 => format!("{}m", secs / 60),
+            (secs, 0) => format!("{secs}s"),
+            _ => format!("{}ms", d.as_millis()),
+        };
+        s.serialize_str(&text)
+    }
+}
+
+#[cfg(test)]
+impl schemars::JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "format": "duration" })
+    }
+}
+
+/// `16MiB`, `1GiB`, or bytes: how the configuration reference shows defaults.
+#[cfg(test)]
+impl serde::Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let b = self.0;
+        let text = match b {
+            0 => "0".to_owned(),
+            b if b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+            b if b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+            b if b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+            b => b.to_string(),
+        };
+        s.serialize_str(&text)
+    }
+}
+
+#[cfg(test)]
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "size".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "format": "size" })
+    }
+}
