@@ -11,6 +11,7 @@
 //! exits.
 
 mod export;
+mod filter;
 mod measure;
 mod offcpu;
 mod pingpong;
@@ -58,6 +59,15 @@ pub enum Bench {
         #[arg(long, default_value_t = 3)]
         intervals: usize,
     },
+    /// BPF time per sample filtered out by --cgroup against per sample unwound.
+    Filter {
+        /// Seconds per record run.
+        #[arg(long, default_value_t = 8)]
+        duration: u64,
+        /// Rounds of unwound / filtered runs; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// BPF time per sample of CFI against frame-pointer unwinding, table build time and map memory.
     Unwind {
         /// Seconds per record run.
@@ -81,6 +91,7 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Offcpu { duration, rounds } => offcpu::run(duration, rounds),
         Bench::Export { interval, intervals } => export::run(interval, intervals),
         Bench::Unwind { duration, rounds } => unwind::run(duration, rounds),
+        Bench::Filter { duration, rounds } => filter::run(duration, rounds),
     }
 }
 

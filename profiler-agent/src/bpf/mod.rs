@@ -8,6 +8,7 @@
 pub mod btf;
 pub mod fake;
 mod loader;
+pub mod target_maps;
 mod unwind_maps;
 
 use std::time::Duration;

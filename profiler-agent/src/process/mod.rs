@@ -2,8 +2,9 @@
 //! executable mappings, read from `/proc` on first sight so a process that
 //! exits before its samples are symbolized still gets its frames.
 
-pub mod cgroup;
 pub mod maps;
+
+pub use crate::metadata::cgroup;
 
 use std::{
     fs,
@@ -67,6 +68,8 @@ pub struct ProcessInfo {
     pub exe_path: Option<String>,
     /// Container id from `/proc/PID/cgroup`.
     pub container_id: Option<String>,
+    /// Kubernetes pod uid from `/proc/PID/cgroup`.
+    pub pod_uid: Option<String>,
     /// Executable mappings, sorted by start address.
     pub mappings: Vec<Mapping>,
 }
@@ -178,6 +181,7 @@ impl ProcessTable {
             name,
             exe_path: exe_path(&dir).or_else(|| old.exe_path.clone()),
             container_id: old.container_id.clone(),
+            pod_uid: old.pod_uid.clone(),
             mappings: self.mappings(pid, &maps),
         });
         self.processes.put(pid, info.clone());
@@ -201,8 +205,9 @@ impl ProcessTable {
                 Vec::new()
             }
         };
-        let container_id = fs::read_to_string(dir.join("cgroup")).ok().and_then(|t| cgroup::container_id(&t));
-        ProcessInfo { pid, name, exe_path: exe_path(&dir), container_id, mappings }
+        let cgroup = fs::read_to_string(dir.join("cgroup")).map(|t| cgroup::CgroupInfo::parse(&t)).unwrap_or_default();
+        let (container_id, pod_uid) = (cgroup.container_id, cgroup.pod_uid);
+        ProcessInfo { pid, name, exe_path: exe_path(&dir), container_id, pod_uid, mappings }
     }
 
     fn mappings(&mut self, pid: u32, maps_text: &str) -> Vec<Mapping> {

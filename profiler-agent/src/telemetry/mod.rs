@@ -53,6 +53,10 @@ pub struct Telemetry {
     /// The CFI table thread's latest figures (None: frame pointers only).
     unwind: Mutex<Option<crate::unwind::UnwindStats>>,
     exporters: Mutex<BTreeMap<&'static str, std::sync::Arc<ExporterMetrics>>>,
+    /// Kubernetes metadata (API errors, cache), shared with that stage.
+    pub metadata: crate::metadata::SharedMetrics,
+    /// Target selection (kernel filter sets), shared with that stage.
+    pub targets: std::sync::Arc<crate::target::sync::TargetStats>,
 }
 
 impl Telemetry {
@@ -195,6 +199,8 @@ impl Telemetry {
                 let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
             }
         }
+        self.metadata.render(&mut s);
+        self.targets.render(&mut s);
         if let Some(rss) = rss_bytes() {
             let _ = writeln!(s, "# HELP profiler_resident_memory_bytes Resident set size of the agent.");
             let _ = writeln!(s, "# TYPE profiler_resident_memory_bytes gauge\nprofiler_resident_memory_bytes {rss}");

@@ -62,6 +62,14 @@ pub struct IntervalProfiles {
     pub latency: Vec<ProcessHistogram>,
 }
 
+impl IntervalProfiles {
+    /// Every process record of the interval, for the metadata stage.
+    pub fn processes_mut(&mut self) -> impl Iterator<Item = &mut ProcessMeta> {
+        let off = self.off_cpu.iter_mut().flat_map(|p| p.processes.values_mut());
+        self.cpu.processes.values_mut().chain(off).chain(self.latency.iter_mut().map(|l| &mut l.process))
+    }
+}
+
 /// Samples until `control.stop`, emitting an interval at every cut and a
 /// final one when stopping.
 pub fn sample_intervals<S: SampleSource>(
@@ -138,13 +146,17 @@ pub fn symbolize_intervals<R: FileResolver>(
     frequency: u64,
     off_cpu: bool,
     telemetry: &Telemetry,
+    enricher: Option<&crate::metadata::Enricher>,
     mut emit: impl FnMut(Arc<IntervalProfiles>),
 ) {
     for raw in input {
         if raw.last {
             log::debug!("symbolizing the final, partial interval");
         }
-        let profiles = symbolize_one(&raw, symbolizer, procs, frequency, off_cpu);
+        let mut profiles = symbolize_one(&raw, symbolizer, procs, frequency, off_cpu);
+        if let Some(e) = enricher {
+            e.apply(profiles.processes_mut());
+        }
         let stats = symbolizer.stats();
         let cache = symbolizer.cache_stats();
         telemetry.frames.store(stats.frames, Ordering::Relaxed);
@@ -214,6 +226,8 @@ fn process_histograms(
                             name: info.name.clone(),
                             exe_path: info.exe_path.clone(),
                             container_id: info.container_id.clone(),
+                            pod_uid: info.pod_uid.clone(),
+                            pod: None,
                         },
                         None => {
                             let dir = std::path::PathBuf::from(format!("/proc/{pid}"));
@@ -222,7 +236,7 @@ fn process_histograms(
                                 .unwrap_or_default();
                             let exe_path =
                                 std::fs::read_link(dir.join("exe")).ok().map(|p| p.to_string_lossy().into_owned());
-                            ProcessMeta { pid, name, exe_path, container_id: None }
+                            ProcessMeta { pid, name, exe_path, ..Default::default() }
                         }
                     }
                 })
