@@ -8,7 +8,7 @@ use std::{os::fd::OwnedFd, time::Duration};
 
 use profiler_integration_tests::{
     cgroup::{fresh_ids, v2_root, TestCgroup},
-    record, require_root, run_agent,
+    record, require_root, run_agent, spawn_record,
     workload::{BUSY_C, C_FP_FLAGS},
     Workload,
 };
@@ -26,19 +26,58 @@ fn bpf_stats() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
 }
 
-/// `on_cpu_sample` ns per run from the summary's `BPF time per run:` line.
-fn sample_ns_per_run(stderr: &str) -> u64 {
-    stderr
+/// What one record run's summary says about the sampling program.
+#[derive(Debug)]
+struct SampleCost {
+    ns_per_run: f64,
+    runs: f64,
+    /// Runs that took a stack.
+    sent: f64,
+    /// Runs that returned early: idle CPU, or a process outside the selection.
+    cheap: f64,
+}
+
+/// From the `BPF time per run:` and `Dropped:` lines of the summary.
+fn sample_cost(stderr: &str) -> SampleCost {
+    let numbers = |s: &str| -> Vec<f64> {
+        s.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty()).filter_map(|w| w.parse().ok()).collect()
+    };
+    let run = stderr
         .lines()
         .find_map(|l| l.strip_prefix("BPF time per run: "))
         .and_then(|l| l.split(", ").find_map(|p| p.strip_prefix("on_cpu_sample ")))
-        .and_then(|p| p.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no on_cpu_sample run time in the summary:\n{stderr}"))
+        .map(numbers)
+        .unwrap_or_else(|| panic!("no on_cpu_sample run time in the summary:\n{stderr}"));
+    let not_sampled = stderr
+        .lines()
+        .find_map(|l| l.split_once("Not sampled: ").map(|(_, rest)| numbers(rest)))
+        .unwrap_or_else(|| panic!("no `Not sampled:` in the summary:\n{stderr}"));
+    let cheap = not_sampled[0] + not_sampled[1];
+    SampleCost { ns_per_run: run[0], runs: run[1], sent: run[1] - cheap, cheap }
 }
 
-/// A BUSY_C workload with its own name, moved into `cgroup`.
+/// BUSY_C's loop at the bottom of 100 frames, so that unwinding a sample
+/// costs clearly more than filtering it out.
+const DEEP_BUSY_C: &str = r#"
+#include <stdint.h>
+__attribute__((noinline)) void busy_loop(void) {
+    volatile uint64_t acc = 0;
+    for (uint64_t i = 0; i < 1000000UL; i++)
+        acc += i;
+}
+__attribute__((noinline)) int deep(int n) {
+    volatile int pad = n;
+    if (n == 0)
+        for (;;)
+            busy_loop();
+    return deep(n - 1) + pad;
+}
+int main(void) { return deep(100); }
+"#;
+
+/// A deep busy workload with its own name, moved into `cgroup`.
 fn busy_in(name: &str, cgroup: &TestCgroup) -> Workload {
-    let w = Workload::c(name, BUSY_C, C_FP_FLAGS);
+    let w = Workload::c(name, DEEP_BUSY_C, C_FP_FLAGS);
     cgroup.add(w.pid());
     w
 }
@@ -60,7 +99,7 @@ fn cgroup_and_process_name_exclude_a_busy_process_and_its_bpf_cost_drops() {
     both.assert_success();
     let folded = both.folded();
     assert!(folded.process("tgt_busy").total() > 0, "baseline sees the busy process\n{}", both.context());
-    let baseline_ns = sample_ns_per_run(&both.stderr);
+    let baseline = sample_cost(&both.stderr);
 
     // The parent cgroup selects its subtree: the leaf's process is in.
     let by_cgroup = record(&["-d", "4", "-F", "199", "--cgroup", &format!("{root}/selected")]);
@@ -70,16 +109,19 @@ fn cgroup_and_process_name_exclude_a_busy_process_and_its_bpf_cost_drops() {
     for (what, run) in [("--cgroup", &by_cgroup), ("--process-name", &by_name)] {
         let f = run.folded();
         let ctx = format!("{what}\n{}\n{}", f.top(10), run.context());
-        assert!(f.process("tgt_wanted").count_with_leaf("busy_loop") > 100, "the selected process is sampled\n{ctx}");
+        // The machine may be shared: a few dozen samples are plenty to tell.
+        assert!(f.process("tgt_wanted").count_with_leaf("busy_loop") > 20, "the selected process is sampled\n{ctx}");
         assert_eq!(f.process("tgt_busy").total(), 0, "the busy process is excluded\n{ctx}");
         assert_eq!(f.processes().len(), 1, "nothing else is sampled: {:?}\n{ctx}", f.processes());
-        let ns = sample_ns_per_run(&run.stderr);
-        // The excluded process's samples stop at the filter: about half the
-        // samples cost a lookup instead of a stack walk.
-        assert!(
-            (ns as f64) < 0.8 * baseline_ns as f64,
-            "{what}: {ns} ns per sample against {baseline_ns} with both unwound\n{ctx}"
-        );
+        // The excluded process's samples stop at the filter: its share of
+        // the runs costs a lookup instead of a 100-frame walk, so the mean
+        // BPF time per run drops. (Other processes of a shared machine are
+        // filtered in both runs; `cargo xtask bench filter` has the
+        // per-event figures.)
+        let cost = sample_cost(&run.stderr);
+        let costs = format!("{cost:?} against {baseline:?}");
+        assert!(cost.ns_per_run < baseline.ns_per_run, "{what}: the mean cost did not drop: {costs}\n{ctx}");
+        eprintln!("{what}: {costs}");
     }
     wanted.assert_running();
     busy.assert_running();
@@ -128,13 +170,30 @@ fn new_processes_in_a_selected_cgroup_are_caught_in_the_kernel() {
     let mut forker = Workload::c("tgt_forker", FORKER_C, C_FP_FLAGS);
     cgroup.add(forker.pid());
     forker.warm_up();
-    let run = record(&["-d", "4", "-F", "99", "--cgroup", &path]);
+    // The cgroup's own CPU time while the agent samples says how many
+    // samples its processes should get (cgroup v2 keeps cpu.stat without
+    // any controller enabled).
+    let usage_us = || -> u64 {
+        let stat = std::fs::read_to_string(cgroup.dir().join("cpu.stat")).unwrap();
+        stat.lines().find_map(|l| l.strip_prefix("usage_usec ")).unwrap().trim().parse().unwrap()
+    };
+    let mut agent = spawn_record(&["-d", "4", "-F", "99", "--cgroup", &path]);
+    agent.wait_attached(Duration::from_secs(60)).expect("the agent attached");
+    let before = usage_us();
+    let run = agent.wait(Duration::from_secs(120));
+    let used_us = usage_us() - before;
     run.assert_success();
     let f = run.folded();
-    let burn = f.count_with_frame("child_burn");
-    // ~60% of one CPU for 4 s at 99 Hz is ~240 samples; a rescan-only
-    // filter would catch the children for at most a few of them.
-    assert!(burn > 80, "{burn} child_burn samples\n{}\n{}", f.top(10), run.context());
+    let samples = f.process("tgt_forker").total();
+    let expected = used_us as f64 * 99.0 / 1e6;
+    // Each child lives ~60 ms and a rescan every 2 s would select at most
+    // the one alive at that moment, for the rest of its life: a few % of
+    // the expected samples. The kernel's cgroup check catches them all
+    // (less what is spent between the agent stopping and the stat read).
+    let ctx =
+        format!("{samples} samples, {expected:.0} expected from {used_us} us of CPU\n{}\n{}", f.top(10), run.context());
+    assert!(f.count_with_frame("child_burn") > 0, "{ctx}");
+    assert!(samples as f64 >= 0.5 * expected, "{ctx}");
     forker.assert_running();
 }
 
@@ -159,7 +218,7 @@ fn container_id_selects_a_container_by_its_short_id() {
     run.assert_success();
     let f = run.folded();
     let ctx = format!("{}\n{}", f.top(10), run.context());
-    assert!(f.process("tgt_container").count_with_leaf("busy_loop") > 50, "{ctx}");
+    assert!(f.process("tgt_container").count_with_leaf("busy_loop") > 10, "{ctx}");
     assert_eq!(f.process("tgt_outside").total(), 0, "{ctx}");
     inside.assert_running();
     outside.assert_running();
