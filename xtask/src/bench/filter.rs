@@ -96,7 +96,10 @@ impl EmptyCgroup {
             .lines()
             .find_map(|l| {
                 let (left, right) = l.split_once(" - ")?;
-                (right.split(' ').next()? == "cgroup2").then(|| PathBuf::from(left.split(' ').nth(4)?))
+                if right.split(' ').next()? != "cgroup2" {
+                    return None;
+                }
+                Some(PathBuf::from(left.split(' ').nth(4)?))
             })
             .context("no cgroup2 hierarchy is mounted")?;
         let path = format!("/profiler-bench-filter-{}", std::process::id());

@@ -139,6 +139,8 @@ fn try_send(out: &SyncSender<RawInterval>, raw: RawInterval) -> Result<(), ()> {
 
 /// Symbolizes raw intervals until the channel closes, handing each result
 /// to `emit`.
+// One stage's inputs, each used once; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn symbolize_intervals<R: FileResolver>(
     input: Receiver<RawInterval>,
     symbolizer: &mut Symbolizer<R>,
