@@ -28,6 +28,8 @@ pub enum Command {
     ///   profiler-agent record --pid 1234 --frequency 499    # one process until Ctrl-C
     ///   profiler-agent record -d 30s --format folded -o /tmp/prof
     ///   profiler-agent record -d 10 --off-cpu --pid 1234    # plus where it blocks
+    ///   profiler-agent record -d 10 --cgroup /system.slice/nginx.service
+    ///   profiler-agent record -d 10 --process-name '^postgres$'
     ///
     /// Needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_PTRACE to read
     /// other users' processes' mappings).
@@ -126,6 +128,8 @@ pub struct RunArgs {
     /// Only profile this process (repeatable) [default: all].
     #[arg(short, long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
+    #[command(flatten)]
+    pub targets: crate::target::TargetArgs,
 }
 
 /// Output formats of `record`.
@@ -148,6 +152,8 @@ pub struct RecordArgs {
     /// Only sample this process (repeatable). Other processes cost no unwinding.
     #[arg(short, long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
+    #[command(flatten)]
+    pub targets: crate::target::TargetArgs,
     /// Samples per second per CPU. Odd primes (99, 499) avoid lock-step with periodic work.
     #[arg(short = 'F', long, default_value_t = 99, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub frequency: u64,

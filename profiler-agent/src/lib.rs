@@ -4,7 +4,8 @@
 //! Data flows down the module list: [`bpf`] delivers raw samples,
 //! [`process`] knows the mappings they point into, [`aggregate`] counts
 //! unique stacks, [`symbolize`] turns them into a [`profile::Profile`], and
-//! [`export`] writes that out.
+//! [`export`] writes that out. [`metadata`] adds the container and pod of
+//! each process for the exporters; [`target`] narrows what the kernel samples.
 
 pub mod aggregate;
 pub mod app;
@@ -20,9 +21,11 @@ pub mod latency;
 pub mod options;
 pub mod lifecycle;
 pub mod offcpu;
+pub mod metadata;
 pub mod process;
 pub mod profile;
 pub mod runtimes;
 pub mod symbolize;
+pub mod target;
 pub mod telemetry;
 pub mod unwind;

@@ -151,6 +151,27 @@ pub struct ProcessMeta {
     pub exe_path: Option<String>,
     /// Container id from the process's cgroup path, when it runs in one.
     pub container_id: Option<String>,
+    /// Kubernetes pod uid from the process's cgroup path.
+    pub pod_uid: Option<String>,
+    /// The pod and container it runs in, when Kubernetes metadata is on and
+    /// the pod is known.
+    pub pod: Option<std::sync::Arc<PodMeta>>,
+}
+
+/// The Kubernetes pod and container of a process, as exporters label it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodMeta {
+    pub name: String,
+    pub uid: String,
+    pub namespace: String,
+    pub node: String,
+    /// The container's name within the pod.
+    pub container: Option<String>,
+    /// The configured pod labels the pod has, by label key.
+    pub labels: Vec<(String, String)>,
+    /// `service.name` by the configured rule, when a pod-side step had a
+    /// value (else exporters name the service after the executable).
+    pub service_name: Option<String>,
 }
 
 /// A (type, unit) pair as pprof and OTLP name them, e.g. `samples`/`count`.

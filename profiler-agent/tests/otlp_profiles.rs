@@ -84,7 +84,7 @@ fn window() -> (Profile, Profile) {
     let mut off = Profile::new(ValueType::new("off_cpu", "nanoseconds"), None, 0, start);
     let meta = |pid, name: &str, exe: Option<&str>, container: Option<&str>| {
         let (exe_path, container_id) = (exe.map(Into::into), container.map(Into::into));
-        (pid, ProcessMeta { pid, name: name.into(), exe_path, container_id })
+        (pid, ProcessMeta { pid, name: name.into(), exe_path, container_id, ..Default::default() })
     };
     let processes =
         BTreeMap::from([meta(777, "cron", None, None), meta(4242, "shop", Some("/usr/bin/shop"), Some("3f2a9c"))]);

@@ -243,7 +243,10 @@ fn profile(value_type: ValueType, period_type: Option<ValueType>, leaves: [&str;
         frames.push((pid, vec![leaf, main]));
         let container_id = (pid == 2002).then(|| "4f1c".repeat(16));
         let name = if pid == 1001 { "web" } else { "postgres" };
-        p.processes.insert(pid, ProcessMeta { pid, name: name.into(), exe_path: Some(exe.into()), container_id });
+        p.processes.insert(
+            pid,
+            ProcessMeta { pid, name: name.into(), exe_path: Some(exe.into()), container_id, ..Default::default() },
+        );
     }
     for (i, (pid, stack)) in frames.into_iter().enumerate() {
         let name = p.processes[&pid].name.clone();

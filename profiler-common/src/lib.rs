@@ -24,3 +24,7 @@ pub const COMM_LEN: usize = 16;
 
 /// Maximum number of processes the in-kernel `--pid` filter can hold.
 pub const MAX_FILTER_PIDS: u32 = 1024;
+
+/// Maximum number of cgroups the in-kernel target filter can hold
+/// (`--cgroup`, and the cgroups of selected containers and pods).
+pub const MAX_FILTER_CGROUPS: u32 = 256;

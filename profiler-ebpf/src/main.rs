@@ -7,6 +7,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod filter;
 mod maps;
 mod offcpu;
 mod oncpu;

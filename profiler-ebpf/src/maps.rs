@@ -7,7 +7,7 @@ use aya_ebpf::{
 use profiler_common::{Stat, MAX_FILTER_PIDS, STAT_COUNT};
 
 /// Set by the agent at load time: non-zero when only the tgids in
-/// [`TARGET_PIDS`] are sampled.
+/// [`TARGET_PIDS`] and the cgroups of `filter::TARGET_CGROUPS` are sampled.
 #[no_mangle]
 static FILTER_PIDS: u32 = 0;
 
@@ -51,5 +51,6 @@ pub fn wanted(tgid: u32) -> bool {
     if filter == 0 {
         return true;
     }
-    unsafe { TARGET_PIDS.get(&tgid).is_some() }
+    let listed = unsafe { TARGET_PIDS.get(&tgid).is_some() };
+    listed || crate::filter::in_target_cgroup(tgid)
 }

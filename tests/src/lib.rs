@@ -8,8 +8,10 @@
 //! - [`folded`]: parse `cpu.folded` and query the stacks.
 //! - [`sched`]: off-CPU outputs, scheduler counters, recording windows.
 //! - [`unwind`]: the unwind-table summary line, no-frame-pointer checks.
+//! - [`cgroup`]: real cgroups (v2 and v1) that look like pods' and services'.
 
 pub mod agent;
+pub mod cgroup;
 pub mod daemon;
 pub mod folded;
 pub mod privilege;

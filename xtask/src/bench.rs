@@ -12,6 +12,7 @@
 
 mod churn;
 mod export;
+mod filter;
 mod measure;
 mod offcpu;
 mod pingpong;
@@ -71,6 +72,15 @@ pub enum Bench {
         #[arg(long)]
         agent: Option<PathBuf>,
     },
+    /// BPF time per sample filtered out by --cgroup against per sample unwound.
+    Filter {
+        /// Seconds per record run.
+        #[arg(long, default_value_t = 8)]
+        duration: u64,
+        /// Rounds of unwound / filtered runs; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// BPF time per sample of CFI against frame-pointer unwinding, table build time and map memory.
     Unwind {
         /// Seconds per record run.
@@ -95,6 +105,7 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Export { interval, intervals } => export::run(interval, intervals),
         Bench::Unwind { duration, rounds } => unwind::run(duration, rounds),
         Bench::Churn { duration, rate, agent } => churn::run(duration, rate, agent),
+        Bench::Filter { duration, rounds } => filter::run(duration, rounds),
     }
 }
 

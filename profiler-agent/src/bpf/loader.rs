@@ -45,6 +45,9 @@ pub struct LoadOptions {
     pub frequency: u64,
     /// Only these processes (tgids) are sampled; empty means all.
     pub pids: Vec<u32>,
+    /// Filter even when `pids` is empty: a target selection (`--cgroup`,
+    /// `--process-name`, ...) fills the filter maps after load.
+    pub targets: bool,
     /// Off-CPU and scheduler-latency tracing, when wanted.
     pub off_cpu: Option<OffCpuOptions>,
     /// CFI unwinding of user stacks; `None` walks frame pointers only.
@@ -179,7 +182,7 @@ impl EbpfSource {
         if EBPF_OBJECT.is_empty() {
             return Err(BpfError::NotBuilt);
         }
-        let filter: u32 = u32::from(!opts.pids.is_empty());
+        let filter: u32 = u32::from(!opts.pids.is_empty() || opts.targets);
         let (mut pid_offset, mut tgid_offset, mut min_block_ns) = (0u32, 0u32, 0u64);
         let (mut state_offset, mut comm_offset) = (0u32, 0u32);
         let btf = match &opts.off_cpu {
@@ -337,6 +340,14 @@ impl EbpfSource {
         let Some(ring) = self.ebpf.take_map("PROCESS_EVENTS") else { return Ok(None) };
         let stats = self.ebpf.take_map("PROCESS_EVENT_STATS").ok_or(BpfError::Missing("PROCESS_EVENT_STATS"))?;
         EbpfProcessEvents::new(ring, stats).map(Some)
+    }
+
+    /// The target filter's maps, for the target selection (taken once).
+    pub fn take_target_maps(&mut self) -> Result<super::target_maps::EbpfTargetMaps, BpfError> {
+        let pids = self.ebpf.take_map("TARGET_PIDS").ok_or(BpfError::Missing("TARGET_PIDS"))?;
+        let cgroups = self.ebpf.take_map("TARGET_CGROUPS").ok_or(BpfError::Missing("TARGET_CGROUPS"))?;
+        let levels = self.ebpf.take_map("TARGET_CGROUP_LEVELS").ok_or(BpfError::Missing("TARGET_CGROUP_LEVELS"))?;
+        super::target_maps::EbpfTargetMaps::new(pids, cgroups, levels)
     }
 
     fn drain(&mut self, out: &mut Vec<Sample>) -> usize {

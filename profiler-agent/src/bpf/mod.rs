@@ -10,6 +10,7 @@ pub mod fake;
 mod loader;
 pub mod probe;
 mod process_events;
+pub mod target_maps;
 mod unwind_maps;
 
 use std::time::Duration;

@@ -8,6 +8,7 @@
 //! that were expected, so a typo never silently falls back to a default.
 
 mod env;
+pub mod kubernetes;
 pub(crate) mod values;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
@@ -15,6 +16,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 use serde::Deserialize;
 
 pub use env::{apply_otel_env, EnvError};
+pub use kubernetes::{Kubernetes, KubernetesSettings, ServiceNameSource, Targets};
 pub use values::{ByteSize, HumanDuration};
 
 /// Where the file config is looked for when `--config` is not given.
@@ -47,6 +49,8 @@ pub struct Config {
     pub export: Export,
     pub http: Http,
     pub resource: ResourceConfig,
+    pub kubernetes: Kubernetes,
+    pub targets: Targets,
 }
 
 /// What is sampled.

@@ -19,6 +19,7 @@ pub mod pprof;
 pub mod pyroscope;
 pub mod rolling;
 pub mod svg;
+pub mod workload;
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -2,8 +2,9 @@
 //! executable mappings, read from `/proc` on first sight so a process that
 //! exits before its samples are symbolized still gets its frames.
 
-pub mod cgroup;
 pub mod maps;
+
+pub use crate::metadata::cgroup;
 
 use std::{
     fs,
@@ -69,6 +70,8 @@ pub struct ProcessInfo {
     pub exe_path: Option<String>,
     /// Container id from `/proc/PID/cgroup`.
     pub container_id: Option<String>,
+    /// Kubernetes pod uid from `/proc/PID/cgroup`.
+    pub pod_uid: Option<String>,
     /// Executable mappings, sorted by start address.
     pub mappings: Vec<Mapping>,
 }
@@ -443,6 +446,7 @@ impl ProcessTable {
             name: from.name.clone(),
             exe_path: from.exe_path.clone(),
             container_id: from.container_id.clone(),
+            pod_uid: from.pod_uid.clone(),
             mappings: from.mappings.clone(),
         });
         self.processes.pop(&child);
@@ -519,13 +523,15 @@ impl ProcessTable {
                 Vec::new()
             }
         };
-        let container_id =
-            read.cgroup.as_deref().and_then(cgroup::container_id).or_else(|| old.and_then(|o| o.container_id.clone()));
+        let cgroup = read.cgroup.as_deref().map(cgroup::CgroupInfo::parse).unwrap_or_default();
+        let container_id = cgroup.container_id.or_else(|| old.and_then(|o| o.container_id.clone()));
+        let pod_uid = cgroup.pod_uid.or_else(|| old.and_then(|o| o.pod_uid.clone()));
         ProcessInfo {
             pid,
             name: read.name.unwrap_or_else(|| fallback_name.to_owned()),
             exe_path: read.exe_path.or_else(|| old.and_then(|o| o.exe_path.clone())),
             container_id,
+            pod_uid,
             mappings,
         }
     }

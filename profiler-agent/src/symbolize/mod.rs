@@ -179,6 +179,8 @@ impl<R: FileResolver> Symbolizer<R> {
                 name: process.name.clone(),
                 exe_path: process.exe_path.clone(),
                 container_id: process.container_id.clone(),
+                pod_uid: process.pod_uid.clone(),
+                pod: None,
             });
             profile.samples.push(Sample {
                 pid: key.pid,

@@ -59,6 +59,10 @@ pub struct Telemetry {
     pub symbol_file_cache_resets: AtomicU64,
     /// Lifecycle events and the process table's figures (None: not tracked).
     processes: Mutex<Option<(crate::lifecycle::LifecycleStats, crate::process::ProcessStats)>>,
+    /// Kubernetes metadata (API errors, cache), shared with that stage.
+    pub metadata: crate::metadata::SharedMetrics,
+    /// Target selection (kernel filter sets), shared with that stage.
+    pub targets: std::sync::Arc<crate::target::sync::TargetStats>,
 }
 
 impl Telemetry {
@@ -321,6 +325,8 @@ impl Telemetry {
                 let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
             }
         }
+        self.metadata.render(&mut s);
+        self.targets.render(&mut s);
         if let Some(rss) = rss_bytes() {
             let _ = writeln!(s, "# HELP profiler_resident_memory_bytes Resident set size of the agent.");
             let _ = writeln!(s, "# TYPE profiler_resident_memory_bytes gauge\nprofiler_resident_memory_bytes {rss}");

@@ -35,7 +35,7 @@
 //! process's own entries (a 40-byte slot per executable mapping, vDSO
 //! included, and its 8-byte key and value) are added to the total.
 
-mod agent;
+pub(super) mod agent;
 mod workload;
 
 use std::{

@@ -64,12 +64,17 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let mut targets = crate::config::Targets::default();
+    args.targets.merge_into(&mut targets);
+    let cgroup2 = crate::target::cgroup2_root();
+    let selection = crate::target::Selection::build(&args.pids, &targets, cgroup2.as_deref(), false)?;
     let dir = args.output_dir.clone().unwrap_or_else(default_output_dir);
     preflight::prepare_output_dir(&dir)?;
 
     let opts = LoadOptions {
         frequency: args.frequency,
         pids: args.pids.clone(),
+        targets: selection.needs_maintenance(),
         off_cpu: args.off_cpu.then_some(OffCpuOptions {
             min_block_ns: args.off_cpu_min_block.as_nanos() as u64,
             force_raw_tracepoints: args.off_cpu_raw_tracepoints,
@@ -88,6 +93,17 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let procs = Arc::new(Mutex::new(ProcessTable::new("/proc", NonZeroUsize::new(MAX_PROCESSES).expect("non-zero"))));
     let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), feed.as_ref())
         .context("starting process lifecycle tracking")?;
+    // The selection is in the kernel before the first sample.
+    let _targets = match selection.needs_maintenance() {
+        true => Some(crate::target::Running::start(
+            source.take_target_maps()?,
+            selection,
+            cgroup2,
+            None,
+            Default::default(),
+        )?),
+        false => None,
+    };
     source.attach().with_context(|| crate::app::preflight::attach_failed_hint(args.unwinder == Unwinder::Cfi))?;
     // Off-CPU from the first second: threads blocked since before now are
     // found (their user stacks unwound on another thread, stored before the

@@ -45,6 +45,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     preflight::warn_degraded(&status);
     preflight::check_btf(Path::new("/sys/kernel/btf/vmlinux"))?;
     preflight::check_pids(Path::new("/proc"), &config.sampling.pids)?;
+    let host_name =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    let kubernetes = config
+        .kubernetes
+        .resolve(|k| std::env::var(k).ok(), &host_name)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let cgroup2 = crate::target::cgroup2_root();
+    let selection = crate::target::Selection::build(
+        &config.sampling.pids,
+        &config.targets,
+        cgroup2.as_deref(),
+        kubernetes.is_some(),
+    )?;
+    let k8s_client = kubernetes.as_ref().map(crate::metadata::kubernetes::watch::client).transpose()?;
     if let Some(files) = &config.export.files {
         preflight::prepare_output_dir(&files.dir)?;
     }
@@ -55,9 +69,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     limit_malloc_arenas();
     let telemetry = Arc::new(Telemetry::default());
+    let enricher = kubernetes.map(|s| crate::metadata::Enricher::new(s, telemetry.metadata.clone()));
+    if let (Some(client), Some(e)) = (k8s_client, &enricher) {
+        log::info!("Kubernetes metadata: pods of node {} from {}", e.settings.node_name, e.settings.api_url);
+        tokio::spawn(crate::metadata::kubernetes::watch::run(client, e.clone()));
+    }
     let opts = LoadOptions {
         frequency: config.sampling.frequency,
         pids: config.sampling.pids.clone(),
+        targets: selection.needs_maintenance(),
         off_cpu: config.sampling.off_cpu.then_some(OffCpuOptions {
             min_block_ns: config.sampling.off_cpu_min_block.0.as_nanos() as u64,
             force_raw_tracepoints: false,
@@ -75,6 +95,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let procs = Arc::new(pipeline::process_table());
     let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), tables.as_ref().map(|(_, f)| f))
         .context("starting process lifecycle tracking")?;
+    // The selection is in the kernel before the first sample.
+    let _targets = match selection.needs_maintenance() {
+        true => Some(crate::target::Running::start(
+            source.take_target_maps()?,
+            selection,
+            cgroup2,
+            enricher.as_ref().map(|e| e.cache.clone()),
+            telemetry.targets.clone(),
+        )?),
+        false => None,
+    };
     source
         .attach()
         .with_context(|| crate::app::preflight::attach_failed_hint(config.sampling.unwinder == Unwinder::Cfi))?;
@@ -136,13 +167,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 KernelSymbols::load(),
                 NonZeroUsize::new(SYMBOL_CACHE_ENTRIES).expect("non-zero"),
             );
-            pipeline::symbolize_intervals(raw_rx, &mut symbolizer, &procs, frequency, off_cpu, &telemetry, |p| {
-                for (name, tx) in &senders {
-                    if tx.try_send(p.clone()).is_err() {
-                        telemetry.exporter(name).dropped.fetch_add(1, Ordering::Relaxed);
+            let enricher = enricher.as_ref();
+            pipeline::symbolize_intervals(
+                raw_rx,
+                &mut symbolizer,
+                &procs,
+                frequency,
+                off_cpu,
+                &telemetry,
+                enricher,
+                |p| {
+                    for (name, tx) in &senders {
+                        if tx.try_send(p.clone()).is_err() {
+                            telemetry.exporter(name).dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                }
-            });
+                },
+            );
         })?
     };
 

@@ -66,6 +66,14 @@ pub struct IntervalProfiles {
     pub latency: Vec<ProcessHistogram>,
 }
 
+impl IntervalProfiles {
+    /// Every process record of the interval, for the metadata stage.
+    pub fn processes_mut(&mut self) -> impl Iterator<Item = &mut ProcessMeta> {
+        let off = self.off_cpu.iter_mut().flat_map(|p| p.processes.values_mut());
+        self.cpu.processes.values_mut().chain(off).chain(self.latency.iter_mut().map(|l| &mut l.process))
+    }
+}
+
 /// Samples until `control.stop`, emitting an interval at every cut and a
 /// final one when stopping.
 pub fn sample_intervals<S: SampleSource>(
@@ -146,6 +154,8 @@ fn try_send(out: &SyncSender<RawInterval>, raw: RawInterval) -> Result<(), ()> {
 
 /// Symbolizes raw intervals until the channel closes, handing each result
 /// to `emit`.
+// One stage's inputs, each used once; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn symbolize_intervals<R: FileResolver>(
     input: Receiver<RawInterval>,
     symbolizer: &mut Symbolizer<R>,
@@ -153,13 +163,17 @@ pub fn symbolize_intervals<R: FileResolver>(
     frequency: u64,
     off_cpu: bool,
     telemetry: &Telemetry,
+    enricher: Option<&crate::metadata::Enricher>,
     mut emit: impl FnMut(Arc<IntervalProfiles>),
 ) {
     for raw in input {
         if raw.last {
             log::debug!("symbolizing the final, partial interval");
         }
-        let profiles = symbolize_one(&raw, symbolizer, procs, frequency, off_cpu);
+        let mut profiles = symbolize_one(&raw, symbolizer, procs, frequency, off_cpu);
+        if let Some(e) = enricher {
+            e.apply(profiles.processes_mut());
+        }
         // Processes that exited before this interval's cut have had their
         // samples symbolized (a sample reaches the aggregate within a poll
         // period, 100 ms, of being taken; the margin covers a late poll).
@@ -244,6 +258,8 @@ fn process_histograms(
                             name: info.name.clone(),
                             exe_path: info.exe_path.clone(),
                             container_id: info.container_id.clone(),
+                            pod_uid: info.pod_uid.clone(),
+                            pod: None,
                         },
                         None => {
                             let dir = std::path::PathBuf::from(format!("/proc/{pid}"));
@@ -252,7 +268,7 @@ fn process_histograms(
                                 .unwrap_or_default();
                             let exe_path =
                                 std::fs::read_link(dir.join("exe")).ok().map(|p| p.to_string_lossy().into_owned());
-                            ProcessMeta { pid, name, exe_path, container_id: None }
+                            ProcessMeta { pid, name, exe_path, ..Default::default() }
                         }
                     }
                 })

@@ -24,6 +24,7 @@ pub fn resolve(args: &RunArgs, env: impl Fn(&str) -> Option<String>) -> Result<C
     if !args.pids.is_empty() {
         config.sampling.pids = args.pids.clone();
     }
+    args.targets.merge_into(&mut config.targets);
     if let Some(i) = args.export_interval {
         config.export.interval = HumanDuration(i);
     }

@@ -130,6 +130,8 @@ fn process_meta(profiles: &[&Profile], pid: u32, sample: Option<&Sample>) -> Pro
         }
         meta.exe_path = meta.exe_path.or_else(|| m.exe_path.clone());
         meta.container_id = meta.container_id.or_else(|| m.container_id.clone());
+        meta.pod_uid = meta.pod_uid.or_else(|| m.pod_uid.clone());
+        meta.pod = meta.pod.or_else(|| m.pod.clone());
     }
     if meta.name.is_empty() {
         meta.name = sample.map(|s| s.process_name.clone()).unwrap_or_default();
@@ -151,7 +153,9 @@ fn executable_name(meta: &ProcessMeta) -> String {
 fn process_resource(meta: &ProcessMeta, agent: &Resource) -> OtlpResource {
     let exe_name = executable_name(meta);
     let extra_service = agent.extra_attributes.iter().find(|(k, _)| k == "service.name").map(|(_, v)| v);
-    let service = agent.service_name_override.as_ref().or(extra_service).unwrap_or(&exe_name);
+    // OTEL_SERVICE_NAME, then the pod's rule, then OTEL_RESOURCE_ATTRIBUTES.
+    let pod_service = crate::export::workload::pod_service_name(meta).map(str::to_owned);
+    let service = agent.service_name_override.as_ref().or(pod_service.as_ref()).or(extra_service).unwrap_or(&exe_name);
 
     let mut attrs = Vec::new();
     push_str(&mut attrs, "service.name", service);
@@ -159,6 +163,9 @@ fn process_resource(meta: &ProcessMeta, agent: &Resource) -> OtlpResource {
     push_str(&mut attrs, "process.executable.name", &exe_name);
     push_str(&mut attrs, "process.executable.path", meta.exe_path.as_deref().unwrap_or(""));
     push_str(&mut attrs, "container.id", meta.container_id.as_deref().unwrap_or(""));
+    for (k, v) in crate::export::workload::k8s_attributes(meta) {
+        push_str(&mut attrs, &k, &v);
+    }
     push_str(&mut attrs, "host.name", &agent.host_name);
     for (k, v) in &agent.extra_attributes {
         push_str(&mut attrs, k, v);

@@ -15,7 +15,13 @@ use crate::export::testutil::{frame, on_cpu_profile, sample, DURATION_NS, PERIOD
 use crate::profile::{FrameKind, Module, ProcessMeta, Profile, ProfileBuilder, ValueType};
 
 fn meta(pid: u32, name: &str, exe: Option<&str>, container: Option<&str>) -> ProcessMeta {
-    ProcessMeta { pid, name: name.into(), exe_path: exe.map(Into::into), container_id: container.map(Into::into) }
+    ProcessMeta {
+        pid,
+        name: name.into(),
+        exe_path: exe.map(Into::into),
+        container_id: container.map(Into::into),
+        ..Default::default()
+    }
 }
 
 /// The fixture's on-CPU profile with a sample of a second process (`db`,

@@ -231,6 +231,12 @@ pub fn process_attributes(meta: &ProcessMeta) -> Vec<KeyValue> {
     if !name.is_empty() {
         attrs.push(kv("process.executable.name", any_value::Value::StringValue(name.to_owned())));
     }
+    if let Some(id) = meta.container_id.as_deref() {
+        attrs.push(kv("container.id", any_value::Value::StringValue(id.to_owned())));
+    }
+    for (k, v) in crate::export::workload::k8s_attributes(meta) {
+        attrs.push(kv(&k, any_value::Value::StringValue(v)));
+    }
     attrs
 }
 

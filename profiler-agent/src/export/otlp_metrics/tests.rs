@@ -105,7 +105,7 @@ proptest! {
 }
 
 fn meta(pid: u32, name: &str, exe: Option<&str>) -> ProcessMeta {
-    ProcessMeta { pid, name: name.into(), exe_path: exe.map(Into::into), container_id: None }
+    ProcessMeta { pid, name: name.into(), exe_path: exe.map(Into::into), ..Default::default() }
 }
 
 fn off_cpu_profile(start: SystemTime) -> Profile {

@@ -138,6 +138,9 @@ fn series_labels(name: &str, meta: &ProcessMeta, labels: &PushLabels) -> Vec<Lab
     put("pid", &meta.pid.to_string());
     put("process_name", &meta.name);
     put("container_id", meta.container_id.as_deref().unwrap_or(""));
+    for (k, v) in crate::export::workload::pyroscope_labels(meta) {
+        put(k, &v);
+    }
     set.into_iter().map(|(name, value)| LabelPair { name, value }).collect()
 }
 
@@ -145,6 +148,9 @@ fn series_labels(name: &str, meta: &ProcessMeta, labels: &PushLabels) -> Vec<Lab
 /// stable across restarts that users recognise.
 fn service_name(meta: &ProcessMeta, labels: &PushLabels) -> String {
     if let Some(s) = labels.service_name_override.as_deref().filter(|s| !s.is_empty()) {
+        return s.to_owned();
+    }
+    if let Some(s) = crate::export::workload::pod_service_name(meta) {
         return s.to_owned();
     }
     let exe = meta.exe_path.as_deref().and_then(|p| p.rsplit('/').next()).filter(|n| !n.is_empty());

@@ -45,6 +45,7 @@ fn two_process_profile(value_type: ValueType, period_type: Option<ValueType>) ->
             name: name.into(),
             exe_path: exe.map(Into::into),
             container_id: container.map(Into::into),
+            ..Default::default()
         };
         p.processes.insert(pid, meta);
     }
