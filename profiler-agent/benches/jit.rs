@@ -6,6 +6,13 @@
 //! column, of varied lengths, in address order with some code recompiled
 //! over older ranges (the later entry wins). Stacks mix 2k hot functions.
 //!
+//! Measured on a shared 2-CPU VM at load average ~26 (absolute times are
+//! inflated; the ratios are the point): parsing 100k lines 747 ms, the
+//! re-read after 1k appended lines 7.9 ms (the cost follows the appended
+//! bytes, not the file); 206 bytes of heap per line; naming a frame 7.2 us
+//! for JIT code against 18.9 us for a cached native frame (whole
+//! symbolization pass per frame, profile building included).
+//!
 //! Run: `cargo bench -p profiler-agent --bench jit`. Memory is measured
 //! with a counting allocator: the live bytes the table holds after the
 //! parse, against the table's own estimate (which the bounds use).

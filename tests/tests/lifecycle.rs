@@ -211,6 +211,10 @@ fn samples_before_and_after_an_exec_are_symbolized_against_their_own_image() {
 /// a busy shared host once left 2 (of 564), whose cause is not known yet;
 /// without the cleanup every one of them stays.
 const MAX_EXITED_LEFT: u64 = 5;
+/// Processes of other work on the host may come and go meanwhile: the
+/// table may end this many above its baseline (against the 300 churned,
+/// which all stay without the cleanup).
+const MARGIN: u64 = 50;
 
 /// Reads one gauge from the daemon's `/metrics`.
 fn metric(port: u16, name: &str) -> Option<u64> {
@@ -285,7 +289,7 @@ fn the_daemon_forgets_exited_processes_after_exporting_them() {
         exited = gauge("profiler_processes_exited");
         entries = gauge("profiler_processes");
         unwind = gauge("profiler_unwind_processes");
-        if exited <= MAX_EXITED_LEFT && entries <= baseline + 20 && unwind <= unwind_baseline + 20 {
+        if exited <= MAX_EXITED_LEFT && entries <= baseline + MARGIN && unwind <= unwind_baseline + MARGIN {
             break;
         }
     }
@@ -295,9 +299,8 @@ fn the_daemon_forgets_exited_processes_after_exporting_them() {
     );
     assert!(execs_after >= 300, "the churn's execs were seen\n{ctx}");
     assert!(exited <= MAX_EXITED_LEFT, "exited processes left in the table\n{ctx}");
-    // Other developers' builds come and go on the machine: a margin.
-    assert!(entries <= baseline + 20, "{ctx}");
-    assert!(unwind <= unwind_baseline + 20, "{ctx}");
+    assert!(entries <= baseline + MARGIN, "{ctx}");
+    assert!(unwind <= unwind_baseline + MARGIN, "{ctx}");
     assert!(gauge("profiler_processes_removed_total") >= 250, "{ctx}");
     assert!(daemon.stop().success());
 }

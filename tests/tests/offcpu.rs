@@ -13,12 +13,11 @@
 //! detaches (`sched::record_windowed`), so they cover the same window as the
 //! agent's scheduler programs, to within a few milliseconds.
 //!
-//! Window edges: the agent records a block when the thread is switched back
-//! in, and only if it saw the switch-out. A block in progress when recording
-//! starts is therefore missing from the profile but (if it ends inside the
-//! window) present in the workload's count; a block in progress at the end
-//! is in neither. With blocks of at most 20 ms in a 5 s window that is at
-//! most 0.4% of the expected time, far inside the tolerances below.
+//! Window edges: a block in progress when recording starts is found by the
+//! start scan and counted from the start, one in progress at the end is
+//! counted up to the end; the workload counts each block when it ends. With
+//! blocks of at most 20 ms in a 5 s window the difference is at most 0.4%
+//! of the expected time, far inside the tolerances below.
 
 use std::time::Duration;
 

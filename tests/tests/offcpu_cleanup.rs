@@ -248,7 +248,8 @@ fn min_block_filters_short_blocks() {
 /// A thread named `mixer` alternates spinning in `spin_here` and sleeping in
 /// `block_here` (own syscall), each for 4-10 ms drawn at random, so ~50% of
 /// each, and the cycle does not alias with 99 Hz sampling. Main waits in
-/// pthread_join (blocked since before the recording: no wall time).
+/// pthread_join (blocked since before the recording; only the mixer is
+/// checked).
 const WALL_C: &str = r#"
 static uint64_t rng = 88172645463325252ull;
 

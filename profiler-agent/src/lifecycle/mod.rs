@@ -10,7 +10,8 @@
 //! the exec.
 
 use std::{
-    collections::VecDeque,
+    cmp::Reverse,
+    collections::BinaryHeap,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -31,11 +32,13 @@ use crate::{
 const WAIT: Duration = Duration::from_millis(100);
 
 /// At exec the new image's shared libraries are not mapped yet (the dynamic
-/// loader maps them in the new process, ~1 ms later for a small C program),
-/// so the mappings are read once more this long after the exec, for both
-/// the symbolizer and the unwinder. A process gone by then costs one failed
-/// open.
+/// loader maps them in the new process, ~1 ms of its CPU time later for a
+/// small C program, but on a busy host it may wait in the run queue for
+/// longer), so the mappings are read again this long after the exec, for
+/// both the symbolizer and the unwinder, and while the process lives, at
+/// the later delays too. A process gone by then costs one failed open.
 const RELOAD_AFTER: Duration = Duration::from_millis(10);
+const RELOAD_LATER: [Duration; 2] = [Duration::from_millis(50), Duration::from_millis(250)];
 /// Re-reads waiting at most; beyond it (an exec storm) they are skipped and
 /// counted, and those processes' libraries are read on demand.
 const MAX_DEFERRED: usize = 4096;
@@ -99,8 +102,8 @@ struct Core {
     subscribers: Vec<Subscriber>,
     stats: LifecycleStats,
     buf: Vec<ProcessEvent>,
-    /// Post-exec re-reads: when, and which process.
-    deferred: VecDeque<(Instant, u32)>,
+    /// Post-exec re-reads: when, which process, and which of the delays.
+    deferred: BinaryHeap<Reverse<(Instant, u32, usize)>>,
 }
 
 impl Core {
@@ -121,15 +124,21 @@ impl Core {
     /// Runs the re-reads that are due; returns how long until the next.
     fn reload_due(&mut self) -> Option<Duration> {
         let now = Instant::now();
-        while let Some(&(at, pid)) = self.deferred.front() {
+        while let Some(&Reverse((at, pid, stage))) = self.deferred.peek() {
             if at > now {
                 return Some(at - now);
             }
-            self.deferred.pop_front();
-            if let Some(u) = &self.unwind {
-                u.exec(pid);
+            self.deferred.pop();
+            let alive = self.table().refresh(pid).is_some();
+            if alive {
+                if let Some(u) = &self.unwind {
+                    u.exec(pid);
+                }
+                if let Some(later) = RELOAD_LATER.get(stage) {
+                    let next = now + (*later - RELOAD_AFTER.min(*later));
+                    self.deferred.push(Reverse((next, pid, stage + 1)));
+                }
             }
-            self.table().refresh(pid);
         }
         None
     }
@@ -154,7 +163,7 @@ impl Core {
                 let read = ProcRead::read(&root, pid);
                 self.table().exec(pid, time_ns, comm, read);
                 if self.deferred.len() < MAX_DEFERRED {
-                    self.deferred.push_back((Instant::now() + RELOAD_AFTER, pid));
+                    self.deferred.push(Reverse((Instant::now() + RELOAD_AFTER, pid, 0)));
                 } else {
                     self.stats.reloads_skipped += 1;
                 }
@@ -209,7 +218,7 @@ impl Tracker {
             subscribers: Vec::new(),
             stats: LifecycleStats::default(),
             buf: Vec::with_capacity(256),
-            deferred: VecDeque::new(),
+            deferred: BinaryHeap::new(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
         if !thread {

@@ -203,7 +203,19 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         self.no_evict = true;
         let r = self.load(tgid);
         self.no_evict = false;
-        r
+        r?;
+        // All or nothing: a process with a deferred table stays unknown to
+        // the kernel, whose switch program then announces it when it blocks
+        // (a known process with a file left out would unwind by frame
+        // pointer there with no one asking for it).
+        let deferred = self
+            .processes
+            .get(&tgid)
+            .is_some_and(|p| p.files.iter().any(|f| self.tables.get(f).is_some_and(|t| t.rows.is_none())));
+        if deferred {
+            self.forget(tgid)?;
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> UnwindStats {
