@@ -94,7 +94,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), feed.as_ref())
         .context("starting process lifecycle tracking")?;
     // The selection is in the kernel before the first sample.
-    let _targets = match selection.needs_maintenance() {
+    let selected = match selection.needs_maintenance() {
         true => Some(crate::target::Running::start(
             source.take_target_maps()?,
             selection,
@@ -104,6 +104,16 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         )?),
         false => None,
     };
+    // An exec can give a process a name that `--process-name` selects:
+    // re-evaluate it then, not at the next rescan.
+    if let (Some(t), Some(l)) = (&selected, &lifecycle) {
+        let targeter = t.targeter.clone();
+        l.subscribe(Box::new(move |e| {
+            if let crate::lifecycle::LifecycleEvent::Exec { pid, .. } = e {
+                targeter.lock().unwrap_or_else(|e| e.into_inner()).on_exec(*pid);
+            }
+        }));
+    }
     source.attach().with_context(|| crate::app::preflight::attach_failed_hint(args.unwinder == Unwinder::Cfi))?;
     // Off-CPU from the first second: threads blocked since before now are
     // found (their user stacks unwound on another thread, stored before the

@@ -96,7 +96,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), tables.as_ref().map(|(_, f)| f))
         .context("starting process lifecycle tracking")?;
     // The selection is in the kernel before the first sample.
-    let _targets = match selection.needs_maintenance() {
+    let selected = match selection.needs_maintenance() {
         true => Some(crate::target::Running::start(
             source.take_target_maps()?,
             selection,
@@ -106,6 +106,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         )?),
         false => None,
     };
+    // An exec can give a process a name that `--process-name` selects:
+    // re-evaluate it then, not at the next rescan.
+    if let (Some(t), Some(l)) = (&selected, &lifecycle) {
+        let targeter = t.targeter.clone();
+        l.subscribe(Box::new(move |e| {
+            if let crate::lifecycle::LifecycleEvent::Exec { pid, .. } = e {
+                targeter.lock().unwrap_or_else(|e| e.into_inner()).on_exec(*pid);
+            }
+        }));
+    }
     source
         .attach()
         .with_context(|| crate::app::preflight::attach_failed_hint(config.sampling.unwinder == Unwinder::Cfi))?;
