@@ -380,7 +380,10 @@ fn node_perf_basic_prof() {
     let dir = tempfile::tempdir().unwrap();
     let js = dir.path().join("work.js");
     std::fs::write(&js, NODE_JS).unwrap();
-    let node = start(Command::new("node").args(["--perf-basic-prof", "--allow-natives-syntax"]).arg(&js));
+    // In the tempdir: V8 may write its log (isolate-*.log) into the cwd.
+    let node = start(
+        Command::new("node").args(["--perf-basic-prof", "--allow-natives-syntax"]).arg(&js).current_dir(dir.path()),
+    );
     let map = PathBuf::from(format!("/tmp/perf-{}.map", node.pid()));
     // Warm up until TurboFan compiled leafSin (its `*` entry in the map).
     wait_for("TurboFan to compile leafSin", Duration::from_secs(20), || {
