@@ -360,7 +360,6 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
             self.python.insert(tgid);
         } else {
             self.python.remove(&tgid);
-        self.python_unsupported.remove(&tgid);
         }
         self.maps.set_python(tgid, python.as_ref())?;
         self.processes.insert(tgid, Process { start_time, mappings, files, refreshed: Instant::now() });
@@ -387,6 +386,7 @@ impl<M: UnwindMaps, T: TableSource, P: ProcessReader> Registry<M, T, P> {
         self.maps.remove_process(tgid)?;
         self.maps.set_python(tgid, None)?;
         self.python.remove(&tgid);
+        self.python_unsupported.remove(&tgid);
         for f in p.files {
             self.release(f);
         }

@@ -300,3 +300,45 @@ fn background_loads_leave_big_files_to_first_sight() {
     assert_eq!(r.stats().tables, 1);
     assert_eq!(tables.builds, ["/bin/big"], "built once, when seen");
 }
+
+/// Python records by path: "/bin/python3.11" is an interpreter, "/bin/python3.99"
+/// an unsupported one.
+struct PyTables;
+
+impl TableSource for PyTables {
+    fn build(&mut self, _tgid: u32, _m: &MapEntry) -> Result<UnwindTable, TableError> {
+        Err(TableError::Io(std::io::Error::other("no tables in this test")))
+    }
+
+    fn python(&mut self, _tgid: u32, mappings: &[MapEntry]) -> Result<Option<PyProcess>, Unsupported> {
+        if mappings.iter().any(|m| m.path == "/bin/python3.99") {
+            return Err(Unsupported::Version(3, 99));
+        }
+        Ok(mappings.iter().find(|m| m.path == "/bin/python3.11").map(|m| PyProcess {
+            eval_start: m.start,
+            eval_end: m.end,
+            version: 0x030b,
+            ..Default::default()
+        }))
+    }
+}
+
+#[test]
+fn python_records_follow_processes_and_unsupported_ones_are_counted_once() {
+    let mut procs = Procs::default();
+    procs.0.insert(20, (1, vec![file(0x40_0000, "/bin/python3.11", 5)]));
+    procs.0.insert(21, (1, vec![file(0x40_0000, "/bin/python3.99", 6)]));
+    procs.0.insert(22, (1, vec![libc(0x7f00_0000)]));
+    let mut maps = FakeUnwindMaps::new(1000);
+    let mut r = Registry::new(&mut maps, PyTables, &mut procs);
+    for tgid in [20, 21, 22] {
+        r.seen(tgid).unwrap();
+    }
+    std::thread::sleep(REFRESH_INTERVAL);
+    r.refresh(21).unwrap(); // the same process again: not counted twice
+    let s = r.stats();
+    assert_eq!((s.python_processes, s.python_unsupported), (1, 1));
+    drop(r);
+    assert_eq!(maps.python.keys().copied().collect::<Vec<_>>(), [20]);
+    assert_eq!(maps.python[&20].version, 0x030b);
+}
