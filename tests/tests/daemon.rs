@@ -71,9 +71,11 @@ fn daemon_exports_every_interval_serves_health_and_flushes_on_sigterm() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(ready.is_some(), "/readyz never answered 200 within 10 s");
+    let ready = ready.expect("/readyz never answered 200 within 10 s");
     assert_eq!(http_get("/healthz").map(|r| r.0), Some(200));
-    std::thread::sleep(RUN_FOR.saturating_sub(started.elapsed()));
+    // Intervals start when the programs are attached: count from readiness,
+    // not from the process start (loading and verifying the programs).
+    std::thread::sleep(RUN_FOR.saturating_sub(started.elapsed() - ready));
     let (status, metrics) = http_get("/metrics").expect("/metrics answers");
     assert_eq!(status, 200);
     assert!(metrics.contains("profiler_export_attempts_total{exporter=\"files\"}"), "{metrics}");

@@ -30,7 +30,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     step(format!("test: integration tests, one at a time (PROFILER_AGENT_BIN={})", agent.display()));
     let mut integ = build::cargo(&tools)?;
     integ
-        .args(["test", "--release", "-p", "profiler-integration-tests", "--", "--test-threads=1"])
+        .args(["test", "--release", "--no-fail-fast", "-p", "profiler-integration-tests", "--", "--test-threads=1"])
         .args(extra)
         .env("PROFILER_AGENT_BIN", &agent);
     build::run_cmd(&mut integ, "integration tests")?;
