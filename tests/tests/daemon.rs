@@ -91,7 +91,9 @@ fn daemon_exports_every_interval_serves_health_and_flushes_on_sigterm() {
     };
     assert!(gauge("profiler_unwind_tables") >= 3, "{metrics}");
     assert!(gauge("profiler_unwind_table_bytes") > 0, "{metrics}");
-    assert_eq!(gauge("profiler_unwind_processes"), 1, "{metrics}");
+    // The --pid process at least; an exec elsewhere on the host also loads
+    // that process's tables (the lifecycle feed does not apply --pid).
+    assert!(gauge("profiler_unwind_processes") >= 1, "{metrics}");
     assert!(gauge("profiler_kernel_events_total{kind=\"unwind_complete\"}") > 100, "{metrics}");
 
     let before_stop = files(out.path(), "cpu-", ".pb.gz").len();
