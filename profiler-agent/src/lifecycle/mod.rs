@@ -333,8 +333,20 @@ fn lock(core: &Mutex<Core>) -> std::sync::MutexGuard<'_, Core> {
 /// in the run queue, and a sixth of a short-lived process's samples were
 /// taken before its tables were in
 /// (`short_lived_processes_get_symbolized_stacks_reaching_main`). Failure
-/// (no CAP_SYS_NICE) leaves the default priority.
+/// (no CAP_SYS_NICE) leaves the default priority. Without that capability
+/// the call is not even made: the packaged unit's system-call filter
+/// refuses `setpriority` (`@resources`), and the agent's capabilities there
+/// do not include CAP_SYS_NICE.
 pub fn raise_priority() {
+    const CAP_SYS_NICE: u32 = 23;
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:")).map(|v| v.trim().to_owned()))
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+        .unwrap_or(0);
+    if eff & (1u64 << CAP_SYS_NICE) == 0 {
+        return;
+    }
     // SAFETY: setpriority on this thread's own tid; no memory is passed.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
