@@ -72,7 +72,16 @@ impl Drop for Receiver {
 }
 
 fn sample(pid: u32, tid: u32, process: &str, thread: &str, frames: Vec<usize>, value: u64) -> Sample {
-    Sample { pid, tid, process_name: process.into(), thread_name: thread.into(), cpu: Some(0), frames, value, labels: Vec::new() }
+    Sample {
+        pid,
+        tid,
+        process_name: process.into(),
+        thread_name: thread.into(),
+        cpu: Some(0),
+        frames,
+        value,
+        labels: Vec::new(),
+    }
 }
 
 /// A 5 s window of `shop` (pid 4242, in a container, two threads, an inline

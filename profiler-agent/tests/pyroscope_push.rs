@@ -252,7 +252,16 @@ fn profile(value_type: ValueType, period_type: Option<ValueType>, leaves: [&str;
         let name = p.processes[&pid].name.clone();
         for (tid, value) in [(pid, 3 + i as u64), (pid + 1, 1)] {
             let (process_name, thread_name) = (name.clone(), format!("{name}-{tid}"));
-            p.samples.push(Sample { pid, tid, process_name, thread_name, cpu: None, frames: stack.clone(), value, labels: Vec::new() });
+            p.samples.push(Sample {
+                pid,
+                tid,
+                process_name,
+                thread_name,
+                cpu: None,
+                frames: stack.clone(),
+                value,
+                labels: Vec::new(),
+            });
         }
     }
     p

@@ -7,8 +7,8 @@
 #![no_std]
 
 pub mod offcpu;
-pub mod python;
 pub mod process;
+pub mod python;
 pub mod sample;
 pub mod stats;
 pub mod unwind;

@@ -12,8 +12,8 @@ mod maps;
 mod offcpu;
 mod oncpu;
 mod probe;
-mod python;
 mod process;
+mod python;
 mod stack;
 mod unwind;
 

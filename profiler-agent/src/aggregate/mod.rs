@@ -202,7 +202,10 @@ mod tests {
     fn off_cpu_records_become_weighted_stacks() {
         let key = profiler_common::offcpu::OffCpuKey { tgid: 1, tid: 2, kernel_stack: 5, user_stack: 6, comm: [0; 16] };
         let value = profiler_common::offcpu::OffCpuValue { total_ns: 1_000, count: 4 };
-        let agg = from_off_cpu(&[OffCpuRecord { key, value, kernel: vec![0xffff], user: vec![1, 2], still_blocked: true }], 10);
+        let agg = from_off_cpu(
+            &[OffCpuRecord { key, value, kernel: vec![0xffff], user: vec![1, 2], still_blocked: true }],
+            10,
+        );
         assert_eq!(agg.stacks.len(), 1);
         let (k, v) = agg.stacks.iter().next().unwrap();
         assert_eq!((k.pid, k.tid, &*k.user, *v), (1, 2, &[1u64, 2][..], 1_000));

@@ -23,7 +23,16 @@ fn with_source(mut f: Frame, file: &str, line: u32) -> Frame {
 }
 
 pub fn sample(pid: u32, tid: u32, process: &str, thread: &str, frames: Vec<usize>, value: u64) -> Sample {
-    Sample { pid, tid, process_name: process.into(), thread_name: thread.into(), cpu: Some(1), frames, value, labels: Vec::new() }
+    Sample {
+        pid,
+        tid,
+        process_name: process.into(),
+        thread_name: thread.into(),
+        cpu: Some(1),
+        frames,
+        value,
+        labels: Vec::new(),
+    }
 }
 
 /// Frames in the fixture, by what the tests call them.

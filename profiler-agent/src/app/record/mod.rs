@@ -171,8 +171,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let mut found_unwinder = found_unwinder;
     let found_blocked = found_unwinder.store(&mut source, true).map_or(0, |f| f.threads);
     // Threads still blocked now are counted up to the end.
-    let mut off_cpu_records =
-        source.cut_still_blocked(cut_ns).context("counting the threads still blocked failed")?;
+    let mut off_cpu_records = source.cut_still_blocked(cut_ns).context("counting the threads still blocked failed")?;
     off_cpu_records.extend(source.take_off_cpu().context("reading the off-CPU aggregate failed")?);
     let histograms = source.take_histograms().context("reading the latency histograms failed")?;
     let occupancy = source.occupancy().context("reading the scheduler maps failed")?;

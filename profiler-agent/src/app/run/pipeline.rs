@@ -313,7 +313,18 @@ mod tests {
         control.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = sync_channel(2);
         let telemetry = Telemetry::default();
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None, None, crate::offcpu::PendingFound::none()).unwrap();
+        sample_intervals(
+            &mut src,
+            &procs,
+            &control,
+            100,
+            &tx,
+            &telemetry,
+            None,
+            None,
+            crate::offcpu::PendingFound::none(),
+        )
+        .unwrap();
         drop(tx);
         let raws: Vec<RawInterval> = rx.into_iter().collect();
         // The cut happens after the first batch (all 3 samples); the final
@@ -362,7 +373,18 @@ mod tests {
         let control = Control::default();
         control.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = sync_channel(2);
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &Telemetry::default(), None, None, crate::offcpu::PendingFound::none()).unwrap();
+        sample_intervals(
+            &mut src,
+            &procs,
+            &control,
+            100,
+            &tx,
+            &Telemetry::default(),
+            None,
+            None,
+            crate::offcpu::PendingFound::none(),
+        )
+        .unwrap();
         drop(tx);
         let raw = rx.recv().unwrap();
         assert_eq!(raw.histograms.len(), 3, "taken at the cut, as the kernel gave them");
@@ -403,7 +425,18 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             rx.into_iter().count()
         });
-        sample_intervals(&mut src, &procs, &control, 100, &tx, &telemetry, None, None, crate::offcpu::PendingFound::none()).unwrap();
+        sample_intervals(
+            &mut src,
+            &procs,
+            &control,
+            100,
+            &tx,
+            &telemetry,
+            None,
+            None,
+            crate::offcpu::PendingFound::none(),
+        )
+        .unwrap();
         drop(tx);
         assert_eq!(telemetry.intervals_dropped.load(Ordering::Relaxed), 1);
         assert_eq!(reader.join().unwrap(), 2, "the pre-filled one and the last one");
