@@ -255,28 +255,27 @@ impl EbpfSource {
         })
     }
 
-    /// Attaches the programs: the sampler to the cpu-clock event of every
-    /// online CPU, and the tracepoints. Separate from `load` so the CFI
+    /// Attaches the programs: the tracepoints, then the sampler to the
+    /// cpu-clock event of every online CPU. Separate from `load` so the CFI
     /// tables of `--pid` processes are in the kernel before the first
     /// sample. Attaching twice is a no-op.
+    ///
+    /// Every program is loaded (verified) before the first cpu-clock event
+    /// is opened, and the events are opened last: verifying the scheduler
+    /// programs takes seconds, and a sampler attached before them recorded
+    /// that time (its ring buffer overflowing meanwhile) outside the
+    /// window the caller then measured, so on-CPU time came out ~40% over
+    /// the thread's schedstat in `offcpu_cleanup::wall_view_adds_on_and_off_cpu_per_thread`.
     pub fn attach(&mut self) -> Result<(), BpfError> {
         let Some(Pending { opts, btf, cpus }) = self.pending.take() else { return Ok(()) };
         let ebpf = &mut self.ebpf;
-        let program: &mut PerfEvent = ebpf
-            .program_mut(ON_CPU_PROGRAM)
-            .ok_or(BpfError::Missing(ON_CPU_PROGRAM))?
-            .try_into()
-            .map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
-        program.load().map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
-        for cpu in cpus {
-            program
-                .attach(
-                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                    PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Frequency(opts.frequency),
-                    false,
-                )
+        {
+            let program: &mut PerfEvent = ebpf
+                .program_mut(ON_CPU_PROGRAM)
+                .ok_or(BpfError::Missing(ON_CPU_PROGRAM))?
+                .try_into()
                 .map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
+            program.load().map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
         }
 
         if opts.unwind.is_some() {
@@ -320,6 +319,21 @@ impl EbpfSource {
             p.load("task", btf).map_err(|source| BpfError::Program { name: TASK_ITER, source })?;
         }
 
+        let program: &mut PerfEvent = ebpf
+            .program_mut(ON_CPU_PROGRAM)
+            .ok_or(BpfError::Missing(ON_CPU_PROGRAM))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
+        for cpu in cpus {
+            program
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(opts.frequency),
+                    false,
+                )
+                .map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
+        }
         Ok(())
     }
 

@@ -115,6 +115,12 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         }));
     }
     source.attach().with_context(|| crate::app::preflight::attach_failed_hint(args.unwinder == Unwinder::Cfi))?;
+    // The window starts when sampling does: `attach` opens the cpu-clock
+    // events last.
+    let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
+    let start_wall = SystemTime::now();
+    let started = Instant::now();
+    let blocks_start = blocks::monotonic_ns();
     // Off-CPU from the first second: threads blocked since before now are
     // found (their user stacks unwound on another thread, stored before the
     // records are read), and every process's tables load in the background
@@ -130,10 +136,6 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     } else {
         offcpu::PendingFound::none()
     };
-    let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
-    let start_wall = SystemTime::now();
-    let started = Instant::now();
-    let blocks_start = blocks::monotonic_ns();
 
     // Sampling runs on its own thread: it must keep draining the ring buffer
     // whatever the async side is doing.
