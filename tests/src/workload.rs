@@ -17,10 +17,25 @@ pub const WARMUP: Duration = Duration::from_millis(500);
 
 /// Spends CPU in `leaf_alpha` and `leaf_beta` (3:1 by iteration count of the
 /// same loop body), both called by `middle`, called by `main`, forever.
+///
+/// Each round draws its length at random (0.5-1.5 UNIT, the same for both
+/// leaves, so every round is 3:1): with a fixed length a round took ~2.0 ms
+/// here, a fifth of the 99 Hz period, and the samples stayed in phase with
+/// the rounds for seconds, so the ratio of a 9 s daemon run came out
+/// anywhere from 2.2 to 4.1.
 pub const FP_RATIO_C: &str = r#"
 #include <stdint.h>
 
 #define UNIT 1000000UL
+
+static uint64_t rng = 88172645463325252ull;
+
+static uint64_t round_length(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return UNIT / 2 + rng % UNIT;
+}
 
 /* The accumulator is a volatile local: the loop cannot be deleted, and the
  * stack slot makes gcc 12 give the leaf a frame-pointer prologue (with a
@@ -36,8 +51,9 @@ __attribute__((noinline, aligned(64))) void leaf_alpha(uint64_t n) { SPIN(n); }
 __attribute__((noinline, aligned(64))) void leaf_beta(uint64_t n) { SPIN(n); }
 
 __attribute__((noinline)) void middle(void) {
-    leaf_alpha(3 * UNIT);
-    leaf_beta(UNIT);
+    uint64_t n = round_length();
+    leaf_alpha(3 * n);
+    leaf_beta(n);
 }
 
 int main(void) {
