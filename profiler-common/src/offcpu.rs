@@ -148,6 +148,14 @@ const _: () = assert!(core::mem::size_of::<BlockedRegs>() == 32);
 /// iterator: the time it counts from or up to, and what it does.
 pub const SCAN_TIME: u32 = 0;
 pub const SCAN_MODE: u32 = 1;
+/// The recording window (CLOCK_MONOTONIC ns), read by the switch program
+/// and the cut: blocked time before `SCAN_WINDOW_START` or after
+/// `SCAN_WINDOW_END` (0: open) is not counted, so off-CPU time covers the
+/// same window as the on-CPU samples.
+pub const SCAN_WINDOW_START: u32 = 2;
+pub const SCAN_WINDOW_END: u32 = 3;
+/// Entries of the `SCAN` array.
+pub const SCAN_SLOTS: u32 = 4;
 /// Find threads blocked before recording started: they get a `THREADS`
 /// entry blocked since `SCAN_TIME`, their kernel stack and their registers.
 pub const SCAN_FIND_BLOCKED: u64 = 1;

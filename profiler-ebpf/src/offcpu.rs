@@ -39,7 +39,8 @@ use profiler_common::{
     offcpu::{
         found_blocked_stack_id, hist_bucket, BlockSite, BlockedRegs, Histogram, OffCpuKey, OffCpuValue,
         ProcessHistograms, ProcessNotice, StackTrace, ThreadState, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ,
-        NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_MODE, SCAN_TIME, THREAD_FOUND_BLOCKED,
+        NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_MODE, SCAN_SLOTS, SCAN_TIME, SCAN_WINDOW_END,
+        SCAN_WINDOW_START, THREAD_FOUND_BLOCKED,
     },
     Stat, COMM_LEN, MAX_STACK_DEPTH, SAMPLE_FLAG_USER_PARTIAL,
 };
@@ -108,7 +109,7 @@ static STILL_BLOCKED: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entrie
 static BLOCKED_REGS: HashMap<u32, BlockedRegs> = HashMap::with_max_entries(8_192, 0);
 /// What the task iterator does (`SCAN_*` slots), set by the agent per run.
 #[map]
-static SCAN: Array<u64> = Array::with_max_entries(2, 0);
+static SCAN: Array<u64> = Array::with_max_entries(SCAN_SLOTS, 0);
 /// When each process without unwind tables was last announced to the agent.
 #[map]
 static ANNOUNCED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4_096, 0);
@@ -419,11 +420,15 @@ fn switch_in(now: u64, next: *const u8) {
         return;
     }
     // Counted from the last interval cut it stayed blocked through (the
-    // time before is in STILL_BLOCKED already); judged and binned by the
-    // whole block.
-    let blocked = now.saturating_sub(t.block_start_ns);
-    let whole = now.saturating_sub(t.blocked_since_ns);
+    // time before is in STILL_BLOCKED already), within the recording
+    // window; judged and binned by the whole block.
+    let (from, until) = window(t.block_start_ns, now);
     t.block_start_ns = 0;
+    if until <= from {
+        return; // ended before the window opened, or began after it closed
+    }
+    let blocked = until - from;
+    let whole = now.saturating_sub(t.blocked_since_ns);
     let min = unsafe { core::ptr::read_volatile(&MIN_BLOCK_NS) };
     if whole < min {
         count(Stat::OffCpuShort);
@@ -435,6 +440,18 @@ fn switch_in(now: u64, next: *const u8) {
     record_latency(hists, HIST_OFFCPU, whole);
     let key = OffCpuKey { tgid, tid, kernel_stack: t.kernel_stack, user_stack: t.user_stack, comm: t.comm };
     add_blocked(&OFFCPU, &key, blocked);
+}
+
+/// `start..end` clipped to the recording window (`SCAN_WINDOW_*`). Two
+/// array loads, which the kernel inlines for array maps.
+#[inline(always)]
+fn window(start: u64, end: u64) -> (u64, u64) {
+    let open = SCAN.get(SCAN_WINDOW_START).copied().unwrap_or(0);
+    let close = match SCAN.get(SCAN_WINDOW_END).copied().unwrap_or(0) {
+        0 => u64::MAX,
+        t => t,
+    };
+    (start.max(open), end.min(close))
 }
 
 /// Adds `ns` to `key` in an aggregate map.
@@ -603,7 +620,10 @@ fn cut(tid: u32, tgid: u32, time: u64) {
         return;
     }
     unsafe { core::ptr::write_volatile(&mut t.block_start_ns, time) };
-    add_blocked(&STILL_BLOCKED, &key, time - start);
+    let (from, until) = window(start, time);
+    if until > from {
+        add_blocked(&STILL_BLOCKED, &key, until - from);
+    }
 }
 
 /// A thread blocked since before the programs were attached has no entry:

@@ -66,12 +66,6 @@ fn per_thread(path: &std::path::Path) -> std::collections::HashMap<u32, u64> {
 }
 
 #[test]
-// Per-site times pass (within 3 %), but the main thread, blocked when the
-// recording starts, came out 1.07 % over what schedstat allows in the merged
-// tree's CI-like run (5005.7 ms against at most 4952.1 + 50.5 ms): the
-// start-of-recording accounting of already-blocked threads is still open
-// in issue 9. Run it with `cargo xtask test -- --ignored multi_site`.
-#[ignore = "per-thread total of a thread blocked at the start is ~1 % over schedstat (issue 9, open)"]
 fn multi_site_blocking_is_exact_per_site_and_per_thread() {
     require_root();
     let dir = tempfile::tempdir().unwrap();

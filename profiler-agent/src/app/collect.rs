@@ -26,6 +26,11 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Drains `source` into `agg`, until `stop` is set and the source is empty.
 /// `progress` receives the number of samples aggregated so far.
+///
+/// When it sees `stop` it closes the window: samples taken later are
+/// dropped, the source stops counting off-CPU time, and that moment
+/// (CLOCK_MONOTONIC ns) is returned, so both views end together although
+/// the programs stay attached until the caller detaches them.
 pub fn collect<S: SampleSource>(
     source: &mut S,
     agg: &mut Aggregator,
@@ -34,12 +39,22 @@ pub fn collect<S: SampleSource>(
     progress: &AtomicU64,
     unwind: Option<&Feed>,
     lifecycle: Option<&Tracker>,
-) -> Result<(), BpfError> {
+) -> Result<u64, BpfError> {
     let mut batch = Vec::with_capacity(256);
+    let mut end_ns = None;
     loop {
         let stopping = stop.load(Ordering::Acquire);
+        if stopping && end_ns.is_none() {
+            let now = crate::bpf::monotonic_ns();
+            source.close_window(now)?;
+            end_ns = Some(now);
+        }
         batch.clear();
         source.poll(&mut batch, if stopping { Duration::ZERO } else { POLL_TIMEOUT })?;
+        let polled = batch.len();
+        if let Some(end) = end_ns {
+            batch.retain(|s| s.time_ns <= end);
+        }
         add_batch(&batch, agg, procs, lifecycle);
         if let Some(feed) = unwind {
             feed.note(batch.iter().map(|s| (s.tgid, s.flags)));
@@ -50,8 +65,8 @@ pub fn collect<S: SampleSource>(
             feed.note(source.take_notices().into_iter().map(|tgid| (tgid, unknown)));
         }
         progress.store(agg.samples(), Ordering::Relaxed);
-        if stopping && batch.is_empty() {
-            return Ok(());
+        if let (Some(end), 0) = (end_ns, polled) {
+            return Ok(end);
         }
     }
 }

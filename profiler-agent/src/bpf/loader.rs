@@ -19,6 +19,7 @@ use profiler_common::{
     offcpu::{
         BlockedRegs, HistKey, Histogram, OffCpuKey, OffCpuValue, ProcessHistograms, ProcessNotice, StackTrace,
         ThreadState, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_MODE, SCAN_TIME,
+        SCAN_WINDOW_END, SCAN_WINDOW_START,
     },
     Sample, MAX_STACK_DEPTH, STAT_COUNT,
 };
@@ -101,6 +102,8 @@ pub struct EbpfSource {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ebpf: Ebpf,
     off_cpu: bool,
+    /// The cpu-clock links, until `close_window` ends sampling.
+    sampling: Vec<aya::programs::perf_event::PerfEventLinkId>,
     /// Processes noticed without unwind tables, until taken.
     notices: Vec<u32>,
     /// Rows of the unwind array while its maps have not been taken.
@@ -249,6 +252,7 @@ impl EbpfSource {
             logger,
             ebpf,
             off_cpu: opts.off_cpu.is_some(),
+            sampling: Vec::new(),
             notices: Vec::new(),
             unwind_rows: opts.unwind.as_ref().map(|_| unwind_rows),
             pending: Some(Pending { opts: opts.clone(), btf, cpus }),
@@ -325,7 +329,7 @@ impl EbpfSource {
             .try_into()
             .map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
         for cpu in cpus {
-            program
+            let link = program
                 .attach(
                     PerfEventConfig::Software(SoftwareEvent::CpuClock),
                     PerfEventScope::AllProcessesOneCpu { cpu },
@@ -333,6 +337,7 @@ impl EbpfSource {
                     false,
                 )
                 .map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
+            self.sampling.push(link);
         }
         Ok(())
     }
@@ -383,14 +388,17 @@ impl EbpfSource {
         n
     }
 
+    /// Sets one slot of the `SCAN` array.
+    fn set_scan(&mut self, slot: u32, value: u64) -> Result<(), BpfError> {
+        let mut scan: Array<_, u64> = Array::try_from(self.ebpf.map_mut("SCAN").ok_or(BpfError::Missing("SCAN"))?)
+            .map_err(|source| BpfError::Map { name: "SCAN", source })?;
+        scan.set(slot, value, 0).map_err(|source| BpfError::Map { name: "SCAN", source })
+    }
+
     /// Runs the task iterator once in `mode`, with `time`.
     fn scan(&mut self, mode: u64, time: u64) -> Result<(), BpfError> {
-        {
-            let mut scan: Array<_, u64> = Array::try_from(self.ebpf.map_mut("SCAN").ok_or(BpfError::Missing("SCAN"))?)
-                .map_err(|source| BpfError::Map { name: "SCAN", source })?;
-            scan.set(SCAN_TIME, time, 0).map_err(|source| BpfError::Map { name: "SCAN", source })?;
-            scan.set(SCAN_MODE, mode, 0).map_err(|source| BpfError::Map { name: "SCAN", source })?;
-        }
+        self.set_scan(SCAN_TIME, time)?;
+        self.set_scan(SCAN_MODE, mode)?;
         let p: &mut Iter = self
             .ebpf
             .program_mut(TASK_ITER)
@@ -539,6 +547,32 @@ impl SampleSource for EbpfSource {
         stack.len = n as u32;
         let mut stacks: HashMap<_, u64, StackTrace> = map_mut(&mut self.ebpf, "STACKS")?;
         stacks.insert(id, stack, 0).map_err(|source| BpfError::Map { name: "STACKS", source })
+    }
+
+    fn open_window(&mut self, start_ns: u64) -> Result<(), BpfError> {
+        if !self.off_cpu {
+            return Ok(());
+        }
+        self.set_scan(SCAN_WINDOW_START, start_ns)
+    }
+
+    /// Also stops on-CPU sampling: its events are closed now, the
+    /// scheduler programs (whose detaching waits for RCU grace periods,
+    /// tens of milliseconds) later in `detach`.
+    fn close_window(&mut self, end_ns: u64) -> Result<(), BpfError> {
+        if self.off_cpu {
+            self.set_scan(SCAN_WINDOW_END, end_ns.max(1))?;
+        }
+        let program: &mut PerfEvent = self
+            .ebpf
+            .program_mut(ON_CPU_PROGRAM)
+            .ok_or(BpfError::Missing(ON_CPU_PROGRAM))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
+        for link in self.sampling.drain(..) {
+            program.detach(link).map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
+        }
+        Ok(())
     }
 
     fn cut_still_blocked(&mut self, at_ns: u64) -> Result<Vec<OffCpuRecord>, BpfError> {

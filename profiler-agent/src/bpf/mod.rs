@@ -179,6 +179,18 @@ pub trait SampleSource {
         Ok(())
     }
 
+    /// Opens the off-CPU window at `start_ns` (CLOCK_MONOTONIC): blocked
+    /// time before it is not counted.
+    fn open_window(&mut self, _start_ns: u64) -> Result<(), BpfError> {
+        Ok(())
+    }
+
+    /// Closes the off-CPU window at `end_ns`: blocked time after it is not
+    /// counted, though the programs stay attached.
+    fn close_window(&mut self, _end_ns: u64) -> Result<(), BpfError> {
+        Ok(())
+    }
+
     /// Counts every thread still blocked up to `at_ns` (CLOCK_MONOTONIC) and
     /// returns that time, stacks resolved; their blocks count on from
     /// `at_ns`, so no time is counted twice.

@@ -150,24 +150,18 @@ fn absorb(into: &mut Aggregate, from: Aggregate) {
     }
 }
 
-/// CLOCK_MONOTONIC now, in nanoseconds.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime only writes into `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// A [`SampleSource`] that hands every sample to [`Blocks`] on its way to
 /// the main aggregator.
 pub struct BlockTap<S> {
     inner: S,
     blocks: Blocks,
+    /// The window's end once closed: later samples are not in any block.
+    end_ns: Option<u64>,
 }
 
 impl<S> BlockTap<S> {
     pub fn new(inner: S, blocks: Blocks) -> Self {
-        Self { inner, blocks }
+        Self { inner, blocks, end_ns: None }
     }
 
     pub fn into_parts(self) -> (S, Blocks) {
@@ -180,7 +174,9 @@ impl<S: SampleSource> SampleSource for BlockTap<S> {
         let from = out.len();
         let n = self.inner.poll(out, timeout)?;
         for s in &out[from..] {
-            self.blocks.add(s);
+            if self.end_ns.is_none_or(|end| s.time_ns <= end) {
+                self.blocks.add(s);
+            }
         }
         Ok(n)
     }
@@ -213,6 +209,13 @@ impl<S: SampleSource> SampleSource for BlockTap<S> {
     }
     fn cut_still_blocked(&mut self, at_ns: u64) -> Result<Vec<OffCpuRecord>, BpfError> {
         self.inner.cut_still_blocked(at_ns)
+    }
+    fn open_window(&mut self, start_ns: u64) -> Result<(), BpfError> {
+        self.inner.open_window(start_ns)
+    }
+    fn close_window(&mut self, end_ns: u64) -> Result<(), BpfError> {
+        self.end_ns = Some(end_ns);
+        self.inner.close_window(end_ns)
     }
 }
 

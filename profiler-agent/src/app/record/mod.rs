@@ -14,7 +14,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context;
@@ -120,14 +120,19 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
     let start_wall = SystemTime::now();
     let started = Instant::now();
-    let blocks_start = blocks::monotonic_ns();
+    let blocks_start = crate::bpf::monotonic_ns();
     // Off-CPU from the first second: threads blocked since before now are
     // found (their user stacks unwound on another thread, stored before the
     // records are read), and every process's tables load in the background
     // rather than on its first on-CPU sample, which a process that mostly
     // blocks rarely has.
     let found_unwinder = if args.off_cpu {
-        let found = source.find_blocked(crate::bpf::monotonic_ns()).context("scanning for blocked threads failed")?;
+        let found = offcpu::begin_window(&mut source, blocks_start).context("scanning for blocked threads failed")?;
+        log::debug!(
+            "window open at {blocks_start} ns; {} threads found blocked, in {:?}",
+            found.len(),
+            started.elapsed()
+        );
         // (`--pid` processes were loaded before attaching.)
         if let (Some(feed), true) = (&feed, args.pids.is_empty()) {
             feed.load_in_background(offcpu::running_processes());
@@ -158,22 +163,23 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
 
     wait::until_done(args.duration, started, &progress).await?;
     stop.store(true, Ordering::Release);
-    let end_ns = blocks::monotonic_ns();
     let (result, mut source, mut agg, lifecycle, time_blocks) = tokio::task::spawn_blocking(move || collector.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the sampling thread panicked"))?;
-    result.context("reading samples from the kernel failed")?;
-    let elapsed = started.elapsed();
+    // The window closed when the collector saw `stop`; on- and off-CPU
+    // time both end there.
+    let end_ns = result.context("reading samples from the kernel failed")?;
+    log::debug!("window closed at {end_ns} ns");
+    let elapsed = Duration::from_nanos(end_ns.saturating_sub(blocks_start));
 
     // Detach first, so the maps read below are final and consistent.
     let kernel_stats = source.stats().context("reading the kernel-side counters failed")?;
     let run_time = source.run_time();
     source.detach().context("detaching the eBPF programs failed")?;
-    let cut_ns = crate::bpf::monotonic_ns();
     let mut found_unwinder = found_unwinder;
     let found_blocked = found_unwinder.store(&mut source, true).map_or(0, |f| f.threads);
     // Threads still blocked now are counted up to the end.
-    let mut off_cpu_records = source.cut_still_blocked(cut_ns).context("counting the threads still blocked failed")?;
+    let mut off_cpu_records = source.cut_still_blocked(end_ns).context("counting the threads still blocked failed")?;
     off_cpu_records.extend(source.take_off_cpu().context("reading the off-CPU aggregate failed")?);
     let histograms = source.take_histograms().context("reading the latency histograms failed")?;
     let occupancy = source.occupancy().context("reading the scheduler maps failed")?;

@@ -122,7 +122,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Threads blocked since before now are counted from now, and every
     // process's tables load in the background (see `record`).
     let found = if config.sampling.off_cpu {
-        let found = source.find_blocked(crate::bpf::monotonic_ns()).context("scanning for blocked threads failed")?;
+        let found = crate::offcpu::begin_window(&mut source, crate::bpf::monotonic_ns())
+            .context("scanning for blocked threads failed")?;
         if let (Some((_, feed)), true) = (&tables, config.sampling.pids.is_empty()) {
             feed.load_in_background(crate::offcpu::running_processes());
         }
