@@ -35,14 +35,14 @@ static LIFECYCLE_TGID_OFFSET: u32 = 0;
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn lifecycle_fork(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(struct task_struct *parent, struct task_struct *child)
-    let child: *const u8 = unsafe { ctx.arg(1) };
+    let child: *const u8 = ctx.arg(1);
     on_fork(child);
     0
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn lifecycle_fork_raw(ctx: RawTracePointContext) -> i32 {
-    let child: *const u8 = unsafe { ctx.arg(1) };
+    let child: *const u8 = ctx.arg(1);
     on_fork(child);
     0
 }
