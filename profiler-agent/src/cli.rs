@@ -65,8 +65,8 @@ pub enum Command {
     /// variation between repeats, not binomial counting noise), and the
     /// p-values are Holm-corrected across functions at alpha = 0.05. A
     /// single recording made by `record` is split into its one-second time
-    /// blocks (blocks/), which serve as its repeats. At least 2 repeats
-    /// per side are needed.
+    /// blocks (blocks/; off-CPU and wall blocks with `record --off-cpu`),
+    /// which serve as its repeats. At least 2 repeats per side are needed.
     ///
     /// Examples:
     ///   profiler-agent diff before/ after/                  # two `record` outputs

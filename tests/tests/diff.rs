@@ -293,3 +293,110 @@ fn diff_aa_flags_nothing_in_19_of_20_trials_and_refuses_bad_input() {
     assert!(run.elapsed < Duration::from_secs(20), "refused only after recording: {}", run.context());
     assert!(!out.exists(), "output directory created for a refused recording");
 }
+
+/// A thread that sleeps in `nap_alpha` and `nap_beta` for ALPHA and BETA
+/// milliseconds from argv, then in `nap_gamma` for 1 ms, over and over:
+/// with `3 1` alpha has 3/5 of the blocked time and beta 1/5, with `1 3`
+/// the reverse; gamma stays at 1/5.
+const SLEEPS_C: &str = r#"
+#include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {0, ms * 1000000L};
+    nanosleep(&ts, 0);
+}
+
+__attribute__((noinline)) void nap_alpha(long ms) { sleep_ms(ms); }
+__attribute__((noinline)) void nap_beta(long ms) { sleep_ms(ms); }
+__attribute__((noinline)) void nap_gamma(long ms) { sleep_ms(ms); }
+
+int main(int argc, char **argv) {
+    long a = argc > 1 ? atol(argv[1]) : 3;
+    long b = argc > 2 ? atol(argv[2]) : 1;
+    for (;;) {
+        nap_alpha(a);
+        nap_beta(b);
+        nap_gamma(1);
+    }
+}
+"#;
+
+/// One `record --off-cpu` per side: the recording's off-CPU time is read
+/// at every one-second boundary, so each side has blocks to measure its
+/// noise with, and the shift between the sleeps is flagged in the right
+/// directions, for the off-CPU and the wall views.
+#[test]
+fn diff_of_off_cpu_recordings_uses_their_blocks_and_flags_the_shift() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = build_c(tmp.path(), "diffsleeps", SLEEPS_C, C_FP_FLAGS);
+    let run = |args: &[&str], extra: &[&str]| {
+        let mut w = Workload::spawn("diffsleeps", &bin, args);
+        w.warm_up();
+        let pid = w.pid_arg();
+        let mut argv = vec!["--pid", &pid, "--off-cpu", "--duration", SECONDS];
+        argv.extend_from_slice(extra);
+        let out = record(&argv);
+        out.assert_success();
+        out
+    };
+    let before = run(&["3", "1"], &[]);
+    // Folded, so the blocks' sum can be checked against the whole.
+    let after = run(&["1", "3"], &["--format", "folded"]);
+    let sum = |path: &Path| -> u64 {
+        let text = std::fs::read_to_string(path).unwrap();
+        text.lines().filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+    };
+    let whole = sum(&after.path("off-cpu.folded"));
+    let in_blocks: u64 = block_files(&after)
+        .iter()
+        .filter(|f| f.file_name().unwrap().to_string_lossy().starts_with("off-cpu-"))
+        .map(|f| sum(f))
+        .sum();
+    assert_eq!(in_blocks, whole, "the blocks hold exactly the recording's off-CPU time\n{}", after.context());
+    for rec in [&before, &after] {
+        let files = block_files(rec);
+        let count = |prefix: &str, suffix: &str| {
+            files
+                .iter()
+                .filter(|f| {
+                    let n = f.file_name().unwrap().to_string_lossy();
+                    n.starts_with(prefix) && n.ends_with(suffix)
+                })
+                .count()
+        };
+        let off = count("off-cpu-", ".pb.gz") + count("off-cpu-", ".folded");
+        assert!(off >= 5, "one off-CPU block per second: {files:?}\n{}", rec.context());
+        assert_eq!(off, count("wall-", ".folded"), "{files:?}");
+    }
+    for kind in ["off-cpu", "wall"] {
+        let out = tmp.path().join(format!("report-{kind}"));
+        let res = diff(&[
+            before.dir.to_str().unwrap(),
+            after.dir.to_str().unwrap(),
+            "--profile",
+            kind,
+            "--format",
+            "json",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(res.status.success(), "{}", res.context());
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(out.join("diff.json")).unwrap()).unwrap();
+        assert!(doc["before"]["profiles"].as_u64().unwrap() >= 5, "{kind}: blocks are the repeats: {doc}");
+        let alpha = function(&doc, "nap_alpha");
+        let beta = function(&doc, "nap_beta");
+        assert_eq!((&alpha["direction"], &beta["direction"]), (&Value::from("down"), &Value::from("up")), "{kind}");
+        if kind == "off-cpu" {
+            // 3/5 -> 1/5 of the blocked time, less what the syscalls
+            // spend on-CPU around each sleep.
+            let tb = alpha["total_before"].as_f64().unwrap();
+            assert!((tb - 0.6).abs() < 0.08, "{alpha}");
+            assert!((alpha["delta"].as_f64().unwrap() + 0.4).abs() < 0.1, "{alpha}");
+        }
+        let gamma = function(&doc, "nap_gamma");
+        assert_eq!(gamma["significant"], false, "{kind}: nap_gamma did not move: {gamma}\n{:?}", flagged(&doc));
+    }
+}

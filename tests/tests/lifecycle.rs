@@ -14,7 +14,8 @@ use std::{
 };
 
 use profiler_integration_tests::{
-    agent::RECORD_TIMEOUT, daemon::Daemon, folded::frame_is, require_root, spawn_record, workload::build_c, Folded, Stack,
+    agent::RECORD_TIMEOUT, daemon::Daemon, folded::frame_is, require_root, spawn_record, workload::build_c, Folded,
+    Stack,
 };
 
 /// gcc flags of the workloads: optimized, no frame pointers; no inlining or

@@ -47,8 +47,8 @@ pub enum LoadError {
     MixedSampleTypes { side: PathBuf, first_path: PathBuf, first: String, second_path: PathBuf, second: String },
     #[error(
         "{} gives {repeats} profile(s) with samples; the test needs at least 2 repeats per side to measure \
-         run-to-run noise: give a directory of several recordings or daemon intervals, or, for cpu profiles, a \
-         recording made by `profiler-agent record` (it writes one-second time blocks in {blocks}/)", .path.display(), blocks = BLOCKS_DIR
+         run-to-run noise: give a directory of several recordings or daemon intervals, or a recording made by \
+         `profiler-agent record` (it writes one-second time blocks in {blocks}/; off-CPU and wall ones with --off-cpu)", .path.display(), blocks = BLOCKS_DIR
     )]
     TooFewRepeats { path: PathBuf, repeats: usize },
     #[error("BEFORE holds {before} profiles and AFTER {after} profiles: compare profiles of one kind")]

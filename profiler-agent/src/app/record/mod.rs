@@ -4,6 +4,7 @@
 
 mod blocks;
 mod outputs;
+mod timeline;
 mod wait;
 
 use std::{
@@ -147,25 +148,26 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
     let collector = {
-        let (stop, progress, procs) = (stop.clone(), progress.clone(), procs.clone());
+        let (stop, progress, procs, off_cpu) = (stop.clone(), progress.clone(), procs.clone(), args.off_cpu);
         std::thread::Builder::new().name("collect".into()).spawn(move || {
             let mut agg = Aggregator::new(MAX_UNIQUE_STACKS);
-            let mut tap = blocks::BlockTap::new(source, blocks::Blocks::new(blocks_start, blocks::BLOCK));
+            let mut tap = blocks::BlockTap::new(source, blocks::Blocks::new(blocks_start, blocks::BLOCK), off_cpu);
             let result = collect(&mut tap, &mut agg, &procs, &stop, &progress, feed.as_ref(), lifecycle.as_ref());
-            let (source, blocks) = tap.into_parts();
+            let blocks::TapParts { source, blocks, timeline } = tap.into_parts();
             let lifecycle = lifecycle.map(|t| t.stop());
             // Dropping the feed (and the tracker's handle) ends the table
             // thread.
             drop(feed);
-            (result, source, agg, lifecycle, blocks)
+            (result, source, agg, lifecycle, blocks, timeline)
         })?
     };
 
     wait::until_done(args.duration, started, &progress).await?;
     stop.store(true, Ordering::Release);
-    let (result, mut source, mut agg, lifecycle, time_blocks) = tokio::task::spawn_blocking(move || collector.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the sampling thread panicked"))?;
+    let (result, mut source, mut agg, lifecycle, mut time_blocks, timeline) =
+        tokio::task::spawn_blocking(move || collector.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the sampling thread panicked"))?;
     // The window closed when the collector saw `stop`; on- and off-CPU
     // time both end there.
     let end_ns = result.context("reading samples from the kernel failed")?;
@@ -179,8 +181,11 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let mut found_unwinder = found_unwinder;
     let found_blocked = found_unwinder.store(&mut source, true).map_or(0, |f| f.threads);
     // Threads still blocked now are counted up to the end.
-    let mut off_cpu_records = source.cut_still_blocked(end_ns).context("counting the threads still blocked failed")?;
-    off_cpu_records.extend(source.take_off_cpu().context("reading the off-CPU aggregate failed")?);
+    let cut = source.cut_still_blocked(end_ns).context("counting the threads still blocked failed")?;
+    let ended = source.take_off_cpu().context("reading the off-CPU aggregate failed")?;
+    time_blocks.add_off(end_ns, &cut);
+    time_blocks.add_off(end_ns, &ended);
+    let off_cpu_records = timeline.finish(ended, cut);
     let histograms = source.take_histograms().context("reading the latency histograms failed")?;
     let occupancy = source.occupancy().context("reading the scheduler maps failed")?;
     drop(source);
@@ -251,8 +256,8 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let mut files = outputs::write_all(&outputs, &dir, &args.format)?;
     files.extend(extra_files);
     let blocks_abandoned = time_blocks.abandoned();
-    if let Some((len, aggs)) = time_blocks.finish(end_ns) {
-        let (path, n) = blocks::write(&dir, &aggs, len, start_wall, period, &args.format, &mut symbolizer, procs)?;
+    if let Some(finished) = time_blocks.finish(end_ns) {
+        let (path, n) = blocks::write(&dir, &finished, start_wall, period, &args.format, &mut symbolizer, procs)?;
         if n > 0 {
             files.push(path);
         }
