@@ -245,6 +245,69 @@ fn c_extension_under_python_and_sleep_off_cpu() {
 /// A copy of python3 whose `Py_Version` says 3.99: an interpreter the
 /// agent has no layout for. Its stacks keep their native frames, the
 /// summary counts it, and the agent warns once.
+/// Interpreters of the other supported versions on this host: pyenv's
+/// builds (`$PYENV_ROOT/versions/3.1x.y/bin/python3.1x`, by default under
+/// ~/.pyenv). Neither Debian 12 nor PyPI ships another CPython, so these
+/// are what a host offers; none are installed by the tests.
+fn other_interpreters() -> Vec<PathBuf> {
+    let root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")))
+        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
+    let mut found = Vec::new();
+    for minor in [10, 12, 13] {
+        let Ok(entries) = std::fs::read_dir(root.join("versions")) else { break };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                name.strip_prefix(&format!("3.{minor}.")).is_some_and(|rest| rest.chars().all(|c| c.is_ascii_digit()))
+            })
+            .collect();
+        dirs.sort();
+        if let Some(bin) = dirs.last().map(|d| d.join(format!("bin/python3.{minor}"))).filter(|b| b.is_file()) {
+            found.push(bin);
+        }
+    }
+    found
+}
+
+/// The 3-deep chain and the 3:1 split on every other supported version the
+/// host has: 3.10 and 3.12 through their offset tables, 3.13 through its
+/// `_Py_DebugOffsets`.
+#[test]
+fn other_cpython_versions_give_the_python_chain() {
+    require_root();
+    let interpreters = other_interpreters();
+    if interpreters.is_empty() {
+        eprintln!("no CPython 3.10, 3.12 or 3.13 under $PYENV_ROOT/versions: only 3.11 is tested on this host");
+        return;
+    }
+    for interpreter in interpreters {
+        let name = interpreter.file_name().unwrap().to_str().unwrap().to_owned();
+        let (mut w, _dir, _) = run_script(&interpreter, "split", SPLIT_PY);
+        let out = record_pid(w.pid(), &[]);
+        w.assert_running();
+        let p = out.folded().process(&name);
+        let ctx = format!("{} stacks:\n{}\n{}", interpreter.display(), p.top(12), out.context());
+        let total = p.total();
+        assert!(total > 50, "too few samples ({total})\n{ctx}");
+        let heavy = p.count_where(|s| s.has_subsequence(&["<module>", "py_outer", "py_middle", "py_leaf_heavy"]));
+        let light = p.count_where(|s| s.has_subsequence(&["<module>", "py_outer", "py_middle", "py_leaf_light"]));
+        let chain = share(heavy + light, total);
+        let ratio = heavy as f64 / light.max(1) as f64;
+        eprintln!("{name}: {heavy} heavy + {light} light of {total} ({:.1}% with the chain, {ratio:.2}:1)", chain * 100.0);
+        assert!(chain >= MIN_CHAIN_SHARE, "{name}: only {:.1}% of samples have the chain\n{ctx}", chain * 100.0);
+        assert!(
+            (ratio - RATIO).abs() <= RATIO * RATIO_TOLERANCE,
+            "{name}: heavy:light = {ratio:.2}, want {RATIO} +- {:.0}%\n{ctx}",
+            RATIO_TOLERANCE * 100.0
+        );
+        assert!(!out.stderr.contains("is not supported"), "{name} was not recognised\n{ctx}");
+    }
+}
+
 #[test]
 fn unknown_version_keeps_native_frames() {
     require_root();
