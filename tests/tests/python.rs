@@ -297,7 +297,10 @@ fn other_cpython_versions_give_the_python_chain() {
         let light = p.count_where(|s| s.has_subsequence(&["<module>", "py_outer", "py_middle", "py_leaf_light"]));
         let chain = share(heavy + light, total);
         let ratio = heavy as f64 / light.max(1) as f64;
-        eprintln!("{name}: {heavy} heavy + {light} light of {total} ({:.1}% with the chain, {ratio:.2}:1)", chain * 100.0);
+        eprintln!(
+            "{name}: {heavy} heavy + {light} light of {total} ({:.1}% with the chain, {ratio:.2}:1)",
+            chain * 100.0
+        );
         assert!(chain >= MIN_CHAIN_SHARE, "{name}: only {:.1}% of samples have the chain\n{ctx}", chain * 100.0);
         assert!(
             (ratio - RATIO).abs() <= RATIO * RATIO_TOLERANCE,

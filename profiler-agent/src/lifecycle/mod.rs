@@ -93,12 +93,19 @@ pub struct LifecycleStats {
     pub lost: u64,
     /// Post-exec re-reads skipped because too many were waiting.
     pub reloads_skipped: u64,
+    /// Forks and execs of processes outside a fixed `--pid` list, not
+    /// acted on.
+    pub untracked: u64,
 }
 
 struct Core {
     source: Box<dyn ProcessEventSource>,
     procs: Arc<Mutex<ProcessTable>>,
     unwind: Option<LifecycleFeed>,
+    /// A fixed `--pid` list: other processes' forks and execs are counted
+    /// but neither read from /proc nor given unwind tables, which they
+    /// would never use (their samples are filtered in the kernel).
+    only: Option<std::collections::HashSet<u32>>,
     subscribers: Vec<Subscriber>,
     stats: LifecycleStats,
     buf: Vec<ProcessEvent>,
@@ -144,7 +151,20 @@ impl Core {
     }
 
     fn apply(&mut self, event: &LifecycleEvent) {
+        let pid = match *event {
+            LifecycleEvent::Fork { pid, .. } | LifecycleEvent::Exec { pid, .. } | LifecycleEvent::Exit { pid, .. } => {
+                pid
+            }
+        };
+        let tracked = self.only.as_ref().is_none_or(|only| only.contains(&pid));
         match *event {
+            LifecycleEvent::Fork { .. } | LifecycleEvent::Exec { .. } if !tracked => {
+                self.stats.untracked += 1;
+                match event {
+                    LifecycleEvent::Fork { .. } => self.stats.forks += 1,
+                    _ => self.stats.execs += 1,
+                }
+            }
             LifecycleEvent::Fork { pid, parent, .. } => {
                 self.stats.forks += 1;
                 if let Some(u) = &self.unwind {
@@ -196,18 +216,21 @@ pub struct Tracker {
 impl Tracker {
     /// Starts the thread that applies `source`'s events to `procs` and
     /// `unwind`.
+    /// `only`: a fixed `--pid` list, the only processes acted on.
     pub fn start(
         source: impl ProcessEventSource + 'static,
         procs: Arc<Mutex<ProcessTable>>,
         unwind: Option<LifecycleFeed>,
+        only: Option<&[u32]>,
     ) -> std::io::Result<Tracker> {
-        Self::with_thread(source, procs, unwind, true)
+        Self::with_thread(source, procs, unwind, only, true)
     }
 
     fn with_thread(
         source: impl ProcessEventSource + 'static,
         procs: Arc<Mutex<ProcessTable>>,
         unwind: Option<LifecycleFeed>,
+        only: Option<&[u32]>,
         thread: bool,
     ) -> std::io::Result<Tracker> {
         let fd = source.wait_fd();
@@ -215,6 +238,7 @@ impl Tracker {
             source: Box::new(source),
             procs,
             unwind,
+            only: only.map(|p| p.iter().copied().collect()),
             subscribers: Vec::new(),
             stats: LifecycleStats::default(),
             buf: Vec::with_capacity(256),
@@ -254,8 +278,9 @@ impl Tracker {
         source: impl ProcessEventSource + 'static,
         procs: Arc<Mutex<ProcessTable>>,
         unwind: Option<LifecycleFeed>,
+        only: Option<&[u32]>,
     ) -> Tracker {
-        Self::with_thread(source, procs, unwind, false).expect("no thread to start")
+        Self::with_thread(source, procs, unwind, only, false).expect("no thread to start")
     }
 
     /// Adds a subscriber; it sees events from now on.
@@ -313,13 +338,15 @@ pub enum LifecycleError {
 
 /// Starts a tracker on the loaded programs' event stream, telling
 /// `unwind`'s table thread too; `None` if the stream was already taken.
+/// `only`: see [`Tracker::start`].
 pub fn start_from(
     source: &mut crate::bpf::EbpfSource,
     procs: Arc<Mutex<ProcessTable>>,
     unwind: Option<&crate::unwind::Feed>,
+    only: Option<&[u32]>,
 ) -> Result<Option<Tracker>, LifecycleError> {
     let Some(events) = source.take_process_events()? else { return Ok(None) };
-    Ok(Some(Tracker::start(events, procs, unwind.map(|f| f.lifecycle()))?))
+    Ok(Some(Tracker::start(events, procs, unwind.map(|f| f.lifecycle()), only)?))
 }
 
 fn lock(core: &Mutex<Core>) -> std::sync::MutexGuard<'_, Core> {

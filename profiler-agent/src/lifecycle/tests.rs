@@ -23,7 +23,7 @@ fn table(dir: &Path, capacity: usize) -> Arc<Mutex<ProcessTable>> {
 /// A tracker whose thread is not running: events are applied by
 /// `catch_up`, so the test controls the order.
 fn tracker(events: &FakeProcessEvents, procs: &Arc<Mutex<ProcessTable>>) -> Tracker {
-    Tracker::manual(events.clone(), procs.clone(), None)
+    Tracker::manual(events.clone(), procs.clone(), None, None)
 }
 
 #[test]
@@ -170,7 +170,7 @@ fn subscribers_see_every_event_after_the_table_has_it() {
     fake_proc(dir.path(), 5, "app", &maps_line(0x1000, "[app]"));
     let procs = table(dir.path(), 8);
     let events = FakeProcessEvents::default();
-    let t = Tracker::start(events.clone(), procs.clone(), None).unwrap();
+    let t = Tracker::start(events.clone(), procs.clone(), None, None).unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     {
         let (seen, procs) = (seen.clone(), procs.clone());
@@ -253,4 +253,27 @@ fn a_process_found_gone_is_not_kept_as_live_and_is_read_once_per_sweep() {
     fake_proc(dir.path(), 9, "new", "");
     assert_eq!(p.observe(9, "").name, "new");
     assert_eq!(p.stats().entries, 1);
+}
+
+#[test]
+fn with_a_fixed_pid_list_other_processes_are_counted_but_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    fake_proc(dir.path(), 10, "sh", &maps_line(0x1000, "[sh-text]"));
+    fake_proc(dir.path(), 20, "other", &maps_line(0x2000, "[other-text]"));
+    let procs = table(dir.path(), 16);
+    let events = FakeProcessEvents::default();
+    let t = Tracker::manual(events.clone(), procs.clone(), None, Some(&[10]));
+    procs.lock().unwrap().observe_at(10, 100, "sh");
+    fake_proc(dir.path(), 10, "burn", &maps_line(0x5000, "[burn-text]"));
+    events.push(EVENT_EXEC, 10, 0, 200, "burn");
+    events.push(EVENT_FORK, 21, 20, 210, "other");
+    events.push(EVENT_EXEC, 20, 0, 220, "other");
+    t.catch_up();
+    let mut p = procs.lock().unwrap();
+    assert_eq!(p.observe_at(10, 250, "burn"), 1, "the listed process's exec is applied");
+    let st = p.stats();
+    assert_eq!((st.entries, st.execs, st.forks), (1, 1, 0), "nothing was recorded for pids 20 and 21: {st:?}");
+    drop(p);
+    let stats = t.stop();
+    assert_eq!((stats.execs, stats.forks, stats.untracked), (2, 1, 2));
 }

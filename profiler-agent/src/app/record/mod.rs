@@ -92,7 +92,9 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         None => (None, None),
     };
     let procs = Arc::new(Mutex::new(ProcessTable::new("/proc", NonZeroUsize::new(MAX_PROCESSES).expect("non-zero"))));
-    let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), feed.as_ref())
+    // A fixed `--pid` list: other processes' execs need nothing.
+    let only = (!selection.needs_maintenance() && !args.pids.is_empty()).then_some(args.pids.as_slice());
+    let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), feed.as_ref(), only)
         .context("starting process lifecycle tracking")?;
     // The selection is in the kernel before the first sample.
     let selected = match selection.needs_maintenance() {

@@ -93,7 +93,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let procs = Arc::new(pipeline::process_table());
-    let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), tables.as_ref().map(|(_, f)| f))
+    let only =
+        (!selection.needs_maintenance() && !config.sampling.pids.is_empty()).then_some(config.sampling.pids.as_slice());
+    let lifecycle = crate::lifecycle::start_from(&mut source, procs.clone(), tables.as_ref().map(|(_, f)| f), only)
         .context("starting process lifecycle tracking")?;
     // The selection is in the kernel before the first sample.
     let selected = match selection.needs_maintenance() {
