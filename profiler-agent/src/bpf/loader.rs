@@ -2,32 +2,35 @@
 
 use std::{
     fs,
-    io::Read,
     os::fd::{AsFd, AsRawFd},
     time::Duration,
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-        BtfTracePoint, Iter, PerfEvent, Program, RawTracePoint,
+        Iter, PerfEvent, Program,
     },
     Btf, Ebpf, EbpfLoader,
 };
 use profiler_common::{
     offcpu::{
-        BlockedRegs, HistKey, Histogram, OffCpuKey, OffCpuValue, ProcessHistograms, ProcessNotice, StackTrace,
-        ThreadState, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_MODE, SCAN_TIME,
-        SCAN_WINDOW_END, SCAN_WINDOW_START,
+        BlockedRegs, HistKey, Histogram, ProcessHistograms, ProcessNotice, StackTrace, ThreadState, HIST_OFFCPU,
+        HIST_RUNQ, NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_WINDOW_END, SCAN_WINDOW_START,
     },
     Sample, MAX_STACK_DEPTH, STAT_COUNT,
 };
 
 use super::{
-    btf::StructOffsets, process_events::EbpfProcessEvents, unwind_maps::EbpfUnwindMaps, BpfError, KernelStats,
-    MapOccupancy, OffCpuRecord, ProgramRunTime, SampleSource,
+    attach::{attach_raw, attach_sched, EXEC_BTF, EXEC_RAW, LIFECYCLE_PROGRAMS, SCHED_PROGRAMS},
+    btf::StructOffsets,
+    process_events::EbpfProcessEvents,
+    unwind_maps::EbpfUnwindMaps,
+    BpfError, KernelStats, MapOccupancy, OffCpuRecord, ProgramRunTime, SampleSource,
 };
+
+mod scan;
 
 /// The eBPF object built by `build.rs` from `profiler-ebpf`.
 pub(super) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -73,26 +76,6 @@ pub struct OffCpuOptions {
     pub force_raw_tracepoints: bool,
 }
 
-/// Scheduler tracepoints: (tracepoint, BTF program, raw-tracepoint fallback).
-const SCHED_PROGRAMS: [(&str, &str, &str); 4] = [
-    ("sched_switch", "sched_switch", "sched_switch_raw"),
-    ("sched_wakeup", "sched_wakeup", "sched_wakeup_raw"),
-    ("sched_wakeup_new", "sched_wakeup_new", "sched_wakeup_new_raw"),
-    ("sched_process_exit", "sched_process_exit", "sched_process_exit_raw"),
-];
-
-/// Process lifecycle events (tracepoint, BTF program, raw fallback); see
-/// `profiler-ebpf/src/process.rs`.
-const LIFECYCLE_PROGRAMS: [(&str, &str, &str); 3] = [
-    ("sched_process_fork", "lifecycle_fork", "lifecycle_fork_raw"),
-    ("sched_process_exec", "lifecycle_exec", "lifecycle_exec_raw"),
-    ("sched_process_exit", "lifecycle_exit", "lifecycle_exit_raw"),
-];
-
-/// The unwinder's exec hook (BTF program, raw-tracepoint fallback).
-const EXEC_BTF: &str = "sched_process_exec";
-const EXEC_RAW: &str = "sched_process_exec_raw";
-
 /// The loaded and attached programs, and the maps the agent reads.
 pub struct EbpfSource {
     // Field order matters for drop: the ring buffer and maps go before the
@@ -116,44 +99,6 @@ struct Pending {
     opts: LoadOptions,
     btf: Option<Btf>,
     cpus: Vec<u32>,
-}
-
-/// Attaches a scheduler tracepoint through BTF, or through a raw tracepoint
-/// when the kernel's BTF does not describe it.
-fn attach_sched(
-    ebpf: &mut Ebpf,
-    btf: &Btf,
-    force_raw: bool,
-    tracepoint: &'static str,
-    btf_name: &'static str,
-    raw_name: &'static str,
-) -> Result<(), BpfError> {
-    let via_btf = (|| -> Result<(), aya::programs::ProgramError> {
-        if force_raw {
-            return Err(aya::programs::ProgramError::NotLoaded);
-        }
-        let p: &mut BtfTracePoint =
-            ebpf.program_mut(btf_name).ok_or(aya::programs::ProgramError::NotLoaded)?.try_into()?;
-        p.load(tracepoint, btf)?;
-        p.attach()?;
-        Ok(())
-    })();
-    let Err(btf_error) = via_btf else { return Ok(()) };
-    if !force_raw {
-        log::info!("attaching tp_btf/{tracepoint} failed ({btf_error}); falling back to raw_tracepoint");
-    }
-    attach_raw(ebpf, tracepoint, raw_name)
-}
-
-fn attach_raw(ebpf: &mut Ebpf, tracepoint: &'static str, raw_name: &'static str) -> Result<(), BpfError> {
-    let p: &mut RawTracePoint = ebpf
-        .program_mut(raw_name)
-        .ok_or(BpfError::Missing(raw_name))?
-        .try_into()
-        .map_err(|source| BpfError::Program { name: raw_name, source })?;
-    p.load().map_err(|source| BpfError::Program { name: raw_name, source })?;
-    p.attach(tracepoint).map_err(|source| BpfError::Program { name: raw_name, source })?;
-    Ok(())
 }
 
 /// The offset of `thread.fsbase` in `task_struct`, for the CPython walk
@@ -386,66 +331,6 @@ impl EbpfSource {
             }
         }
         n
-    }
-
-    /// Sets one slot of the `SCAN` array.
-    fn set_scan(&mut self, slot: u32, value: u64) -> Result<(), BpfError> {
-        let mut scan: Array<_, u64> = Array::try_from(self.ebpf.map_mut("SCAN").ok_or(BpfError::Missing("SCAN"))?)
-            .map_err(|source| BpfError::Map { name: "SCAN", source })?;
-        scan.set(slot, value, 0).map_err(|source| BpfError::Map { name: "SCAN", source })
-    }
-
-    /// Runs the task iterator once in `mode`, with `time`.
-    fn scan(&mut self, mode: u64, time: u64) -> Result<(), BpfError> {
-        self.set_scan(SCAN_TIME, time)?;
-        self.set_scan(SCAN_MODE, mode)?;
-        let p: &mut Iter = self
-            .ebpf
-            .program_mut(TASK_ITER)
-            .ok_or(BpfError::Missing(TASK_ITER))?
-            .try_into()
-            .map_err(|source| BpfError::Program { name: TASK_ITER, source })?;
-        let id = p.attach().map_err(|source| BpfError::Program { name: TASK_ITER, source })?;
-        let link = p.take_link(id).map_err(|source| BpfError::Program { name: TASK_ITER, source })?;
-        let mut file = link.into_file().map_err(|e| BpfError::Iter(std::io::Error::other(e)))?;
-        // Reading runs the program over every task; it writes nothing.
-        let mut sink = Vec::new();
-        file.read_to_end(&mut sink).map_err(BpfError::Iter)?;
-        Ok(())
-    }
-
-    /// Reads and clears an aggregate map (`OFFCPU`, `STILL_BLOCKED`), stacks
-    /// resolved.
-    fn take_aggregate(&mut self, name: &'static str, still_blocked: bool) -> Result<Vec<OffCpuRecord>, BpfError> {
-        let mut entries = Vec::new();
-        {
-            let mut agg: HashMap<_, OffCpuKey, OffCpuValue> = map_mut(&mut self.ebpf, name)?;
-            let keys: Vec<OffCpuKey> = agg.keys().filter_map(Result::ok).collect();
-            for key in keys {
-                if let Ok(value) = agg.get(&key, 0) {
-                    entries.push((key, value));
-                }
-                let _ = agg.remove(&key);
-            }
-        }
-        // Stacks stay in STACKS: threads still blocked refer to them.
-        let stacks: HashMap<_, u64, StackTrace> = map(&self.ebpf, "STACKS")?;
-        let stack = |id: u64| -> Vec<u64> {
-            if id == 0 {
-                return Vec::new();
-            }
-            stacks.get(&id, 0).map(|s| s.frames().to_vec()).unwrap_or_default()
-        };
-        Ok(entries
-            .into_iter()
-            .map(|(key, value)| OffCpuRecord {
-                kernel: stack(key.kernel_stack),
-                user: stack(key.user_stack),
-                key,
-                value,
-                still_blocked,
-            })
-            .collect())
     }
 }
 

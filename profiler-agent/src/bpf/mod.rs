@@ -5,6 +5,7 @@
 //! the aggregation and symbolization stages are tested with [`fake::FakeSource`]
 //! without root.
 
+mod attach;
 pub mod btf;
 pub mod fake;
 mod loader;

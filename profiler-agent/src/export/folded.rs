@@ -115,11 +115,18 @@ pub fn decode(text: &str) -> Result<Vec<(Vec<&str>, u64)>, DecodeError> {
     for (n, line) in text.lines().enumerate() {
         let err = |reason| DecodeError { line: n + 1, reason };
         let line = line.trim_end_matches('\r');
-        if line.trim().is_empty() || line.starts_with("# ") {
+        if line.trim().is_empty() {
             continue;
         }
-        let (stack, count) = line.rsplit_once(' ').ok_or_else(|| err("expected `frame;frame;... COUNT`"))?;
-        let count: u64 = count.parse().map_err(|_| err("the count after the last space is not an unsigned integer"))?;
+        let parsed = line.rsplit_once(' ').and_then(|(stack, count)| Some((stack, count.parse::<u64>().ok()?)));
+        // A `# ` line is a comment unless it is a stack: a process may be
+        // named `#` (the first frame is its comm), and `# 1` is then its
+        // one-frame stack.
+        if parsed.is_none() && line.starts_with("# ") {
+            continue;
+        }
+        let (stack, _) = line.rsplit_once(' ').ok_or_else(|| err("expected `frame;frame;... COUNT`"))?;
+        let (_, count) = parsed.ok_or_else(|| err("the count after the last space is not an unsigned integer"))?;
         let frames: Vec<&str> = stack.split(';').collect();
         if frames.iter().any(|f| f.is_empty()) {
             return Err(err("empty frame name"));
@@ -230,6 +237,7 @@ mod tests {
         assert_eq!(stacks.len(), 3);
         assert_eq!(stacks[1], (vec!["app", "main", "outer", "mid_inline_[i]", "inner_inline_[i]"], 3));
         assert_eq!(decode("# comment\n\na;b 2\r\nc 0\n").unwrap(), vec![(vec!["a", "b"], 2), (vec!["c"], 0)]);
+        assert_eq!(decode("# 1\n").unwrap(), vec![(vec!["#"], 1)], "a process named `#`");
         assert_eq!(decode("std::vec<T; 4> x 5\n").unwrap(), vec![(vec!["std::vec<T", " 4> x"], 5)]);
     }
 
