@@ -1,0 +1,126 @@
+//! The task iterator the agent runs over every task: finding threads that
+//! were blocked before the programs attached, and cutting still-blocked
+//! threads at an interval boundary or the end of a recording.
+
+use aya_ebpf::{
+    helpers::{bpf_get_task_stack, bpf_probe_read_kernel, bpf_task_pt_regs},
+    macros::map,
+    maps::PerCpuArray,
+};
+use profiler_common::{
+    offcpu::{
+        found_blocked_stack_id, BlockedRegs, OffCpuKey, ThreadState, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_MODE, SCAN_TIME,
+        THREAD_FOUND_BLOCKED,
+    },
+    Stat, COMM_LEN, MAX_STACK_DEPTH,
+};
+
+use super::{
+    add_blocked, read_u32, store, task_ids, window, BLOCKED_REGS, BPF_NOEXIST, SCAN, SCRATCH, STILL_BLOCKED,
+    TASK_COMM_OFFSET, TASK_INTERRUPTIBLE, TASK_STATE_OFFSET, TASK_UNINTERRUPTIBLE, THREADS,
+};
+use crate::maps::{count, wanted};
+
+/// The task iterator: per task, the scan the agent asked for in `SCAN`.
+/// Context: `struct bpf_iter__task { struct bpf_iter_meta *meta; struct
+/// task_struct *task; }`; `task` is NULL once, at the end.
+#[no_mangle]
+#[link_section = "iter/task"]
+pub extern "C" fn offcpu_tasks(ctx: *mut core::ffi::c_void) -> i32 {
+    let task = unsafe { core::ptr::read_volatile((ctx as *const *const u8).add(1)) };
+    if !task.is_null() {
+        scan_task(task);
+    }
+    0
+}
+
+#[inline(always)]
+fn scan_task(task: *const u8) {
+    let Some((tid, tgid)) = task_ids(task) else { return };
+    if tid == 0 || !wanted(tgid) {
+        return;
+    }
+    let (Some(&time), Some(&mode)) = (SCAN.get(SCAN_TIME), SCAN.get(SCAN_MODE)) else { return };
+    if mode == SCAN_CUT {
+        cut(tid, tgid, time);
+    } else if mode == SCAN_FIND_BLOCKED {
+        find_blocked(task, tid, tgid, time);
+    }
+}
+
+/// Moves a still-blocked thread's time up to `time` into `STILL_BLOCKED`;
+/// its switch-in then counts from `time`. The re-check before the write
+/// narrows the race with a switch-in on another CPU to a few instructions
+/// (BPF has no compare-and-swap at this program's instruction set level).
+#[inline(always)]
+fn cut(tid: u32, tgid: u32, time: u64) {
+    let Some(t) = THREADS.get_ptr_mut(&tid) else { return };
+    let t = unsafe { &mut *t };
+    let start = unsafe { core::ptr::read_volatile(&t.block_start_ns) };
+    if start == 0 || start >= time {
+        return;
+    }
+    let key = OffCpuKey { tgid, tid, kernel_stack: t.kernel_stack, user_stack: t.user_stack, comm: t.comm };
+    if unsafe { core::ptr::read_volatile(&t.block_start_ns) } != start {
+        return;
+    }
+    unsafe { core::ptr::write_volatile(&mut t.block_start_ns, time) };
+    let (from, until) = window(start, time);
+    if until > from {
+        add_blocked(&STILL_BLOCKED, &key, until - from);
+    }
+}
+
+/// A thread blocked since before the programs were attached has no entry:
+/// give it one, blocked since `time`, with its kernel stack and the
+/// registers the agent unwinds its user stack from. Kernel threads are
+/// left to their first block (an idle system has hundreds, all "blocked").
+#[inline(always)]
+fn find_blocked(task: *const u8, tid: u32, tgid: u32, time: u64) {
+    let state_off = unsafe { core::ptr::read_volatile(&TASK_STATE_OFFSET) };
+    let Some(state) = read_u32(task, state_off) else { return };
+    if state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
+        return;
+    }
+    if THREADS.get_ptr(&tid).is_some() {
+        return; // switched out since we attached: already tracked
+    }
+    let regs = unsafe { bpf_task_pt_regs(task as *mut _) } as *const u8;
+    if regs.is_null() {
+        return;
+    }
+    // x86-64 `struct pt_regs`: bp at 32, ip 128, cs 136, sp 152.
+    let Ok(bp) = (unsafe { bpf_probe_read_kernel(regs.add(32) as *const u64) }) else { return };
+    let Ok(tail) = (unsafe { bpf_probe_read_kernel(regs.add(128) as *const [u64; 4]) }) else { return };
+    let (ip, cs, sp) = (tail[0], tail[1], tail[3]);
+    if cs & 3 != 3 || ip == 0 {
+        return; // a kernel thread
+    }
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return };
+    let buf = unsafe { &mut *buf };
+    let ret =
+        unsafe { bpf_get_task_stack(task as *mut _, buf.ips.as_mut_ptr().cast(), (MAX_STACK_DEPTH * 8) as u32, 0) };
+    let kernel = if ret > 0 { store(buf, (ret as u32) / 8) } else { 0 };
+    let comm_off = unsafe { core::ptr::read_volatile(&TASK_COMM_OFFSET) };
+    let comm =
+        unsafe { bpf_probe_read_kernel(task.add(comm_off as usize) as *const [u8; COMM_LEN]) }.unwrap_or([0; 16]);
+    let Some(st) = SCRATCH_THREAD.get_ptr_mut(0) else { return };
+    let st = unsafe { &mut *st };
+    *st = ThreadState::default();
+    st.block_start_ns = time;
+    st.blocked_since_ns = time;
+    st.kernel_stack = kernel;
+    st.user_stack = found_blocked_stack_id(tid);
+    st.flags = THREAD_FOUND_BLOCKED;
+    st.comm = comm;
+    if THREADS.insert(&tid, st, BPF_NOEXIST).is_err() {
+        return; // it switched out meanwhile, or the map is full
+    }
+    let _ = BLOCKED_REGS.insert(&tid, &BlockedRegs { tgid, _pad: 0, ip, sp, bp }, 0);
+    count(Stat::OffCpuFoundBlocked);
+}
+
+/// A ThreadState under construction: too big for the iterator's stack
+/// next to its other locals.
+#[map]
+static SCRATCH_THREAD: PerCpuArray<ThreadState> = PerCpuArray::with_max_entries(1, 0);
