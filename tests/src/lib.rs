@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod daemon;
 pub mod folded;
 pub mod offcpu;
+pub mod pprof;
 pub mod privilege;
 pub mod sched;
 pub mod unwind;

@@ -4,10 +4,11 @@
 //! end of a recording or of each daemon interval, labelled
 //! `state=still_blocked`, and never twice.
 
-use std::{io::Read, path::Path, time::Duration};
+use std::time::Duration;
 
 use profiler_integration_tests::daemon::Daemon;
 use profiler_integration_tests::folded::{is_kernel, Stack};
+use profiler_integration_tests::pprof;
 use profiler_integration_tests::sched::{read_folded, record_windowed, Counters, COUNTERS_C};
 use profiler_integration_tests::workload::C_FP_FLAGS;
 use profiler_integration_tests::{require_root, Workload};
@@ -22,41 +23,6 @@ const DURATION: Duration = Duration::from_secs(4);
 const WINDOW_TOLERANCE: f64 = 0.05;
 
 /// The pprof messages the checks need (profile.proto).
-mod pprof {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Profile {
-        #[prost(message, repeated, tag = "2")]
-        pub sample: Vec<Sample>,
-        #[prost(string, repeated, tag = "6")]
-        pub string_table: Vec<String>,
-        #[prost(int64, tag = "10")]
-        pub duration_nanos: i64,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Sample {
-        #[prost(int64, repeated, tag = "2")]
-        pub value: Vec<i64>,
-        #[prost(message, repeated, tag = "3")]
-        pub label: Vec<Label>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Label {
-        #[prost(int64, tag = "1")]
-        pub key: i64,
-        #[prost(int64, tag = "2")]
-        pub str: i64,
-        #[prost(int64, tag = "3")]
-        pub num: i64,
-    }
-}
-
-fn decode(path: &Path) -> pprof::Profile {
-    let gz = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut raw).expect("gunzip");
-    <pprof::Profile as prost::Message>::decode(&raw[..]).expect("a pprof Profile")
-}
-
 /// Nanoseconds of thread `tid` in an off-CPU pprof profile: (labelled
 /// still_blocked, not labelled).
 fn thread_ns(p: &pprof::Profile, tid: u32) -> (u64, u64) {
@@ -166,7 +132,7 @@ fn thread_blocked_before_the_start_is_reported_for_the_whole_recording() {
     );
 
     // The label, on exactly that thread's time, in pprof.
-    let p = decode(&r.out.path("off-cpu.pb.gz"));
+    let p = pprof::read(&r.out.path("off-cpu.pb.gz"));
     let (still, other) = thread_ns(&p, tid);
     assert!(
         ((still as f64) - window).abs() <= WINDOW_TOLERANCE * window,
@@ -218,7 +184,7 @@ fn daemon_shows_a_hung_thread_in_every_interval_once() {
     assert!(files.len() >= 3, "{files:?}");
     let (mut sum_hung, mut sum_len) = (0u64, 0u64);
     for f in &files {
-        let p = decode(f);
+        let p = pprof::read(f);
         let (still, other) = thread_ns(&p, tid);
         let len = p.duration_nanos as u64;
         eprintln!("{}: interval {len} ns, hung thread still blocked {still} ns, other {other} ns", f.display());

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use profiler_integration_tests::pprof;
 use profiler_integration_tests::sched::{read_folded, record_windowed, thread_sched, Counters, ThreadSched};
 use profiler_integration_tests::workload::build_c;
 use profiler_integration_tests::{require_root, Workload};
@@ -24,37 +25,9 @@ const THREAD_TOLERANCE: f64 = 0.01;
 /// Client functions and the counter slot of the ns they measured.
 const SITES: [(&str, usize); 4] = [("wait_pipe", 0), ("wait_futex", 1), ("wait_cond", 2), ("nap", 3)];
 
-mod pprof {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Profile {
-        #[prost(message, repeated, tag = "2")]
-        pub sample: Vec<Sample>,
-        #[prost(string, repeated, tag = "6")]
-        pub string_table: Vec<String>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Sample {
-        #[prost(int64, repeated, tag = "2")]
-        pub value: Vec<i64>,
-        #[prost(message, repeated, tag = "3")]
-        pub label: Vec<Label>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Label {
-        #[prost(int64, tag = "1")]
-        pub key: i64,
-        #[prost(int64, tag = "3")]
-        pub num: i64,
-    }
-}
-
 /// Off-CPU ns per tid from an off-CPU pprof file.
 fn per_thread(path: &std::path::Path) -> std::collections::HashMap<u32, u64> {
-    use std::io::Read;
-    let gz = std::fs::read(path).unwrap();
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut raw).unwrap();
-    let p = <pprof::Profile as prost::Message>::decode(&raw[..]).unwrap();
+    let p = pprof::read(path);
     let tid_key = p.string_table.iter().position(|s| s == "tid").map(|i| i as i64);
     let mut out = std::collections::HashMap::new();
     for s in &p.sample {

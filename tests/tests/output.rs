@@ -1,75 +1,13 @@
 //! Output files: the gzip pprof profile, the flame graph, and `--format`.
 
-use std::io::Read;
 use std::time::Duration;
 
 use profiler_integration_tests::agent::{run_command, RECORD_TIMEOUT};
+use profiler_integration_tests::pprof;
 use profiler_integration_tests::workload::{C_FP_FLAGS, FP_RATIO_C};
 use profiler_integration_tests::{agent_bin, record, require_root, RecordOutput, Workload};
 
 /// The few pprof messages (profile.proto) the checks need.
-mod pprof {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Profile {
-        #[prost(message, repeated, tag = "1")]
-        pub sample_type: Vec<ValueType>,
-        #[prost(message, repeated, tag = "2")]
-        pub sample: Vec<Sample>,
-        #[prost(message, repeated, tag = "4")]
-        pub location: Vec<Location>,
-        #[prost(message, repeated, tag = "5")]
-        pub function: Vec<Function>,
-        #[prost(string, repeated, tag = "6")]
-        pub string_table: Vec<String>,
-        #[prost(int64, tag = "12")]
-        pub period: i64,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ValueType {
-        #[prost(int64, tag = "1")]
-        pub r#type: i64,
-        #[prost(int64, tag = "2")]
-        pub unit: i64,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Sample {
-        #[prost(uint64, repeated, tag = "1")]
-        pub location_id: Vec<u64>,
-        #[prost(int64, repeated, tag = "2")]
-        pub value: Vec<i64>,
-        #[prost(message, repeated, tag = "3")]
-        pub label: Vec<Label>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Label {
-        #[prost(int64, tag = "1")]
-        pub key: i64,
-        #[prost(int64, tag = "2")]
-        pub str: i64,
-        #[prost(int64, tag = "3")]
-        pub num: i64,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Location {
-        #[prost(uint64, tag = "1")]
-        pub id: u64,
-        #[prost(message, repeated, tag = "4")]
-        pub line: Vec<Line>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Line {
-        #[prost(uint64, tag = "1")]
-        pub function_id: u64,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Function {
-        #[prost(uint64, tag = "1")]
-        pub id: u64,
-        #[prost(int64, tag = "2")]
-        pub name: i64,
-    }
-}
-
 /// Records the fp_ratio workload for 3 s with the given extra arguments.
 fn record_fp_ratio(extra: &[&str]) -> (Workload, RecordOutput) {
     require_root();
@@ -86,13 +24,7 @@ fn record_fp_ratio(extra: &[&str]) -> (Workload, RecordOutput) {
 fn decode_pprof(out: &RecordOutput) -> pprof::Profile {
     let gz = out.read("cpu.pb.gz");
     assert!(gz.starts_with(&[0x1f, 0x8b]), "cpu.pb.gz is not gzip\n{}", out.context());
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..])
-        .read_to_end(&mut raw)
-        .unwrap_or_else(|e| panic!("cpu.pb.gz does not gunzip: {e}\n{}", out.context()));
-    assert!(!raw.is_empty(), "cpu.pb.gz is empty once decompressed");
-    <pprof::Profile as prost::Message>::decode(&raw[..])
-        .unwrap_or_else(|e| panic!("cpu.pb.gz is not a pprof Profile: {e}\n{}", out.context()))
+    pprof::decode_gz(&gz).unwrap_or_else(|e| panic!("cpu.pb.gz {e}\n{}", out.context()))
 }
 
 #[test]

@@ -2,13 +2,13 @@
 //! scripts the tests write. The kernel walks the interpreter's frames at
 //! each `_PyEval_EvalFrameDefault` frame; the agent names them.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use profiler_integration_tests::agent::RECORD_TIMEOUT;
 use profiler_integration_tests::folded::frame_is;
+use profiler_integration_tests::pprof;
 use profiler_integration_tests::sched::read_folded;
 use profiler_integration_tests::{require_root, spawn_record, Folded, RecordOutput, Stack, Workload};
 
@@ -17,9 +17,12 @@ const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 const SECS: u64 = 5;
 
 /// Three deep, two leaves with the same loop body; the heavy one runs 3x
-/// the iterations. Line numbers matter: the pprof check names them.
+/// the iterations. Line numbers matter: the pprof check names them. Each
+/// round's length is drawn at random (as in the C 3:1 workload): a fixed
+/// round of ~2 ms stayed in phase with 99 Hz sampling and put the split
+/// anywhere from 3.0 to past 3.75 in single runs.
 const SPLIT_PY: &str = "\
-import sys
+import random
 def py_leaf_heavy(n):
     total = 0
     for i in range(n):
@@ -30,11 +33,11 @@ def py_leaf_light(n):
     for i in range(n):
         total += i * i % 7
     return total
-def py_middle():
-    return py_leaf_heavy(30000) + py_leaf_light(10000)
+def py_middle(n):
+    return py_leaf_heavy(3 * n) + py_leaf_light(n)
 def py_outer():
     while True:
-        py_middle()
+        py_middle(random.randint(5000, 15000))
 py_outer()
 ";
 /// `def py_leaf_heavy` and the lines of its loop.
@@ -367,46 +370,6 @@ fn py_version_offset(elf: &[u8]) -> usize {
 }
 
 /// The few pprof messages (profile.proto) the checks need.
-mod pprof {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Profile {
-        #[prost(message, repeated, tag = "4")]
-        pub location: Vec<Location>,
-        #[prost(message, repeated, tag = "5")]
-        pub function: Vec<Function>,
-        #[prost(string, repeated, tag = "6")]
-        pub string_table: Vec<String>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Location {
-        #[prost(uint64, tag = "1")]
-        pub id: u64,
-        #[prost(message, repeated, tag = "4")]
-        pub line: Vec<Line>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Line {
-        #[prost(uint64, tag = "1")]
-        pub function_id: u64,
-        #[prost(int64, tag = "2")]
-        pub line: i64,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Function {
-        #[prost(uint64, tag = "1")]
-        pub id: u64,
-        #[prost(int64, tag = "2")]
-        pub name: i64,
-        #[prost(int64, tag = "4")]
-        pub filename: i64,
-        #[prost(int64, tag = "5")]
-        pub start_line: i64,
-    }
-}
-
 fn decode_pprof(out: &RecordOutput) -> pprof::Profile {
-    let gz = out.read("cpu.pb.gz");
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut raw).expect("gunzip cpu.pb.gz");
-    <pprof::Profile as prost::Message>::decode(&raw[..]).expect("pprof Profile")
+    pprof::decode_gz(&out.read("cpu.pb.gz")).unwrap_or_else(|e| panic!("cpu.pb.gz {e}"))
 }
