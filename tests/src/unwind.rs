@@ -5,6 +5,10 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::agent::RECORD_TIMEOUT;
+use crate::folded::{frame_is, Stack};
+use crate::{spawn_record, RecordOutput, RunningAgent};
+
 /// gcc flags of the no-frame-pointer workloads: what distributions build
 /// with. Calls that must stay calls need `__attribute__((noinline))` and
 /// work after the call (else -O2 turns them into jumps); check with
@@ -113,4 +117,73 @@ mod tests {
         assert_eq!(parse_unwind_tables("Recorded 5.0 s\n"), None);
         assert_eq!(unwinding_line("Recorded 5.0 s\n"), None);
     }
+}
+
+// Helpers of the unwinding tests (tests/tests/unwind*.rs).
+
+pub const FREQUENCY: &str = "99";
+
+/// The frames glibc puts between `_start` and `main`. With libc's debug
+/// symbols (libc6-dbg, found through /usr/lib/debug/.build-id) the static
+/// `__libc_start_call_main` (which calls main) shows; from the dynamic
+/// symbols alone only `__libc_start_main` (which calls it) has a name.
+pub const LIBC_START: &[&str] = &["__libc_start_call_main", "__libc_start_main", "__libc_start_main_impl"];
+
+/// Agent arguments choosing the unwinder (`cfi` or `frame-pointer`).
+pub fn unwinder(kind: &'static str) -> Vec<&'static str> {
+    vec!["--unwinder", kind]
+}
+
+/// Starts `record --pid <each> --duration <secs> -F 99 --format folded <extra>`.
+pub fn spawn_pids(pids: &[u32], secs: u64, extra: &[&str]) -> RunningAgent {
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let duration = secs.to_string();
+    let mut args: Vec<&str> = Vec::new();
+    for p in &pids {
+        args.extend(["--pid", p.as_str()]);
+    }
+    args.extend(["--duration", &duration, "--frequency", FREQUENCY, "--format", "folded"]);
+    args.extend(extra);
+    spawn_record(&args)
+}
+
+/// [`spawn_pids`] to completion; panics unless the agent exited with 0.
+pub fn record_pids(pids: &[u32], secs: u64, extra: &[&str]) -> RecordOutput {
+    let out = spawn_pids(pids, secs, extra).wait(RECORD_TIMEOUT);
+    out.assert_success();
+    out
+}
+
+pub fn share(part: u64, whole: u64) -> f64 {
+    part as f64 / whole.max(1) as f64
+}
+
+pub fn pct(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+/// The outermost frame is `_start` (the entry point: nothing calls it).
+pub fn outermost_is_start(s: &Stack) -> bool {
+    s.functions().first().is_some_and(|f| frame_is(f, "_start"))
+}
+
+/// `_start` outermost, then one of glibc's [`LIBC_START`] frames, then
+/// `inner` in order: the stack was walked all the way out of `main`.
+pub fn reaches_start(s: &Stack, inner: &[&str]) -> bool {
+    outermost_is_start(s)
+        && LIBC_START.iter().any(|libc| {
+            let mut pattern = vec!["_start", libc];
+            pattern.extend_from_slice(inner);
+            s.has_subsequence(&pattern)
+        })
+}
+
+/// The innermost user frame is `name`.
+pub fn user_leaf_is(s: &Stack, name: &str) -> bool {
+    s.last_user_frame().is_some_and(|f| frame_is(f, name))
+}
+
+/// The agent's `Unwinding:` line, or a note that there is none.
+pub fn unwinding(out: &RecordOutput) -> &str {
+    unwinding_line(&out.stderr).unwrap_or("(no `Unwinding:` line in the agent's stderr)")
 }
