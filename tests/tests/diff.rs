@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use profiler_integration_tests::workload::{build_c, C_FP_FLAGS};
-use profiler_integration_tests::{record, require_root, run_agent, AgentRun, RecordOutput, Workload};
+use profiler_integration_tests::{parse_folded, record, require_root, run_agent, AgentRun, RecordOutput, Workload};
 use serde_json::Value;
 
 /// `main` calls `middle` (which calls the three leaves: alpha and beta get
@@ -345,10 +345,7 @@ fn diff_of_off_cpu_recordings_uses_their_blocks_and_flags_the_shift() {
     let before = run(&["3", "1"], &[]);
     // Folded, so the blocks' sum can be checked against the whole.
     let after = run(&["1", "3"], &["--format", "folded"]);
-    let sum = |path: &Path| -> u64 {
-        let text = std::fs::read_to_string(path).unwrap();
-        text.lines().filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
-    };
+    let sum = |path: &Path| parse_folded(&std::fs::read_to_string(path).unwrap()).total();
     let whole = sum(&after.path("off-cpu.folded"));
     let in_blocks: u64 = block_files(&after)
         .iter()
