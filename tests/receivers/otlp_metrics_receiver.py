@@ -18,7 +18,13 @@ line with "signal": "profiles" and the number of resources, nothing more.
 Once both servers listen it prints `READY grpc=<port> http=<port>` on stdout, so
 callers can pass port 0 and learn the real ports without racing for them.
 
+With --tls-cert and --tls-key the gRPC port serves TLS with that certificate;
+--tls-client-ca also requires a client certificate signed by that CA (mutual
+TLS). Each gRPC line then carries "tls_client": the client certificate's
+common name, or null. The HTTP port stays plaintext.
+
 Usage: otlp_metrics_receiver.py --out FILE [--grpc-port N] [--http-port N]
+                                [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
 """
 
 import argparse
@@ -159,13 +165,25 @@ class Sink:
         with self.lock, open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(line, sort_keys=True) + "\n")
 
-    def metrics(self, transport, headers, request):
+    def metrics(self, transport, headers, request, tls=None):
         line = {"transport": transport, "headers": headers}
         line.update(summarize_metrics(request))
+        line.update(tls or {})
         self.write(line)
 
-    def profiles(self, transport, request):
-        self.write({"transport": transport, "signal": "profiles", "resources": len(request.resource_profiles)})
+    def profiles(self, transport, request, tls=None):
+        line = {"transport": transport, "signal": "profiles", "resources": len(request.resource_profiles)}
+        line.update(tls or {})
+        self.write(line)
+
+
+def tls_peer(context):
+    """{"tls_client": common name or None} on a TLS connection, else {}."""
+    auth = context.auth_context()
+    if auth.get("transport_security_type", [b""])[0] != b"ssl":
+        return {}
+    cn = auth.get("x509_common_name", [None])[0]
+    return {"tls_client": cn.decode() if cn else None}
 
 
 class MetricsServicer(metrics_grpc.MetricsServiceServicer):
@@ -174,7 +192,7 @@ class MetricsServicer(metrics_grpc.MetricsServiceServicer):
 
     def Export(self, request, context):  # noqa: N802 (generated name)
         metadata = {k.lower(): v for k, v in context.invocation_metadata() if k.lower() in INTERESTING_HEADERS}
-        self.sink.metrics("grpc", metadata, request)
+        self.sink.metrics("grpc", metadata, request, tls_peer(context))
         return metrics_pb2.ExportMetricsServiceResponse()
 
 
@@ -183,7 +201,7 @@ class ProfilesServicer(profiles_grpc.ProfilesServiceServicer):
         self.sink = sink
 
     def Export(self, request, context):  # noqa: N802 (generated name)
-        self.sink.profiles("grpc", request)
+        self.sink.profiles("grpc", request, tls_peer(context))
         return profiles_pb2.ExportProfilesServiceResponse()
 
 
@@ -232,13 +250,32 @@ def main():
     ap.add_argument("--out", required=True, help="file to append one JSON line per request to")
     ap.add_argument("--grpc-port", type=int, default=0)
     ap.add_argument("--http-port", type=int, default=0)
+    ap.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC over TLS")
+    ap.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    ap.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed")
     args = ap.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
 
     sink = Sink(args.out)
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     metrics_grpc.add_MetricsServiceServicer_to_server(MetricsServicer(sink), grpc_server)
     profiles_grpc.add_ProfilesServiceServicer_to_server(ProfilesServicer(sink), grpc_server)
-    grpc_port = grpc_server.add_insecure_port(f"127.0.0.1:{args.grpc_port}")
+    address = f"127.0.0.1:{args.grpc_port}"
+    if args.tls_cert:
+        def read(path):
+            with open(path, "rb") as f:
+                return f.read()
+
+        client_ca = read(args.tls_client_ca) if args.tls_client_ca else None
+        credentials = grpc.ssl_server_credentials(
+            [(read(args.tls_key), read(args.tls_cert))],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+        grpc_port = grpc_server.add_secure_port(address, credentials)
+    else:
+        grpc_port = grpc_server.add_insecure_port(address)
     grpc_server.start()
     http_server = ThreadingHTTPServer(("127.0.0.1", args.http_port), http_handler(sink))
     threading.Thread(target=http_server.serve_forever, daemon=True).start()

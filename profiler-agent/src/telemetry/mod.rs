@@ -161,7 +161,7 @@ impl Telemetry {
             ("profiler_export_buffered_bytes", "gauge", "Bytes waiting in the export buffer.", |m| {
                 m.buffered_bytes.load(Relaxed)
             }),
-            ("profiler_export_healthy", "gauge", "1 when the last export attempt succeeded.", |m| {
+            ("profiler_export_healthy", "gauge", "0 once an interval was lost (dropped or rejected) since the last successful export; 1 while delivering or retrying within the buffer.", |m| {
                 u64::from(m.healthy.load(Relaxed))
             }),
         ];
