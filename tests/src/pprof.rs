@@ -93,3 +93,45 @@ pub fn read(path: &Path) -> Profile {
     let gz = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     decode_gz(&gz).unwrap_or_else(|e| panic!("{} {e}", path.display()))
 }
+
+/// One frame of a sample resolved through its location and function: the
+/// function's name and file (string table entries) and the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub name: String,
+    pub filename: String,
+    pub line: i64,
+}
+
+impl Profile {
+    /// String table entry `i`; "" when out of range.
+    pub fn string(&self, i: i64) -> &str {
+        usize::try_from(i).ok().and_then(|i| self.string_table.get(i)).map_or("", String::as_str)
+    }
+
+    /// The frames of `sample`, leaf first as pprof orders locations (a
+    /// location's inlined lines innermost first). A location or function id
+    /// that resolves to nothing gives a frame named `?location N` or
+    /// `?function N`, so checks fail on it rather than skip it.
+    pub fn frames(&self, sample: &Sample) -> Vec<Frame> {
+        let mut out = Vec::new();
+        for id in &sample.location_id {
+            let Some(loc) = self.location.iter().find(|l| l.id == *id) else {
+                out.push(Frame { name: format!("?location {id}"), filename: String::new(), line: 0 });
+                continue;
+            };
+            for line in &loc.line {
+                let frame = match self.function.iter().find(|f| f.id == line.function_id) {
+                    Some(f) => Frame {
+                        name: self.string(f.name).to_owned(),
+                        filename: self.string(f.filename).to_owned(),
+                        line: line.line,
+                    },
+                    None => Frame { name: format!("?function {}", line.function_id), filename: String::new(), line: 0 },
+                };
+                out.push(frame);
+            }
+        }
+        out
+    }
+}

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use profiler_integration_tests::agent::RECORD_TIMEOUT;
 use profiler_integration_tests::folded::{base_name, frame_is, is_jit, Folded, Stack};
+use profiler_integration_tests::pprof;
 use profiler_integration_tests::sched::read_folded;
 use profiler_integration_tests::workload::build_c;
 use profiler_integration_tests::{require_root, spawn_record, RecordOutput};
@@ -294,7 +295,9 @@ fn perf_map_in_a_private_tmp_of_another_namespace() {
 
 /// jitdump: found through the process's mappings, named with file and line
 /// from `DEBUG_INFO` (the call site is line 42: a return address is looked
-/// up one byte back, in the call).
+/// up one byte back, in the call). In pprof the name and the file are the
+/// Function's own fields and the line its Line's, linked in the samples
+/// between `native_leaf` and `run`.
 #[test]
 fn jitdump_names_with_file_and_line() {
     require_root();
@@ -313,50 +316,71 @@ fn jitdump_names_with_file_and_line() {
     assert!(share(at_call, total) > 0.8, "jit_dumped gen.js:42 in {at_call} of {total}\n{}\n{}", f.top(10), out.stderr);
     let named = count_jit(&f, |n| n.starts_with("jit_dumped gen.js:4"));
     assert!(share(named, total) > 0.9, "{named} of {total}\n{}", f.top(10));
-    // pprof: Function.name is the function and filename the file.
-    let pprof = out.read("cpu.pb.gz");
-    let text = gunzip_strings(&pprof);
-    assert!(text.iter().any(|s| s == "jit_dumped") && text.iter().any(|s| s == "gen.js"), "{text:?}");
+    // pprof: the JIT function's Function carries the bare name and the
+    // file, its Line the line, in the same stacks as the folded check.
+    let prof = pprof::decode_gz(&out.read("cpu.pb.gz")).unwrap_or_else(|e| panic!("cpu.pb.gz {e}"));
+    let pctx = || pprof_context(&prof);
+    let funcs: Vec<&pprof::Function> = prof.function.iter().filter(|f| prof.string(f.name) == "jit_dumped").collect();
+    assert!(!funcs.is_empty(), "no pprof Function named jit_dumped (bare, without the file)\n{}", pctx());
+    for f in &funcs {
+        assert_eq!(prof.string(f.filename), "gen.js", "jit_dumped's Function.filename\n{}", pctx());
+    }
+    let lines: Vec<i64> = prof
+        .location
+        .iter()
+        .flat_map(|l| &l.line)
+        .filter(|l| funcs.iter().any(|f| f.id == l.function_id))
+        .map(|l| l.line)
+        .collect();
+    assert!(!lines.is_empty(), "no Location with a Line of jit_dumped\n{}", pctx());
+    assert!(lines.iter().all(|l| *l == 42 || *l == 43), "jit_dumped's lines {lines:?}, DEBUG_INFO has 42 and 43");
+    // Leaf first: native_leaf, called from jit_dumped at gen.js:42, called
+    // from run, under main.
+    let (mut p_total, mut p_at_call) = (0i64, 0i64);
+    for s in &prof.sample {
+        let n = s.value.first().copied().unwrap_or(0);
+        p_total += n;
+        let fr = prof.frames(s);
+        let Some(i) = fr.iter().position(|x| x.name == "jit_dumped") else { continue };
+        let jit = &fr[i];
+        if jit.filename == "gen.js"
+            && jit.line == 42
+            && i >= 1
+            && fr[i - 1].name == "native_leaf"
+            && fr.get(i + 1).is_some_and(|x| x.name == "run")
+            && fr[i + 1..].iter().any(|x| x.name == "main")
+        {
+            p_at_call += n;
+        }
+    }
+    let folded_all = read_folded(&out, "cpu.folded").total();
+    eprintln!("jitdump: folded {at_call} of {total} at gen.js:42; pprof {p_at_call} of {p_total}, lines {lines:?}");
+    assert_eq!(p_total as u64, folded_all, "pprof and folded count the same samples");
+    assert!(
+        share(p_at_call as u64, p_total as u64) > 0.8,
+        "pprof: native_leaf <- jit_dumped gen.js:42 <- run <- main in {p_at_call} of {p_total}\n{}",
+        pctx()
+    );
 }
 
-/// The pprof string table (every string the profile uses).
-fn gunzip_strings(gz: &[u8]) -> Vec<String> {
-    use std::io::Read;
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(gz).read_to_end(&mut raw).expect("gzip");
-    // Profile.string_table is field 6 (length-delimited); walk the top
-    // level fields.
-    let mut out = Vec::new();
-    let mut i = 0;
-    let varint = |i: &mut usize| -> u64 {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = raw[*i];
-            *i += 1;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
-        v
-    };
-    while i < raw.len() {
-        let key = varint(&mut i);
-        match key & 7 {
-            0 => {
-                varint(&mut i);
-            }
-            2 => {
-                let n = varint(&mut i) as usize;
-                if key >> 3 == 6 {
-                    out.push(String::from_utf8_lossy(&raw[i..i + n]).into_owned());
-                }
-                i += n;
-            }
-            1 => i += 8,
-            5 => i += 4,
-            other => panic!("unexpected wire type {other}"),
-        }
+/// The heaviest pprof samples, leaf first, as `name file:line` frames.
+fn pprof_context(prof: &pprof::Profile) -> String {
+    let mut samples: Vec<&pprof::Sample> = prof.sample.iter().collect();
+    samples.sort_by_key(|s| std::cmp::Reverse(s.value.first().copied().unwrap_or(0)));
+    let mut out = String::new();
+    for s in samples.iter().take(6) {
+        let frames: Vec<String> =
+            prof.frames(s)
+                .iter()
+                .map(|f| {
+                    if f.filename.is_empty() {
+                        f.name.clone()
+                    } else {
+                        format!("{} {}:{}", f.name, f.filename, f.line)
+                    }
+                })
+                .collect();
+        out.push_str(&format!("{:?}: {}\n", s.value, frames.join(" <- ")));
     }
     out
 }
