@@ -469,7 +469,9 @@ public class Hot {
 
 /// One JVM run: hot methods compiled by C2, the map written on demand by
 /// `jcmd PID Compiler.perfmap` (`0x`-prefixed addresses), frame pointers
-/// kept in compiled code.
+/// kept in compiled code. `Hot.leaf` is kept out of line
+/// (`CompileCommand=dontinline`): C2 would inline it into `Hot.outer`, and
+/// a stack of one JIT frame shows nothing of the walk through JIT code.
 #[test]
 fn java_perf_map_from_jcmd() {
     require_root();
@@ -477,8 +479,13 @@ fn java_perf_map_from_jcmd() {
     std::fs::write(dir.path().join("Hot.java"), JAVA_SRC).unwrap();
     let javac = Command::new("javac").arg("-d").arg(dir.path()).arg(dir.path().join("Hot.java")).status().unwrap();
     assert!(javac.success());
-    let java =
-        start(Command::new("java").args(["-XX:+PreserveFramePointer", "-Xss1m", "-cp"]).arg(dir.path()).arg("Hot"));
+    let java = start(
+        Command::new("java")
+            .args(["-XX:+PreserveFramePointer", "-XX:CompileCommand=quiet", "-XX:CompileCommand=dontinline,Hot::leaf"])
+            .args(["-Xss1m", "-cp"])
+            .arg(dir.path())
+            .arg("Hot"),
+    );
     std::thread::sleep(Duration::from_secs(2));
     let map = PathBuf::from(format!("/tmp/perf-{}.map", java.pid()));
     let jcmd = Command::new("jcmd").arg(java.pid().to_string()).arg("Compiler.perfmap").output().unwrap();
@@ -490,7 +497,47 @@ fn java_perf_map_from_jcmd() {
     let _ = std::fs::remove_file(&map);
     let f = read_folded(&out, "cpu.folded").process("java");
     let total = f.total();
-    let hot = count_jit(&f, |n| n.contains("Hot.leaf(double)") || n.contains("Hot.outer(int)"));
-    assert!(total > 30, "too few samples: {total}\n{}\n{}", f.top(10), out.stderr);
-    assert!(share(hot, total) > 0.7, "Hot.leaf/Hot.outer in {hot} of {total}\n{}\n{}", f.top(15), out.stderr);
+    let ctx = || format!("{}\n{}", f.top(8), out.stderr);
+    let java_method = |fr: &str, m: &str| is_jit(fr) && base_name(fr).contains(m);
+    // The innermost Hot.leaf frame (kernel frames may follow it).
+    let leaf_at = |s: &Stack| s.functions().iter().rposition(|fr| java_method(fr, "Hot.leaf(double)"));
+    let with_leaf = f.count_where(|s| leaf_at(s).is_some());
+    // Hot.outer's caller: `Hot.main` interpreted (`Interpreter`) or, once
+    // C2 compiled its loop, `Hot.main` itself, entered from the call stub
+    // (`StubRoutines`); every frame from the first JIT one up to Hot.outer
+    // is JIT code.
+    let outer_below = f.count_where(|s| {
+        let fr = s.functions();
+        leaf_at(s).is_some_and(|i| i >= 1 && java_method(&fr[i - 1], "Hot.outer(int)"))
+    });
+    // Below the JIT frames, HotSpot's C++ that called into Java
+    // (`JavaCalls::call_helper`, libjvm) and the launcher's thread that runs
+    // `main`: `clone3;start_thread;ThreadJavaMain;JavaMain` (libjli, glibc).
+    let native_below = f.count_where(|s| {
+        let fr = s.functions();
+        let Some(i) = leaf_at(s) else { return false };
+        let Some(first_jit) = fr.iter().position(|x| is_jit(x)) else { return false };
+        first_jit >= 1
+            && fr[first_jit..i].iter().all(|x| is_jit(x))
+            && fr[first_jit - 1].starts_with("JavaCalls::call_helper(")
+            && (frame_is(&fr[0], "clone3") || frame_is(&fr[0], "clone"))
+            && s.has_subsequence(&["start_thread", "ThreadJavaMain", "JavaMain"])
+    });
+    eprintln!(
+        "java: Hot.leaf in {with_leaf} of {total}; Hot.outer under it in {outer_below}; \
+         call_helper..JavaMain..clone3 under the JIT frames in {native_below}"
+    );
+    assert!(total > 30, "too few samples: {total}\n{}", ctx());
+    // Hot.leaf does all the work (Hot.outer's own loop is 1 in 1000 of it).
+    assert!(share(with_leaf, total) > 0.7, "Hot.leaf in {with_leaf} of {total}\n{}", ctx());
+    assert!(
+        share(outer_below, with_leaf) > 0.9,
+        "Hot.outer right under Hot.leaf in {outer_below} of {with_leaf}\n{}",
+        ctx()
+    );
+    assert!(
+        share(native_below, with_leaf) > 0.9,
+        "clone3..JavaMain..JavaCalls::call_helper;<JIT frames> under Hot.leaf in {native_below} of {with_leaf}\n{}",
+        ctx()
+    );
 }
