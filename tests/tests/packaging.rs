@@ -4,7 +4,8 @@
 //! validated strictly against the Kubernetes 1.33 schemas (PyPI
 //! kubernetes-validate), the plain manifests likewise, the Dockerfile linted
 //! by hadolint and compared with xtask's build, and the Grafana dashboards
-//! against the metrics a real daemon serves and sends.
+//! (panels and template variables) against the metrics a real daemon serves
+//! and sends.
 //!
 //! Only the Grafana test needs root (it runs the daemon); the others need
 //! python3 with tests/receivers/requirements.txt.
@@ -127,9 +128,11 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     out.starts_with("HTTP/1.1 200").then(|| out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()))?
 }
 
-/// Every metric the dashboards query exists: the truth is a real daemon
-/// profiling a workload with --off-cpu, its /metrics text and the OTLP
-/// metrics it sent (translated to Prometheus names by the checker).
+/// Every metric and label the dashboards query, in their panels and their
+/// template variables, exists, and every panel is on a datasource the
+/// checker knows: the truth is a real daemon profiling a workload with
+/// --off-cpu, its /metrics text and the OTLP metrics it sent (translated to
+/// Prometheus names by the checker).
 #[test]
 fn grafana_dashboards_query_only_metrics_the_daemon_exports() {
     require_root();
