@@ -2,7 +2,9 @@
 //! the .deb from the agent under test; the tests list and extract it, verify
 //! and score the unit with systemd-analyze, and run the extracted binary the
 //! way the unit would (a non-root user with exactly the unit's ambient
-//! capabilities, no_new_privs), then drop each capability in turn.
+//! capabilities, no_new_privs), then drop each capability in turn. The
+//! maintainer scripts run as dpkg would run them, in a scratch system
+//! (package/scripts.rs).
 
 use std::{path::PathBuf, process::Command, sync::OnceLock, time::Duration};
 
@@ -12,6 +14,9 @@ use profiler_integration_tests::{
     privilege::{as_nobody_with_caps, shared_tempdir, unit_capabilities},
     require_root, workspace_dir, AgentRun, Folded, Workload,
 };
+
+#[path = "package/scripts.rs"]
+mod scripts;
 
 /// The unit's `systemd-analyze security` exposure, as reached with the
 /// hardening in packaging/systemd/profiler-agent.service. What keeps it
