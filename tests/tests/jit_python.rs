@@ -50,10 +50,12 @@ py_outer()
 ";
 const HOT: [&str; 5] = ["<module>", "py_outer", "py_middle", "py_leaf_heavy", "py_leaf_light"];
 
-/// Heavy:light, and the relative error allowed (python.rs measured 2.6-3.3
-/// in single 5 s runs without the flags).
+/// Heavy:light, and the relative error allowed: single 5 s runs of the
+/// three flagged modes gave 2.40-3.51 (15 runs on a shared 2-CPU VM; 1500
+/// to 2500 samples each). Misnamed or misattributed leaves would be far
+/// off 3.
 const RATIO: f64 = 3.0;
-const RATIO_TOLERANCE: f64 = 0.25;
+const RATIO_TOLERANCE: f64 = 0.30;
 /// Share of samples with a hot leaf function named.
 const MIN_LEAF_SHARE: f64 = 0.85;
 /// Share of samples with the whole chain from `_start`.
