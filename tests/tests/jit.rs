@@ -222,6 +222,7 @@ fn perf_map_growing_during_recording_with_malformed_lines() {
     // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(p.pid() as i32, libc::SIGUSR1) }, 0);
     let out = agent.wait(RECORD_TIMEOUT);
+    let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
     out.assert_success();
     let f = read_folded(&out, "cpu.folded").process("jitgen");
     let total = f.total();
