@@ -9,8 +9,11 @@ import yaml
 
 from .common import ROOT, check, fail
 
-OTEL_UNITS = {"ns": "nanoseconds", "us": "microseconds", "ms": "milliseconds", "s": "seconds", "By": "bytes",
-              "KiBy": "kibibytes", "MiBy": "mebibytes", "1": "ratio", "%": "percent"}
+# The OpenTelemetry-to-Prometheus translator's unit words (main unit, and after a `/`).
+OTEL_UNITS = {"d": "days", "h": "hours", "min": "minutes", "s": "seconds", "ms": "milliseconds", "us": "microseconds",
+              "ns": "nanoseconds", "By": "bytes", "KiBy": "kibibytes", "MiBy": "mebibytes", "GiBy": "gibibytes",
+              "Hz": "hertz", "%": "percent", "1": ""}
+OTEL_PER_UNITS = {"s": "second", "m": "minute", "h": "hour", "d": "day"}
 PROMQL_WORDS = {"sum", "rate", "irate", "increase", "histogram_quantile", "histogram_count", "histogram_sum",
                 "by", "without", "max", "min", "avg", "topk", "bottomk", "count", "on", "ignoring", "group_left",
                 "group_right", "and", "or", "unless", "offset", "bool", "clamp_min", "clamp_max", "label_replace",
@@ -20,23 +23,28 @@ PROMQL_WORDS = {"sum", "rate", "irate", "increase", "histogram_quantile", "histo
 
 def prom_name(metric):
     """OTLP metric (from the receiver's JSON) -> its Prometheus series names, by the Collector's rules
-    (prometheus exporter, add_metric_suffixes: true)."""
-    name = re.sub(r"[^a-zA-Z0-9_:]", "_", metric["name"])
-    unit = metric.get("unit", "")
-    unit = re.sub(r"\{[^}]*\}", "", unit)
-    suffix = OTEL_UNITS.get(unit, unit.replace("/", "_per_") if unit else "")
+    (prometheus exporter, add_metric_suffixes: true) as its translator applies them, and as
+    profiler-agent/src/docs/metrics.rs documents them: the name's alphanumeric tokens joined by `_`;
+    the unit's word unless the name has that token already (nothing for `1` or a `{annotation}`);
+    `total` last on monotonic sums, `ratio` last on gauges of unit `1`."""
+    tokens = [t for t in re.split(r"[^a-zA-Z0-9]+", metric["name"]) if t]
+    unit = metric.get("unit", "").strip()
+    main, _, per = (u.strip() for u in unit.partition("/"))
     kind = metric.get("type", "")
-    if suffix == "ratio" and kind != "gauge":
-        suffix = ""
-    if suffix and not name.endswith("_" + suffix):
-        name += "_" + suffix
+    main_word = OTEL_UNITS.get(main, main)
+    if main_word and "{" not in main and "}" not in main and main_word not in tokens:
+        tokens.append(main_word)
+    per_word = OTEL_PER_UNITS.get(per, per)
+    if per_word and "{" not in per and "}" not in per and per_word not in tokens:
+        tokens += ["per", per_word]
     if kind == "sum" and metric.get("monotonic"):
-        return {name + "_total"}
+        tokens = [t for t in tokens if t != "total"] + ["total"]
+    if kind == "gauge" and unit == "1":
+        tokens = [t for t in tokens if t != "ratio"] + ["ratio"]
+    name = "_".join(tokens)
     if kind == "histogram":
         return {name + "_bucket", name + "_sum", name + "_count"}
-    if kind == "exponential_histogram":
-        # A native histogram: one series; histogram_quantile/_count/_sum() read it.
-        return {name}
+    # An exponential histogram is one native histogram; histogram_quantile/_count/_sum() read it.
     return {name}
 
 
