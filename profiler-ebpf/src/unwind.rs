@@ -276,10 +276,29 @@ fn no_table(st: &mut State) -> i64 {
 /// code called from JIT code (V8's `Math.sin` in libm) is walked by its CFI
 /// table, which restores the JIT frame's rbp, so the walk reaches the JIT
 /// caller and continues from there.
+///
+/// CPython 3.12+'s perf trampolines (`-X perf`, `-X perf_jit`) are the
+/// exception: copies of `sub $8,%rsp; call *%rcx; add $8,%rsp; ret` that
+/// keep no frame pointer, in an interpreter built without them, so rbp
+/// there is whatever the C code left and the walk ended at the innermost
+/// trampoline (tests/tests/jit_python.rs). A return address right after
+/// that exact call is stepped by the template's fixed frame instead: the
+/// caller's return address at sp+8, CFA sp+16, rbp untouched. One 16-byte
+/// read of the code per JIT frame.
 #[inline(always)]
 fn jit_step(st: &mut State) -> i64 {
     count(Stat::UnwindJitFrames);
     st.flags |= SAMPLE_FLAG_USER_PARTIAL;
+    if let Ok(code) = unsafe { bpf_probe_read_user((st.pc.wrapping_sub(6)) as *const [u64; 2]) } {
+        if code[0] == CPYTHON_TRAMPOLINE_HEAD && code[1] & 0xff_ffff == CPYTHON_TRAMPOLINE_TAIL {
+            let Ok(ra) = (unsafe { bpf_probe_read_user((st.sp + 8) as *const u64) }) else {
+                count(Stat::UnwindJitReadFault);
+                return STOP;
+            };
+            st.sp += 16;
+            return next_pc(st, ra);
+        }
+    }
     if st.bp == 0 {
         count(Stat::UnwindJitEnd);
         return STOP;
@@ -292,6 +311,13 @@ fn jit_step(st: &mut State) -> i64 {
     st.bp = pair[0];
     next_pc(st, pair[1])
 }
+
+/// Bytes 48 83 ec 08 ff d1 48 83 (`sub $8,%rsp; call *%rcx`, and the
+/// first two of the `add`), little-endian, read from 6 bytes before the
+/// return address.
+const CPYTHON_TRAMPOLINE_HEAD: u64 = 0x8348_d1ff_08ec_8348;
+/// The rest from 2 bytes after it: c4 08 c3 (`add $8,%rsp; ret`).
+const CPYTHON_TRAMPOLINE_TAIL: u64 = 0x00c3_08c4;
 
 /// The frame-pointer convention: [bp] is the caller's bp, [bp+8] the
 /// return address. A zero bp ends the chain (the ABI's outermost frame).

@@ -10,9 +10,11 @@
 //! chain from `<module>` to the hot function under the interpreter's
 //! native start-up frames, each function once, nothing unnamed. The
 //! trampolines keep no frame pointer (`sub $8,%rsp; call *%rcx; add
-//! $8,%rsp; ret`), which the agent's walk of JIT code relies on, and
-//! CPython 3.13.0 keeps the jitdump records of functions first run after
-//! start-up in its stdio buffer until exit; see the ignored test below.
+//! $8,%rsp; ret`), so the walk of JIT code steps over them by that fixed
+//! frame, and the agent drops the trampoline frames where it read the
+//! interpreter's frames. CPython 3.13.0 keeps the jitdump records of
+//! functions first run after start-up in its stdio buffer until exit, so
+//! under `-X perf_jit` those trampolines are unnamed while it runs.
 //!
 //! The interpreters are pyenv's builds (`$PYENV_ROOT/versions/3.1x.y`);
 //! without them the tests say so and pass, as in python.rs.
@@ -265,25 +267,14 @@ fn python_perf_trampolines_keep_the_python_names() {
 
 /// What a user should see with the flags on, as without them (the
 /// controls, run first): the whole chain under `_start`, each hot function
-/// once, no unnamed frames.
-///
-/// Fails with pyenv's 3.12.1 and 3.13.0 (5 s at 499 Hz, ~2500 samples a
-/// mode): the controls have the chain in 100% of samples, every flagged
-/// mode in 0%. Each stack ends at the innermost trampoline,
-/// `python3.12;py::py_leaf_heavy /path/split.py_[j];py_leaf_heavy;...`:
-/// the agent walks anonymous code by frame pointer, but the trampolines
-/// push none, so the caller's rbp is taken for the trampoline's frame
-/// record. 3.12 then reads a zero return address and the summary calls the
-/// stacks complete; 3.13 reads a garbage one (an `[unknown]` root frame,
-/// counted as a native read fault); the JIT summary counts no stopped walk
-/// either way. Under `-X perf` each stack also names its leaf twice, the
-/// trampoline `py::py_leaf_heavy /path/split.py_[j]` then the agent's
-/// `py_leaf_heavy` (2512 of 2513 samples). Under `-X perf_jit` the
-/// trampolines are `[anon]+0x..`: 3.13.0 writes their CODE_LOAD records
-/// through a stdio buffer that reaches the file only when full or at exit
-/// (the file stayed at 49152 bytes without them while the script ran).
+/// once, no unnamed frames. pyenv's 3.12.1 and 3.13.0, 5 s at 499 Hz, about
+/// 2500 samples a mode: the chain in 99.7-100% of samples in every mode.
+/// Before the walk knew the trampolines' frame, every flagged mode had it
+/// in 0% (each stack ended at the innermost trampoline); before their
+/// frames were dropped, `-X perf` named each function twice (the
+/// trampoline `py::f file_[j]`, then `f`) and `-X perf_jit` left an
+/// `[anon]+0x..` frame per function.
 #[test]
-#[ignore = "stacks end at the innermost CPython perf trampoline (no frame pointer in it) and name each function twice"]
 fn python_perf_trampolines_keep_the_whole_chain_once() {
     require_root();
     let mut failures = Vec::new();

@@ -21,7 +21,7 @@ use std::{
 use crate::{
     aggregate::Aggregate,
     process::{ModuleInfo, ProcessLookup},
-    profile::{Frame, FrameKind, Module, ProcessMeta, Profile, ProfileBuilder, Sample},
+    profile::{Frame, FrameKind, JitRuntime, Module, ProcessMeta, Profile, ProfileBuilder, Sample},
     runtimes::{
         is_jit_candidate,
         python::{self, NamerStats},
@@ -156,6 +156,17 @@ impl<R: FileResolver> Symbolizer<R> {
             for frame in without_bpf_glue(kernel) {
                 frames.push(b.frame(profile, frame));
             }
+            // CPython's `-X perf` trampolines name the Python function
+            // that the interpreter frame read from the process names too:
+            // where the stack has those, the trampolines are dropped, so
+            // each function is there once and the stack is the same with
+            // or without the flag (tests/tests/jit_python.rs). Unnamed ones
+            // go too: 3.13's `-X perf_jit` buffers its jitdump records, so
+            // its trampolines stay `[anon]` while the process runs, and a
+            // CPython process has no other anonymous code worth a frame.
+            let python_read = key.user.iter().any(|&a| decode_py_frame(a).is_some())
+                && crate::runtimes::names::runtime_of(process.exe_path.as_deref(), &process.name)
+                    == JitRuntime::CPython;
             for (i, &addr) in key.user.iter().enumerate() {
                 if let Some((code, lasti)) = decode_py_frame(addr) {
                     let frame = python_frames
@@ -168,9 +179,11 @@ impl<R: FileResolver> Symbolizer<R> {
                     continue;
                 }
                 let lookup = lookup_addr(i, addr);
-                for frame in
-                    self.user_frames(key.pid, &targets[&(key.pid, key.generation, lookup)], &resolved, &mut b, profile)
-                {
+                let target = &targets[&(key.pid, key.generation, lookup)];
+                if python_read && is_cpython_trampoline(target) {
+                    continue;
+                }
+                for frame in self.user_frames(key.pid, target, &resolved, &mut b, profile) {
                     frames.push(b.frame(profile, frame));
                 }
             }
@@ -382,6 +395,16 @@ impl<R: FileResolver> Symbolizer<R> {
         self.stats.frames += frames.len() as u64;
         self.stats.unsymbolized += frames.iter().filter(|f| f.unsymbolized).count() as u64;
         frames
+    }
+}
+
+/// A frame of a CPython process in one of its perf trampolines: named
+/// from its perf map (`py::qualname:file`), or anonymous JIT code.
+fn is_cpython_trampoline(target: &Target) -> bool {
+    match target {
+        Target::Jit { hit, .. } => hit.runtime == JitRuntime::CPython && hit.symbol.name.starts_with("py::"),
+        Target::Anon { jit, .. } => *jit,
+        _ => false,
     }
 }
 

@@ -234,3 +234,25 @@ fn a_process_that_exited_after_first_sight_keeps_its_frames() {
     assert_eq!(names(&p, &p.samples[0]), ["leaf"]);
     assert_eq!(p.samples[0].process_name, "app");
 }
+
+#[test]
+fn cpython_trampolines_are_dropped_where_the_interpreter_frames_were_read() {
+    let mut fx = fixture();
+    fs::write(fx._dir.path().join("100/comm"), "python3.12\n").unwrap();
+    with_perf_map(&fx, "900000 b py::hot:/srv/app.py\n900010 b py::main:/srv/app.py\n");
+    let mut sym = Symbolizer::new(Canned::default(), kernel(), NonZeroUsize::new(64).unwrap());
+    let mut agg = Aggregator::new(100);
+    let py = profiler_common::python::encode_py_frame(0x7000, 4);
+    // With a Python frame read from the interpreter the trampolines go; a
+    // stack of the same process without one keeps them, named from the map.
+    // 0x900806 is a trampoline not yet in the map (3.13's buffered jitdump).
+    agg.add(&sample(100, 100, "python3.12", &[], &[py, 0x900006, 0x900806, 0x900016]));
+    agg.add(&sample(100, 101, "python3.12", &[], &[0x900006, 0x900806, 0x900016]));
+    let mut p = profile();
+    sym.symbolize(&agg.take(), &mut fx.procs, &mut p);
+    let by_tid = |tid: u32| names(&p, p.samples.iter().find(|s| s.tid == tid).unwrap());
+    let read = by_tid(100);
+    assert_eq!(read.len(), 1, "{read:?}");
+    assert!(!read[0].starts_with("py::"), "{read:?}");
+    assert_eq!(by_tid(101), ["py::hot", "[anon]+0x805", "py::main"]);
+}
