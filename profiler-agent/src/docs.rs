@@ -278,7 +278,7 @@ fn reference_covers_every_key_and_problem() {
         "| `profiler.oncpu.samples` | sum (monotonic, delta, int) | `{sample}` | `profiler_oncpu_samples_total` |",
         "| `k8s.namespace.name` | `k8s_namespace_name` |",
         "| `process.executable.name` | `process_executable_name` |",
-        "| `profiler_ready` | `profiler.ready` | `1` | `profiler_ready_ratio` |",
+        "| `profiler_ready` | `profiler.ready` | `{state}` | the same |",
     ] {
         assert!(doc.contains(row), "{row}\n{doc}");
     }

@@ -47,15 +47,17 @@ const NAMES: &[(&str, &str, &str)] = &[
     ("profiler_export_failures_total", "profiler.export.failures", "{attempt}"),
     ("profiler_export_dropped_total", "profiler.export.dropped", "{interval}"),
     ("profiler_export_latency_seconds_total", "profiler.export.latency", "s"),
-    ("profiler_export_buffered_bytes", "profiler.export.buffer.size", "By"),
-    ("profiler_export_healthy", "profiler.export.healthy", "1"),
-    ("profiler_resident_memory_bytes", "profiler.memory.resident", "By"),
-    ("profiler_ready", "profiler.ready", "1"),
+    ("profiler_export_buffered_bytes", "profiler.export.buffered", "By"),
+    ("profiler_export_healthy", "profiler.export.healthy", "{state}"),
+    ("profiler_resident_memory_bytes", "profiler.resident_memory", "By"),
+    ("profiler_ready", "profiler.ready", "{state}"),
 ];
 
 /// The OpenTelemetry name and unit of a Prometheus series: from `NAMES`,
 /// else by rule (drop `_total`, a `_seconds` / `_bytes` suffix becomes the
-/// unit, `_` becomes `.`).
+/// unit, `_` becomes `.`). Counts get the annotation `{count}` rather than
+/// the unit `1`: a Collector's Prometheus exporter adds `_ratio` to a gauge
+/// in `1`, and drops annotations, so the name comes back as on /metrics.
 pub fn otel_name(prometheus: &str) -> (String, &'static str) {
     if let Some((_, name, unit)) = NAMES.iter().find(|(p, _, _)| *p == prometheus) {
         return ((*name).to_owned(), unit);
@@ -66,7 +68,7 @@ pub fn otel_name(prometheus: &str) -> (String, &'static str) {
     } else if let Some(b) = base.strip_suffix("_bytes") {
         (b, "By")
     } else {
-        (base, "1")
+        (base, "{count}")
     };
     (base.replace('_', "."), unit)
 }
