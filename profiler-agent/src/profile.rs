@@ -239,18 +239,23 @@ pub struct ProfileBuilder {
 impl ProfileBuilder {
     /// The index of `module` in `profile.modules`, adding it if new.
     pub fn module(&mut self, profile: &mut Profile, module: Module) -> usize {
-        *self.modules.entry(module.clone()).or_insert_with(|| {
-            profile.modules.push(module);
-            profile.modules.len() - 1
-        })
+        if let Some(&i) = self.modules.get(&module) {
+            return i;
+        }
+        profile.modules.push(module.clone());
+        self.modules.insert(module, profile.modules.len() - 1);
+        profile.modules.len() - 1
     }
 
     /// The index of `frame` in `profile.frames`, adding it if new.
     pub fn frame(&mut self, profile: &mut Profile, frame: Frame) -> usize {
-        *self.frames.entry(frame.clone()).or_insert_with(|| {
-            profile.frames.push(frame);
-            profile.frames.len() - 1
-        })
+        // Looked up before cloning: most frames are already there.
+        if let Some(&i) = self.frames.get(&frame) {
+            return i;
+        }
+        profile.frames.push(frame.clone());
+        self.frames.insert(frame, profile.frames.len() - 1);
+        profile.frames.len() - 1
     }
 }
 

@@ -27,6 +27,14 @@ pub fn run(extra: &[String]) -> Result<()> {
     }
     build::run_cmd(&mut unit, "unit tests")?;
 
+    // `cargo test` builds no benches, so they rotted unseen when the types
+    // they use changed; run each once (criterion's test mode), which also
+    // checks their own asserts.
+    step("test: benches, each run once");
+    let mut benches = build::cargo(&tools)?;
+    benches.args(["test", "-p", "profiler-agent", "--bench", "*"]);
+    build::run_cmd(&mut benches, "benches")?;
+
     step(format!("test: integration tests, one at a time (PROFILER_AGENT_BIN={})", agent.display()));
     let mut integ = build::cargo(&tools)?;
     integ

@@ -29,7 +29,13 @@ pub struct ModuleInfo {
 impl ModuleInfo {
     /// Build id as lowercase hex.
     pub fn build_id_hex(&self) -> Option<String> {
-        self.build_id.as_ref().map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
+        self.build_id.as_ref().map(|b| {
+            let mut hex = String::with_capacity(2 * b.len());
+            for x in b {
+                let _ = std::fmt::Write::write_fmt(&mut hex, format_args!("{x:02x}"));
+            }
+            hex
+        })
     }
 
     /// Last path component, used in `module+0xOFFSET` names.
