@@ -29,6 +29,12 @@ impl Daemon {
         )
     }
 
+    /// A daemon started some other way (its own arguments, environment or
+    /// stderr), stopped and killed like the others.
+    pub fn adopt(child: Child) -> Daemon {
+        Daemon(child)
+    }
+
     pub fn pid(&self) -> u32 {
         self.0.id()
     }

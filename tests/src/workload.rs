@@ -239,3 +239,29 @@ fn compile(mut cmd: Command) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Three deep, two leaves with the same loop body; the heavy one runs 3x
+/// the iterations. Line numbers matter: the pprof check names them. Each
+/// round's length is drawn at random (as in the C 3:1 workload): a fixed
+/// round of ~2 ms stayed in phase with 99 Hz sampling and put the split
+/// anywhere from 3.0 to past 3.75 in single runs. python.rs runs it plain,
+/// jit_python.rs under `-X perf` / `-X perf_jit`.
+pub const SPLIT_PY: &str = "\
+import random
+def py_leaf_heavy(n):
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+def py_leaf_light(n):
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+def py_middle(n):
+    return py_leaf_heavy(3 * n) + py_leaf_light(n)
+def py_outer():
+    while True:
+        py_middle(random.randint(5000, 15000))
+py_outer()
+";

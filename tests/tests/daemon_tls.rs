@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_integration_tests::{agent_bin, require_root, workload::C_FP_FLAGS, workspace_dir, Workload};
+use profiler_integration_tests::{
+    agent_bin, daemon::Daemon, require_root, workload::C_FP_FLAGS, workspace_dir, Workload,
+};
 use serde_json::Value;
 
 /// The client certificate's common name, which the receiver reports back.
@@ -191,7 +193,7 @@ fn signal<'a>(lines: &'a [Value], signal: &str) -> Vec<&'a Value> {
 /// `profiler-agent run` with its stderr kept in a file, its health endpoint
 /// on a free port, a 1 s export interval, killed on drop.
 struct Agent {
-    child: Child,
+    daemon: Daemon,
     port: u16,
     log: PathBuf,
 }
@@ -209,7 +211,7 @@ impl Agent {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start profiler-agent run");
-        Agent { child, port, log }
+        Agent { daemon: Daemon::adopt(child), port, log }
     }
 
     /// The value of a /metrics series, e.g. `profiler_export_failures_total{exporter="otlp"}`.
@@ -222,25 +224,9 @@ impl Agent {
         text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
     }
 
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "the daemon did not exit within 20 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        };
+    fn stop(self) -> (std::process::ExitStatus, String) {
+        let status = self.daemon.stop();
         (status, std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

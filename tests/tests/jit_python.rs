@@ -24,32 +24,11 @@ use std::time::{Duration, Instant};
 
 use profiler_integration_tests::agent::RECORD_TIMEOUT;
 use profiler_integration_tests::folded::{base_name, frame_is, is_jit, is_kernel};
+use profiler_integration_tests::workload::SPLIT_PY;
 use profiler_integration_tests::{require_root, spawn_record, Folded, RecordOutput, Stack, Workload};
 
 const SECS: u64 = 5;
 
-/// Three deep, two leaves with the same loop body, the heavy one 3x the
-/// iterations, each round's length drawn at random (a fixed round stays in
-/// phase with sampling); the script python.rs runs without the flags.
-const SPLIT_PY: &str = "\
-import random
-def py_leaf_heavy(n):
-    total = 0
-    for i in range(n):
-        total += i * i % 7
-    return total
-def py_leaf_light(n):
-    total = 0
-    for i in range(n):
-        total += i * i % 7
-    return total
-def py_middle(n):
-    return py_leaf_heavy(3 * n) + py_leaf_light(n)
-def py_outer():
-    while True:
-        py_middle(random.randint(5000, 15000))
-py_outer()
-";
 const HOT: [&str; 5] = ["<module>", "py_outer", "py_middle", "py_leaf_heavy", "py_leaf_light"];
 
 /// Heavy:light, and the relative error allowed: single 5 s runs of the

@@ -10,36 +10,13 @@ use profiler_integration_tests::agent::RECORD_TIMEOUT;
 use profiler_integration_tests::folded::frame_is;
 use profiler_integration_tests::pprof;
 use profiler_integration_tests::sched::read_folded;
+use profiler_integration_tests::workload::SPLIT_PY;
 use profiler_integration_tests::{require_root, spawn_record, Folded, RecordOutput, Stack, Workload};
 
 /// Debian's interpreter, not `python3` from PATH (which may be a pyenv build).
 const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 const SECS: u64 = 5;
 
-/// Three deep, two leaves with the same loop body; the heavy one runs 3x
-/// the iterations. Line numbers matter: the pprof check names them. Each
-/// round's length is drawn at random (as in the C 3:1 workload): a fixed
-/// round of ~2 ms stayed in phase with 99 Hz sampling and put the split
-/// anywhere from 3.0 to past 3.75 in single runs.
-const SPLIT_PY: &str = "\
-import random
-def py_leaf_heavy(n):
-    total = 0
-    for i in range(n):
-        total += i * i % 7
-    return total
-def py_leaf_light(n):
-    total = 0
-    for i in range(n):
-        total += i * i % 7
-    return total
-def py_middle(n):
-    return py_leaf_heavy(3 * n) + py_leaf_light(n)
-def py_outer():
-    while True:
-        py_middle(random.randint(5000, 15000))
-py_outer()
-";
 /// `def py_leaf_heavy` and the lines of its loop.
 const HEAVY_DEF_LINE: u32 = 2;
 const HEAVY_BODY: std::ops::RangeInclusive<u32> = 3..=6;
