@@ -320,11 +320,11 @@ fn run_against(protocol: &str) {
         "profiler.export.failures",
         "profiler.export.dropped",
         "profiler.export.latency",
-        "profiler.export.buffer.size",
+        "profiler.export.buffered",
         "profiler.symbol_cache.hits",
         "profiler.symbol_cache.misses",
         "profiler.frames.unsymbolized",
-        "profiler.memory.resident",
+        "profiler.resident_memory",
     ] {
         assert!(!metrics(&lines, name).is_empty(), "no {name}\n{ctx}");
     }
