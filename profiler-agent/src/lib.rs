@@ -9,6 +9,7 @@
 
 pub mod aggregate;
 pub mod app;
+pub mod bounded;
 pub mod bpf;
 pub mod cli;
 pub mod config;

@@ -105,22 +105,22 @@ struct Pending {
 /// (profiler-ebpf/src/python.rs), which matches thread states to threads by
 /// thread pointer. 0 (the walk off, Python frames stay native) when the
 /// kernel's BTF does not tell it.
-fn python_fsbase_offset() -> u32 {
+fn python_fsbase_offset(offsets: Option<&StructOffsets>) -> u32 {
     // For `cargo xtask bench unwind`, which measures the walk's cost
     // against the native walk alone on the same process.
     if std::env::var_os("PROFILER_PYTHON_FRAMES").is_some_and(|v| v == "off") {
         log::info!("PROFILER_PYTHON_FRAMES=off: Python frames stay native");
         return 0;
     }
-    let offset = (|| -> Result<u32, BpfError> {
-        let data = fs::read("/sys/kernel/btf/vmlinux").map_err(BpfError::BtfRead)?;
-        let o = StructOffsets::parse(&data, &["task_struct", "thread_struct"])?;
-        Ok(o.offset("task_struct", "thread")? + o.offset("thread_struct", "fsbase")?)
-    })();
-    offset.unwrap_or_else(|e| {
-        log::warn!("Python frames stay native: {e}");
-        0
-    })
+    let Some(o) = offsets else {
+        log::warn!("Python frames stay native: the kernel's BTF could not be read");
+        return 0;
+    };
+    (|| -> Result<u32, BpfError> { Ok(o.offset("task_struct", "thread")? + o.offset("thread_struct", "fsbase")?) })()
+        .unwrap_or_else(|e| {
+            log::warn!("Python frames stay native: {e}");
+            0
+        })
 }
 
 impl EbpfSource {
@@ -133,10 +133,19 @@ impl EbpfSource {
         let filter: u32 = u32::from(!opts.pids.is_empty() || opts.targets);
         let (mut pid_offset, mut tgid_offset, mut min_block_ns) = (0u32, 0u32, 0u64);
         let (mut state_offset, mut comm_offset) = (0u32, 0u32);
+        // The kernel's BTF is read and its two structs parsed once, for the
+        // off-CPU, lifecycle and Python offsets alike; only off-CPU cannot
+        // do without them.
+        let struct_offsets = fs::read("/sys/kernel/btf/vmlinux")
+            .map_err(BpfError::BtfRead)
+            .and_then(|data| Ok(StructOffsets::parse(&data, &["task_struct", "thread_struct"])?));
+        let struct_offsets = match struct_offsets {
+            Err(e) if opts.off_cpu.is_some() => return Err(e),
+            r => r.ok(),
+        };
         let btf = match &opts.off_cpu {
             Some(off) => {
-                let data = fs::read("/sys/kernel/btf/vmlinux").map_err(BpfError::BtfRead)?;
-                let offsets = StructOffsets::parse(&data, &["task_struct"])?;
+                let offsets = struct_offsets.as_ref().ok_or(BpfError::Missing("the kernel's BTF"))?;
                 pid_offset = offsets.offset("task_struct", "pid")?;
                 tgid_offset = offsets.offset("task_struct", "tgid")?;
                 // `__state` since Linux 5.14, `state` before.
@@ -150,13 +159,14 @@ impl EbpfSource {
         };
         // The fork program reads the child's pid and tgid; without BTF it
         // sends no fork events (execs and exits still come).
+        let ok_offsets = struct_offsets.as_ref();
         let (lifecycle_pid, lifecycle_tgid) =
-            if pid_offset != 0 { (pid_offset, tgid_offset) } else { lifecycle_offsets() };
+            if pid_offset != 0 { (pid_offset, tgid_offset) } else { lifecycle_offsets(ok_offsets) };
         let cpus = aya::util::online_cpus().map_err(|(path, e)| BpfError::Cpus(path, e))?;
         let ring_bytes = ring_buffer_bytes(cpus.len(), opts.frequency);
         let wakeup_bytes = u64::from(ring_bytes / 4);
         let cfi: u32 = u32::from(opts.unwind.is_some());
-        let fsbase_offset = if cfi != 0 { python_fsbase_offset() } else { 0 };
+        let fsbase_offset = if cfi != 0 { python_fsbase_offset(ok_offsets) } else { 0 };
         let unwind_rows = opts.unwind.as_ref().map_or(1, |u| u.rows.max(1));
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("SAMPLES", ring_bytes)
@@ -227,36 +237,30 @@ impl EbpfSource {
             program.load().map_err(|source| BpfError::Program { name: ON_CPU_PROGRAM, source })?;
         }
 
+        // One parsed BTF for every program below: the lifecycle and exec
+        // programs need it only through tp_btf (the raw fallback works
+        // without), so without off-CPU it is parsed here, once. A parse is
+        // ~9 MB of heap; each clone of it used to add as much to the
+        // start-up peak that stays in the allocator's arenas
+        // (`cargo xtask bench churn`, idle RSS).
+        let parsed = if btf.is_none() { Btf::from_sys_fs().ok() } else { None };
+        let any_btf = btf.as_ref().or(parsed.as_ref());
+        let force_raw = opts.off_cpu.as_ref().is_some_and(|o| o.force_raw_tracepoints);
         if opts.unwind.is_some() {
-            // The exec program only needs the kernel's BTF when attached
-            // through tp_btf; the raw fallback works without.
-            let btf = match &btf {
-                Some(b) => Some(b.clone()),
-                None => Btf::from_sys_fs().ok(),
-            };
-            let force_raw = opts.off_cpu.as_ref().is_some_and(|o| o.force_raw_tracepoints);
-            match &btf {
+            match any_btf {
                 Some(btf) => attach_sched(ebpf, btf, force_raw, "sched_process_exec", EXEC_BTF, EXEC_RAW)?,
                 None => attach_raw(ebpf, "sched_process_exec", EXEC_RAW)?,
             }
         }
-
-        {
-            let btf = match &btf {
-                Some(b) => Some(b.clone()),
-                None => Btf::from_sys_fs().ok(),
-            };
-            let force_raw = opts.off_cpu.as_ref().is_some_and(|o| o.force_raw_tracepoints);
-            for (tracepoint, btf_name, raw_name) in LIFECYCLE_PROGRAMS {
-                match &btf {
-                    Some(btf) => attach_sched(ebpf, btf, force_raw, tracepoint, btf_name, raw_name)?,
-                    None => attach_raw(ebpf, tracepoint, raw_name)?,
-                }
+        for (tracepoint, btf_name, raw_name) in LIFECYCLE_PROGRAMS {
+            match any_btf {
+                Some(btf) => attach_sched(ebpf, btf, force_raw, tracepoint, btf_name, raw_name)?,
+                None => attach_raw(ebpf, tracepoint, raw_name)?,
             }
         }
+        drop(parsed);
 
         if let Some(btf) = &btf {
-            let force_raw = opts.off_cpu.as_ref().is_some_and(|o| o.force_raw_tracepoints);
             for (tracepoint, btf_name, raw_name) in SCHED_PROGRAMS {
                 attach_sched(ebpf, btf, force_raw, tracepoint, btf_name, raw_name)?;
             }
@@ -525,9 +529,8 @@ fn map_mut<'a, K: aya::Pod, V: aya::Pod>(
 
 /// `task_struct.pid` and `.tgid` offsets for the fork program, (0, 0) when
 /// the kernel's BTF cannot be read.
-fn lifecycle_offsets() -> (u32, u32) {
-    let Ok(data) = fs::read("/sys/kernel/btf/vmlinux") else { return (0, 0) };
-    let Ok(offsets) = StructOffsets::parse(&data, &["task_struct"]) else { return (0, 0) };
+fn lifecycle_offsets(offsets: Option<&StructOffsets>) -> (u32, u32) {
+    let Some(offsets) = offsets else { return (0, 0) };
     match (offsets.offset("task_struct", "pid"), offsets.offset("task_struct", "tgid")) {
         (Ok(pid), Ok(tgid)) => (pid, tgid),
         _ => (0, 0),

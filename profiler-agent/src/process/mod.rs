@@ -15,7 +15,7 @@ use std::{
     time::Instant,
 };
 
-use lru::LruCache;
+use crate::bounded::GrowingLru;
 
 use crate::runtimes::{Limits as JitLimits, Runtimes};
 pub use maps::MapEntry;
@@ -119,10 +119,10 @@ impl ProcRead {
 /// the LRU bound applies to everything else.
 pub struct ProcessTable {
     proc_root: PathBuf,
-    processes: LruCache<u32, Entry>,
-    modules: LruCache<(u64, u64), Arc<ModuleInfo>>,
+    processes: GrowingLru<u32, Entry>,
+    modules: GrowingLru<(u64, u64), Arc<ModuleInfo>>,
     /// Processes found gone, until the next sweep of exited processes.
-    gone: LruCache<u32, Arc<ProcessInfo>>,
+    gone: GrowingLru<u32, Arc<ProcessInfo>>,
     stats: ProcessStats,
     /// Perf maps and jitdumps of the processes with JIT code, read on first
     /// sight (the process may be gone when its frames are named) and as
@@ -143,9 +143,9 @@ impl ProcessTable {
         Self {
             jit: Runtimes::new(proc_root.clone(), JitLimits::default()),
             proc_root,
-            processes: LruCache::new(capacity),
-            modules: LruCache::new(modules),
-            gone: LruCache::new(NonZeroUsize::new(GONE_REMEMBERED).expect("non-zero")),
+            processes: GrowingLru::new(capacity),
+            modules: GrowingLru::new(modules),
+            gone: GrowingLru::new(NonZeroUsize::new(GONE_REMEMBERED).expect("non-zero")),
             stats: ProcessStats::default(),
         }
     }
@@ -441,7 +441,7 @@ trait RetainReferenced {
     fn retain_referenced(&mut self);
 }
 
-impl RetainReferenced for LruCache<(u64, u64), Arc<ModuleInfo>> {
+impl RetainReferenced for GrowingLru<(u64, u64), Arc<ModuleInfo>> {
     fn retain_referenced(&mut self) {
         let unused: Vec<(u64, u64)> = self.iter().filter(|(_, m)| Arc::strong_count(m) == 1).map(|(k, _)| *k).collect();
         for k in unused {

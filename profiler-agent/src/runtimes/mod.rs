@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lru::LruCache;
+use crate::bounded::GrowingLru;
 
 use crate::{
     process::{MapEntry, ProcessInfo},
@@ -108,7 +108,7 @@ struct ProcessJit {
 pub struct Runtimes {
     proc_root: PathBuf,
     limits: Limits,
-    procs: LruCache<u32, ProcessJit>,
+    procs: GrowingLru<u32, ProcessJit>,
     total_bytes: usize,
     stats: RuntimeStats,
 }
@@ -117,7 +117,7 @@ impl Runtimes {
     pub fn new(proc_root: impl Into<PathBuf>, limits: Limits) -> Self {
         Self {
             proc_root: proc_root.into(),
-            procs: LruCache::new(limits.processes),
+            procs: GrowingLru::new(limits.processes),
             limits,
             total_bytes: 0,
             stats: RuntimeStats::default(),

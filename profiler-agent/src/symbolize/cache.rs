@@ -4,7 +4,7 @@
 
 use std::{num::NonZeroUsize, sync::Arc};
 
-use lru::LruCache;
+use crate::bounded::GrowingLru;
 
 use crate::process::FileKey;
 
@@ -32,13 +32,13 @@ pub struct CacheStats {
 
 /// LRU cache of [`Resolved`] addresses.
 pub struct SymbolCache {
-    entries: LruCache<(FileKey, u64), Resolved>,
+    entries: GrowingLru<(FileKey, u64), Resolved>,
     stats: CacheStats,
 }
 
 impl SymbolCache {
     pub fn new(capacity: NonZeroUsize) -> Self {
-        Self { entries: LruCache::new(capacity), stats: CacheStats::default() }
+        Self { entries: GrowingLru::new(capacity), stats: CacheStats::default() }
     }
 
     /// Looks up an address, counting a hit or a miss.

@@ -15,35 +15,55 @@ use super::cache::{Resolved, SymFrame};
 pub trait FileResolver {
     /// One result per offset, in order; unknown offsets give an empty result.
     fn resolve(&mut self, path: &Path, offsets: &[u64]) -> Vec<Resolved>;
-    /// Times the resolver dropped its per-file caches to stay bounded.
-    fn cache_resets(&self) -> u64 {
+    /// Marks the end of one pass (an interval's symbolization): files the
+    /// resolver keeps parsed may be dropped here.
+    fn end_pass(&mut self) {}
+    /// Parsed files the resolver dropped to stay bounded, since it started.
+    fn files_evicted(&self) -> u64 {
         0
     }
 }
 
 /// Files, and bytes of files, blazesym keeps parsed at most. It caches every
-/// file it has opened (the mapping, symbol tables and DWARF indexes) for the
-/// symbolizer's life; the mapped pages it touched count in the agent's RSS,
-/// and paths through `/proc/PID/root` differ per process. System-wide on a
-/// host running big debug binaries (180 MB each, a new one per build) the
-/// daemon grew by ~10 MB a minute, mostly file pages of binaries long gone
+/// file it has opened (the mapping, symbol tables and DWARF indexes, and a
+/// compressed debug file's sections inflated on the heap) until told to
+/// evict it; the mapped pages it touched count in the agent's RSS, and paths
+/// through `/proc/PID/root` differ per process. System-wide on a host
+/// running big debug binaries (180 MB each, a new one per build) the daemon
+/// grew by ~10 MB a minute, mostly file pages of binaries long gone
 /// (`cargo xtask bench churn`: 591 MB RSS of which 144 MB anonymous). Past
-/// either bound the cache is dropped and rebuilt on demand, which costs
-/// re-parsing files still in use; the address cache in front of it keeps
-/// hot addresses resolved without blazesym.
+/// either bound the least recently used files go.
 const MAX_CACHED_FILES: usize = 64;
 const MAX_CACHED_BYTES: u64 = 64 << 20;
+/// Passes a file stays parsed without a lookup. Lookups only reach blazesym
+/// on an address cache miss, so a file idle this long has its hot addresses
+/// cached already; dropping it costs a re-parse when a new address comes.
+/// In `cargo xtask bench churn` the debug build of the bench's own driver
+/// kept 14 MB of file pages resident in the daemon after its stacks were
+/// symbolized once, and libc's compressed debug file ~10 MB of heap.
+const IDLE_PASSES: u32 = 2;
+
+struct Cached {
+    bytes: u64,
+    /// Whole passes without a lookup in this file.
+    idle: u32,
+    /// Looked up in the current pass.
+    looked_up: bool,
+    /// Lookup order, for evicting the least recently used past the bounds.
+    used: u64,
+}
 
 /// The blazesym-backed resolver.
 pub struct Blaze {
     symbolizer: Symbolizer,
-    /// Paths blazesym has cached since its last reset, and their sizes.
-    cached: std::collections::HashSet<std::path::PathBuf>,
+    /// Files blazesym has parsed and not been told to evict.
+    cached: std::collections::HashMap<std::path::PathBuf, Cached>,
     cached_bytes: u64,
+    clock: u64,
     /// Files blazesym could not open or parse, counted for the summary.
     pub failed_files: u64,
-    /// Times the file cache was dropped for exceeding `MAX_CACHED_FILES`.
-    pub cache_resets: u64,
+    /// Files evicted from blazesym's cache: idle, or past the bounds.
+    pub evicted: u64,
 }
 
 fn new_symbolizer() -> Symbolizer {
@@ -56,29 +76,72 @@ impl Default for Blaze {
             symbolizer: new_symbolizer(),
             cached: Default::default(),
             cached_bytes: 0,
+            clock: 0,
             failed_files: 0,
-            cache_resets: 0,
+            evicted: 0,
         }
     }
 }
 
+impl Blaze {
+    fn evict(&mut self, path: &Path) {
+        if let Some(c) = self.cached.remove(path) {
+            self.cached_bytes = self.cached_bytes.saturating_sub(c.bytes);
+            let evict = blazesym::symbolize::evict::Evict::Elf(blazesym::symbolize::evict::Elf::new(path));
+            if let Err(e) = self.symbolizer.evict(&evict) {
+                // Best effort by blazesym's contract; the file is re-parsed
+                // on demand either way.
+                log::debug!("evicting {} from the symbolizer failed: {e}", path.display());
+            }
+            self.evicted += 1;
+        }
+    }
+
+    /// Paths parsed now, for tests.
+    #[cfg(test)]
+    fn cached_paths(&self) -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = self.cached.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
 impl FileResolver for Blaze {
-    fn cache_resets(&self) -> u64 {
-        self.cache_resets
+    fn files_evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    fn end_pass(&mut self) {
+        let idle: Vec<std::path::PathBuf> = self
+            .cached
+            .iter_mut()
+            .filter_map(|(p, c)| {
+                c.idle = if std::mem::take(&mut c.looked_up) { 0 } else { c.idle + 1 };
+                (c.idle >= IDLE_PASSES).then(|| p.clone())
+            })
+            .collect();
+        for p in idle {
+            self.evict(&p);
+        }
     }
 
     fn resolve(&mut self, path: &Path, offsets: &[u64]) -> Vec<Resolved> {
-        if !self.cached.contains(path) {
-            let size = std::fs::metadata(path).map_or(0, |m| m.len());
-            let full = self.cached.len() >= MAX_CACHED_FILES || self.cached_bytes + size > MAX_CACHED_BYTES;
-            if full && !self.cached.is_empty() {
-                self.symbolizer = new_symbolizer();
-                self.cached.clear();
-                self.cached_bytes = 0;
-                self.cache_resets += 1;
+        self.clock += 1;
+        if let Some(c) = self.cached.get_mut(path) {
+            c.looked_up = true;
+            c.used = self.clock;
+        } else {
+            let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+            while !self.cached.is_empty()
+                && (self.cached.len() >= MAX_CACHED_FILES || self.cached_bytes + bytes > MAX_CACHED_BYTES)
+            {
+                let Some(oldest) = self.cached.iter().min_by_key(|(_, c)| c.used).map(|(p, _)| p.clone()) else {
+                    break;
+                };
+                self.evict(&oldest);
             }
-            self.cached.insert(path.to_path_buf());
-            self.cached_bytes += size;
+            self.cached.insert(path.to_path_buf(), Cached { bytes, idle: 0, looked_up: true, used: self.clock });
+            self.cached_bytes += bytes;
         }
         let src = Source::Elf(Elf::new(path));
         match self.symbolizer.symbolize(&src, Input::FileOffset(offsets)) {
@@ -135,5 +198,31 @@ mod tests {
         assert!(out[0].last().unwrap().name.ends_with("a_function_to_find"), "{:?}", out[0]);
         assert!(out[0].last().unwrap().file.as_deref().is_some_and(|f| f.ends_with("elf.rs")));
         assert!(out[1].is_empty());
+    }
+
+    #[test]
+    fn files_idle_for_two_passes_are_evicted_and_resolve_again() {
+        let exe = std::env::current_exe().unwrap();
+        let addr = a_function_to_find as *const () as u64;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let m = crate::process::maps::parse_executable(&maps)
+            .into_iter()
+            .find(|m| m.start <= addr && addr < m.end)
+            .expect("mapping of our own code");
+        let mut blaze = Blaze::default();
+        let name = |b: &mut Blaze| b.resolve(&exe, &[m.file_offset(addr)])[0].last().map(|f| f.name.clone());
+        assert!(name(&mut blaze).is_some_and(|n| n.ends_with("a_function_to_find")));
+        blaze.end_pass();
+        // Looked up in the second pass too: kept through one idle pass.
+        assert!(name(&mut blaze).is_some());
+        blaze.end_pass();
+        blaze.end_pass();
+        assert_eq!(blaze.cached_paths(), vec![exe.clone()]);
+        assert_eq!(blaze.files_evicted(), 0);
+        blaze.end_pass();
+        assert!(blaze.cached_paths().is_empty(), "idle for {IDLE_PASSES} passes");
+        assert_eq!(blaze.files_evicted(), 1);
+        assert!(name(&mut blaze).is_some_and(|n| n.ends_with("a_function_to_find")), "parsed again on demand");
+        assert_eq!(blaze.cached_paths(), vec![exe]);
     }
 }

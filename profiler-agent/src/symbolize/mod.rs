@@ -116,6 +116,10 @@ impl<R: FileResolver> Symbolizer<R> {
         &self.resolver
     }
 
+    pub fn resolver_mut(&mut self) -> &mut R {
+        &mut self.resolver
+    }
+
     /// Adds every stack of `agg` to `profile`, symbolized.
     pub fn symbolize(&mut self, agg: &Aggregate, procs: &mut impl ProcessLookup, profile: &mut Profile) {
         // Pass 1: translate every user address; collect cache misses per file.

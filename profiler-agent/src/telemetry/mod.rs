@@ -56,7 +56,7 @@ pub struct Telemetry {
     jit: Mutex<Option<(crate::runtimes::RuntimeStats, u64, u64)>>,
     exporters: Mutex<BTreeMap<&'static str, std::sync::Arc<ExporterMetrics>>>,
     /// Times the symbolizer dropped its per-file caches to stay bounded.
-    pub symbol_file_cache_resets: AtomicU64,
+    pub symbol_files_evicted: AtomicU64,
     /// Lifecycle events and the process table's figures (None: not tracked).
     processes: Mutex<Option<(crate::lifecycle::LifecycleStats, crate::process::ProcessStats)>>,
     /// Kubernetes metadata (API errors, cache), shared with that stage.
@@ -296,10 +296,10 @@ impl Telemetry {
             let series: [(&str, &str, &str, u64); 6] = [
                 ("profiler_processes", "gauge", "Processes in the process table.", t.entries),
                 (
-                    "profiler_symbol_file_cache_resets_total",
+                    "profiler_symbol_files_evicted_total",
                     "counter",
-                    "Times the symbolizer dropped its parsed files to stay within its bound.",
-                    self.symbol_file_cache_resets.load(Relaxed),
+                    "Parsed files the symbolizer dropped: idle for two exports, or past its bound of 64 files or 64 MB.",
+                    self.symbol_files_evicted.load(Relaxed),
                 ),
                 (
                     "profiler_processes_exited",

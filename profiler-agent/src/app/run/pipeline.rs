@@ -181,7 +181,8 @@ pub fn symbolize_intervals<R: FileResolver>(
         if let Some(cutoff) = Instant::now().checked_sub(since_cut + EXIT_MARGIN) {
             procs.lock().unwrap_or_else(|e| e.into_inner()).sweep_exited(cutoff);
         }
-        telemetry.symbol_file_cache_resets.store(symbolizer.resolver().cache_resets(), Ordering::Relaxed);
+        symbolizer.resolver_mut().end_pass();
+        telemetry.symbol_files_evicted.store(symbolizer.resolver().files_evicted(), Ordering::Relaxed);
         let stats = symbolizer.stats();
         let cache = symbolizer.cache_stats();
         telemetry.frames.store(stats.frames, Ordering::Relaxed);

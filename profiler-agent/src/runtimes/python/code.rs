@@ -10,7 +10,7 @@
 
 use std::num::NonZeroUsize;
 
-use lru::LruCache;
+use crate::bounded::GrowingLru;
 
 use super::{
     lines,
@@ -70,13 +70,13 @@ pub struct NamerStats {
 
 /// The cache of code objects.
 pub struct CodeCache {
-    entries: LruCache<(u32, u64), Code>,
+    entries: GrowingLru<(u32, u64), Code>,
     stats: NamerStats,
 }
 
 impl CodeCache {
     pub fn new(capacity: NonZeroUsize) -> Self {
-        Self { entries: LruCache::new(capacity), stats: NamerStats::default() }
+        Self { entries: GrowingLru::new(capacity), stats: NamerStats::default() }
     }
 
     pub fn stats(&self) -> NamerStats {

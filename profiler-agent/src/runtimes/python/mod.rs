@@ -16,7 +16,7 @@ use std::{
     sync::{Mutex, OnceLock},
 };
 
-use lru::LruCache;
+use crate::bounded::GrowingLru;
 
 pub use code::{NamerStats, PyFrame};
 use memory::{Memory, ProcessMemory};
@@ -32,7 +32,7 @@ const PROCESSES: usize = 1024;
 pub struct Namer<M: Memory = ProcessMemory> {
     mem: M,
     detector: detect::Detector,
-    layouts: LruCache<u32, Option<Layout>>,
+    layouts: GrowingLru<u32, Option<Layout>>,
     codes: code::CodeCache,
 }
 
@@ -47,7 +47,7 @@ impl<M: Memory> Namer<M> {
         Self {
             mem,
             detector: detect::Detector::default(),
-            layouts: LruCache::new(NonZeroUsize::new(PROCESSES).expect("non-zero")),
+            layouts: GrowingLru::new(NonZeroUsize::new(PROCESSES).expect("non-zero")),
             codes: code::CodeCache::new(NonZeroUsize::new(CODE_CACHE).expect("non-zero")),
         }
     }
