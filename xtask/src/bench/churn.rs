@@ -64,6 +64,8 @@ pub fn run(duration: u64, rate: u32, agent: Option<PathBuf>) -> Result<()> {
     let idle_mb = idle.last().map_or(0.0, |s| s.1);
 
     step(format!("bench: {rate} processes/s for {duration} s"));
+    let cpu_before = cpu_seconds(daemon.pid()).unwrap_or(0.0);
+    let churn_start = Instant::now();
     let driver = Command::new(&churn)
         .args([rate.to_string(), duration.to_string()])
         .arg(&burn)
@@ -74,6 +76,8 @@ pub fn run(duration: u64, rate: u32, agent: Option<PathBuf>) -> Result<()> {
     let mut driver = Driver(Some(driver));
     let samples = daemon.watch(Duration::from_secs(duration + 5), Some(&mut driver))?;
     let achieved = driver.finish()?;
+    let cpu = cpu_seconds(daemon.pid()).unwrap_or(0.0) - cpu_before;
+    let churn_secs = churn_start.elapsed().as_secs_f64();
     let metrics = http_get(port, "/metrics").unwrap_or_default();
     let rollup = fs::read_to_string(format!("/proc/{}/smaps_rollup", daemon.pid())).unwrap_or_default();
     daemon.stop();
@@ -89,6 +93,12 @@ pub fn run(duration: u64, rate: u32, agent: Option<PathBuf>) -> Result<()> {
         samples.last().map_or(0.0, |s| s.1)
     );
     println!("  second half: {slope:+.2} MB/min (least squares over {} s)", half.len());
+    let spawned = spawned_count(&achieved);
+    println!(
+        "  daemon CPU (utime + stime, /proc/PID/stat): {:.1} % of a core over {churn_secs:.0} s{}",
+        100.0 * cpu / churn_secs,
+        spawned.map_or(String::new(), |n| format!(", {:.1} us per process spawned", 1e6 * cpu / n as f64))
+    );
     for key in ["Rss:", "Anonymous:", "Private_Dirty:", "Shared_Clean:"] {
         if let Some(l) = rollup.lines().find(|l| l.starts_with(key)) {
             println!("  at end, {}", l.split_whitespace().collect::<Vec<_>>().join(" "));
@@ -256,6 +266,23 @@ impl Drop for Driver {
     }
 }
 
+/// User plus system CPU seconds `pid` has used (fields 14 and 15 of
+/// /proc/PID/stat, after the parenthesised command name).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks as f64 / hz.max(1) as f64)
+}
+
+/// The process count from the driver's "spawned N processes ..." line.
+fn spawned_count(line: &str) -> Option<u64> {
+    line.split_whitespace().skip_while(|w| *w != "spawned").nth(1)?.parse().ok()
+}
+
 fn rss_mb(pid: u32) -> Option<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 =
@@ -293,7 +320,18 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::slope_per_minute;
+    use super::{cpu_seconds, slope_per_minute, spawned_count};
+
+    #[test]
+    fn spawned_count_reads_the_driver_line() {
+        assert_eq!(spawned_count("spawned 55068 processes in 60.0 s (918/s), 0 failed"), Some(55068));
+        assert_eq!(spawned_count("nothing"), None);
+    }
+
+    #[test]
+    fn own_cpu_seconds_are_read() {
+        assert!(cpu_seconds(std::process::id()).is_some_and(|s| s >= 0.0));
+    }
 
     #[test]
     fn slope_is_in_mb_per_minute() {
