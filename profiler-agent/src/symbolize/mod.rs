@@ -112,6 +112,11 @@ impl<R: FileResolver> Symbolizer<R> {
         self.cache.stats()
     }
 
+    /// Addresses cached now.
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+
     pub fn resolver(&self) -> &R {
         &self.resolver
     }

@@ -47,6 +47,9 @@ pub struct Telemetry {
     pub aggregation_dropped: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    pub cache_evictions: AtomicU64,
+    /// Addresses in the symbolization cache now.
+    pub cache_entries: AtomicU64,
     pub frames: AtomicU64,
     pub frames_unsymbolized: AtomicU64,
     pub attached: AtomicBool,
@@ -124,7 +127,7 @@ impl Telemetry {
         for stat in Stat::ALL {
             let _ = writeln!(s, "profiler_kernel_events_total{{kind=\"{}\"}} {}", stat.name(), k.get(stat));
         }
-        let counters: [(&str, &str, &AtomicU64); 7] = [
+        let counters: [(&str, &str, &AtomicU64); 8] = [
             ("profiler_intervals_total", "Profiling intervals completed.", &self.intervals),
             (
                 "profiler_intervals_dropped_total",
@@ -138,6 +141,11 @@ impl Telemetry {
             ),
             ("profiler_symbol_cache_hits_total", "Symbolization cache hits.", &self.cache_hits),
             ("profiler_symbol_cache_misses_total", "Symbolization cache misses.", &self.cache_misses),
+            (
+                "profiler_symbol_cache_evictions_total",
+                "Addresses evicted from the symbolization cache (least recently used) to stay within its bound.",
+                &self.cache_evictions,
+            ),
             ("profiler_frames_total", "Frames symbolized.", &self.frames),
             (
                 "profiler_frames_unsymbolized_total",
@@ -148,6 +156,12 @@ impl Telemetry {
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
         }
+        let _ = writeln!(
+            s,
+            "# HELP profiler_symbol_cache_entries Addresses in the symbolization cache.\n\
+             # TYPE profiler_symbol_cache_entries gauge\nprofiler_symbol_cache_entries {}",
+            self.cache_entries.load(Relaxed)
+        );
         let exporters = self.exporters.lock().unwrap_or_else(|e| e.into_inner());
         let series: [ExporterSeries; 6] = [
             ("profiler_export_attempts_total", "counter", "Export attempts.", |m| m.attempts.load(Relaxed)),

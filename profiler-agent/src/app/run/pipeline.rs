@@ -191,6 +191,8 @@ pub fn symbolize_intervals<R: FileResolver>(
         telemetry.set_jit(jit, stats.jit, stats.jit_unnamed);
         telemetry.cache_hits.store(cache.hits, Ordering::Relaxed);
         telemetry.cache_misses.store(cache.misses, Ordering::Relaxed);
+        telemetry.cache_evictions.store(cache.evictions, Ordering::Relaxed);
+        telemetry.cache_entries.store(symbolizer.cache_len() as u64, Ordering::Relaxed);
         telemetry.aggregation_dropped.fetch_add(raw.aggregate.dropped, Ordering::Relaxed);
         telemetry.intervals.fetch_add(1, Ordering::Relaxed);
         emit(Arc::new(profiles));

@@ -41,6 +41,8 @@ const NAMES: &[(&str, &str, &str)] = &[
     ("profiler_aggregation_dropped_total", "profiler.aggregation.dropped", "{sample}"),
     ("profiler_symbol_cache_hits_total", "profiler.symbol_cache.hits", "{lookup}"),
     ("profiler_symbol_cache_misses_total", "profiler.symbol_cache.misses", "{lookup}"),
+    ("profiler_symbol_cache_evictions_total", "profiler.symbol_cache.evictions", "{entry}"),
+    ("profiler_symbol_cache_entries", "profiler.symbol_cache.entries", "{entry}"),
     ("profiler_frames_total", "profiler.frames", "{frame}"),
     ("profiler_frames_unsymbolized_total", "profiler.frames.unsymbolized", "{frame}"),
     ("profiler_export_attempts_total", "profiler.export.attempts", "{attempt}"),
