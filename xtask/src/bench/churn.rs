@@ -110,6 +110,9 @@ pub fn run(duration: u64, rate: u32, agent: Option<PathBuf>) -> Result<()> {
         "profiler_processes_evicted_total ",
         "profiler_unwind_processes ",
         "profiler_unwind_tables ",
+        "profiler_symbol_cache_entries ",
+        "profiler_symbol_cache_evictions_total ",
+        "profiler_symbol_files_evicted_total ",
         "profiler_process_events_total{kind=\"exec\"}",
         "profiler_process_events_total{kind=\"lost\"}",
     ] {
