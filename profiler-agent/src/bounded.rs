@@ -2,7 +2,7 @@
 //!
 //! `lru::LruCache::new(n)` reserves its hash table for `n` entries up front,
 //! and hashing spreads the first few thousand entries over every page of
-//! it, so a cache bounded at 100k addresses cost its full ~9 MB from the
+//! it, so the address cache (bounded at 262144) cost its full ~9 MB from the
 //! first export on an idle host (heaptrack on `run --off-cpu`; idle RSS in
 //! `cargo xtask bench churn`). [`GrowingLru`] starts small and doubles its
 //! capacity as it fills, up to the bound; at the bound it evicts the least
