@@ -8,9 +8,9 @@ use profiler_agent::{app, cli::Cli};
 /// interval's aggregates, a profile being encoded, a file's DWARF) came from
 /// the arenas, which kept their high-water mark. A fixed threshold stops the
 /// rise. `cargo xtask bench churn`, 60 s at 2000 processes/s asked: peak RSS
-/// 77.6 -> 65.5 MB and the second-half trend +0.51 -> -1.07 MB/min; an idle
-/// daemon on a quiet host 47 -> 40 MB; daemon CPU per process spawned
-/// unchanged within noise (0.048-0.053 ticks either way, 2 runs each).
+/// 77.6 -> 65.5 MB; an idle daemon on a quiet host 47 -> 40 MB; daemon CPU
+/// per process spawned unchanged within noise (0.048-0.053 ticks either
+/// way, 2 runs each).
 const MMAP_THRESHOLD: libc::c_int = 256 << 10;
 
 fn main() -> std::process::ExitCode {

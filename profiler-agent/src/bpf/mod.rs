@@ -59,7 +59,7 @@ pub enum BpfError {
     Btf(#[from] btf::BtfError),
     #[error("mapping the unwind rows array into memory failed: {0}")]
     Mmap(#[source] std::io::Error),
-    #[error("writing the unwinder's mapping list (BPF_MAP_UPDATE_BATCH) failed: {0}")]
+    #[error("writing an unwinder array (BPF_MAP_UPDATE_BATCH) failed: {0}")]
     ArrayWrite(#[source] std::io::Error),
     #[error("rows {start}..{end} are outside the unwind rows array ({capacity} rows)")]
     RowsOutOfRange { start: u64, end: u64, capacity: u32 },

@@ -184,8 +184,8 @@ mod tests {
         std::hint::black_box(42)
     }
 
-    #[test]
-    fn resolves_a_function_of_this_test_binary_by_file_offset() {
+    /// This test binary and the file offset of `a_function_to_find` in it.
+    fn own_function() -> (std::path::PathBuf, u64) {
         let exe = std::env::current_exe().unwrap();
         let addr = a_function_to_find as *const () as u64;
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
@@ -193,8 +193,14 @@ mod tests {
             .into_iter()
             .find(|m| m.start <= addr && addr < m.end)
             .expect("mapping of our own code");
+        (exe, m.file_offset(addr))
+    }
+
+    #[test]
+    fn resolves_a_function_of_this_test_binary_by_file_offset() {
+        let (exe, offset) = own_function();
         let mut blaze = Blaze::default();
-        let out = blaze.resolve(&exe, &[m.file_offset(addr), u64::MAX - 1]);
+        let out = blaze.resolve(&exe, &[offset, u64::MAX - 1]);
         assert!(out[0].last().unwrap().name.ends_with("a_function_to_find"), "{:?}", out[0]);
         assert!(out[0].last().unwrap().file.as_deref().is_some_and(|f| f.ends_with("elf.rs")));
         assert!(out[1].is_empty());
@@ -202,15 +208,9 @@ mod tests {
 
     #[test]
     fn files_idle_for_two_passes_are_evicted_and_resolve_again() {
-        let exe = std::env::current_exe().unwrap();
-        let addr = a_function_to_find as *const () as u64;
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let m = crate::process::maps::parse_executable(&maps)
-            .into_iter()
-            .find(|m| m.start <= addr && addr < m.end)
-            .expect("mapping of our own code");
+        let (exe, offset) = own_function();
         let mut blaze = Blaze::default();
-        let name = |b: &mut Blaze| b.resolve(&exe, &[m.file_offset(addr)])[0].last().map(|f| f.name.clone());
+        let name = |b: &mut Blaze| b.resolve(&exe, &[offset])[0].last().map(|f| f.name.clone());
         assert!(name(&mut blaze).is_some_and(|n| n.ends_with("a_function_to_find")));
         blaze.end_pass();
         // Looked up in the second pass too: kept through one idle pass.
