@@ -114,7 +114,9 @@ pub struct ThreadState {
     /// through memory so the verifier sees one unknown index rather than
     /// following each slot's path separately.
     pub site: u32,
-    pub _pad: u32,
+    /// Non-zero when the thread's last capture found it running Python
+    /// code: its stacks are then never reused.
+    pub python: u32,
     /// The current block's fingerprint, kept while its stacks are captured.
     pub fingerprint: u64,
     pub comm: [u8; COMM_LEN],

@@ -13,6 +13,12 @@
 //!   (keyed by thread and stacks) and the per-process off-CPU histogram.
 //! - Wakeups and preemptions start a run-queue wait; the switch-in ends it
 //!   and feeds the run-queue histogram. Preemption is not off-CPU time.
+//!   The wakeup programs cost ~300 ns per wakeup, and the kernel's own
+//!   per-task run delay (`sched_info.run_delay`, read at switch-out) would
+//!   save them, but it misses most wakeup waits since EEVDF's delayed
+//!   dequeue: a task woken while still queued is never enqueued again, so
+//!   no wait starts. On the multi-site load of `cargo xtask bench offcpu`
+//!   it gave a run-queue p50 of 0 against 9.3 us from the wakeups.
 //!
 //! Unwinding is most of the cost of a blocking switch (measured with
 //! bpf_stats on `perf bench sched pipe`, 2-CPU VM: sched_switch 300 ns per
@@ -265,8 +271,15 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
     }
     // Python frames live on the heap, not in the registers the fingerprint
     // covers: two Python functions blocking through the same C path would
-    // share one, so a Python process's stacks are never reused.
-    let fp = if crate::python::walks(tgid) { 0 } else { fingerprint() };
+    // share one, so the stacks of a thread running Python are never reused.
+    // Only a thread whose last capture found Python frames counts as one:
+    // programs that embed libpython without running it (perf, gdb) made
+    // every block a full capture and a faulting interpreter lookup,
+    // 3.6 us per switch under `perf bench sched pipe` (2-CPU VM), and
+    // native threads of Python processes are no different. A thread that
+    // starts running Python is caught at its next capture, which the
+    // refresh rule below takes within REFRESH_AGE.
+    let fp = if t.python != 0 && crate::python::walks(tgid) { 0 } else { fingerprint() };
     let mut hit = BLOCK_SITES as u32;
     // A site captured before the process's tables were loaded is stored
     // with the fingerprint's low bit (always set) cleared: it is reused
@@ -309,6 +322,7 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
         let kernel = capture(ctx, tgid, false);
         unsafe { core::ptr::write_volatile(&mut t.kernel_stack, kernel.id) };
         let user = capture(ctx, tgid, true);
+        t.python = u32::from(crate::python::found_frames());
         // A stack that could not be stored is not reused: the next block
         // at this place tries again. One walked before the process's tables
         // were loaded is marked, and taken again once they are.
@@ -375,6 +389,11 @@ fn tables_known(tgid: u32, now: u64) -> bool {
     false
 }
 
+/// How far above sp the caller's frame pointer may be for the fingerprint
+/// to read its return address: frames between the syscall and the nearest
+/// frame-pointer function are small.
+const FRAME_POINTER_REACH: u64 = 1 << 20;
+
 /// A hash of where the current thread entered the kernel: user ip, sp, bp,
 /// syscall number, and the return addresses at [sp] and [bp+8]. 0 when the
 /// registers cannot be read (kernel threads).
@@ -393,7 +412,20 @@ fn fingerprint() -> u64 {
         return 0; // a kernel thread: no user context to tell its blocks apart
     }
     let ret_sp = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
-    let ret_bp = unsafe { bpf_probe_read_user((bp + 8) as *const u64) }.unwrap_or(0);
+    // bp is a frame pointer only in code built with one; elsewhere it holds
+    // any value, and a read of an unmapped address takes a page fault that
+    // the helper then fixes up. That fault was a third of sched_switch's
+    // time where programs block in glibc, which has no frame pointers:
+    // 782 -> 517 ns per run on a pipe ping-pong built without them, and
+    // 923-1053 -> 858-876 ns on the multi-site load of `cargo xtask bench
+    // offcpu` (bpf_stats over `record --off-cpu`, 2-CPU VM). A frame
+    // pointer points into the stack just above sp, so only such a bp is
+    // read; any other bp still enters the hash by value.
+    let ret_bp = if bp > sp && bp - sp < FRAME_POINTER_REACH {
+        unsafe { bpf_probe_read_user((bp + 8) as *const u64) }.unwrap_or(0)
+    } else {
+        0
+    };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for v in [ip, sp, bp, orig_ax, ret_sp, ret_bp] {
         h ^= v;

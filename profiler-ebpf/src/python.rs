@@ -113,6 +113,13 @@ pub fn at_frame(pc: u64) -> Option<u64> {
     w.enter()
 }
 
+/// Whether the last stack begun on this CPU was of a thread running Python
+/// code (its current frame was found), whatever the walk then emitted.
+#[inline(always)]
+pub fn found_frames() -> bool {
+    PY_WALK.get(0).is_some_and(|w| w.found != 0)
+}
+
 /// Whether `tgid` is a Python process whose frames the walk reads.
 #[inline(always)]
 pub fn walks(tgid: u32) -> bool {
@@ -149,7 +156,8 @@ pub struct Walk {
     pending: u32,
     /// The native walk ended while frames were pending.
     native_done: u32,
-    _pad: u32,
+    /// The thread's current frame was found: it runs Python code.
+    found: u32,
 }
 
 impl Walk {
@@ -159,6 +167,7 @@ impl Walk {
         w.state = IDLE;
         w.pending = 0;
         w.native_done = 0;
+        w.found = 0;
         if unsafe { core::ptr::read_volatile(&TASK_FSBASE_OFFSET) } == 0 {
             return;
         }
@@ -180,6 +189,7 @@ impl Walk {
                 Some(f) => {
                     w.cursor = f;
                     w.state = ACTIVE;
+                    w.found = 1;
                 }
                 None => w.state = OFF,
             }
