@@ -16,7 +16,7 @@ use profiler_common::{
 };
 
 use super::{
-    add_blocked, read_u32, store, task_ids, window, BLOCKED_REGS, BPF_NOEXIST, SCAN, SCRATCH, STILL_BLOCKED,
+    add_blocked, read_u32, stacks::store, task_ids, window, BLOCKED_REGS, BPF_NOEXIST, SCAN, SCRATCH, STILL_BLOCKED,
     TASK_COMM_OFFSET, TASK_INTERRUPTIBLE, TASK_STATE_OFFSET, TASK_UNINTERRUPTIBLE, THREADS,
 };
 use crate::maps::{count, wanted};
