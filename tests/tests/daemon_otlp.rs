@@ -53,6 +53,14 @@ int main(void) {
 const RATIO: f64 = 3.0;
 const RATIO_TOLERANCE: f64 = 0.15;
 
+/// Sampling rate of the tests that check the ratio. Each sample lands in
+/// leaf_beta with probability 1/4, so the share is binomial. At 99 Hz the late
+/// receiver's ~600 samples give it a standard deviation of 0.018, and the 15 %
+/// band on the ratio (a beta share of 0.225 to 0.282) is only 1.4-1.8 sigma
+/// wide: CI saw 482:132 = 3.65. At 999 Hz, ~6000 samples put the band at 4.5-5.7
+/// sigma, so a failure means the profile is wrong, not unlucky.
+const RATIO_FREQUENCY: &str = "999";
+
 struct Receiver {
     child: Child,
     out: PathBuf,
@@ -165,6 +173,7 @@ fn check_requests(requests: &[serde_json::Value], pid: u32, ctx: &str) {
     let (alpha, beta) = (leaves.get("leaf_alpha").copied().unwrap_or(0), leaves.get("leaf_beta").copied().unwrap_or(0));
     assert!(alpha > 0 && beta > 0, "leaves {leaves:?}\n{ctx}");
     let ratio = alpha as f64 / beta as f64;
+    eprintln!("{ctx}: leaf_alpha:leaf_beta = {alpha}:{beta} = {ratio:.3}");
     assert!(
         (ratio - RATIO).abs() <= RATIO * RATIO_TOLERANCE,
         "leaf_alpha:leaf_beta = {alpha}:{beta} = {ratio:.2}\n{ctx}"
@@ -184,7 +193,7 @@ fn run_against(protocol: &str) {
         "--pid",
         &w.pid_arg(),
         "-F",
-        "99",
+        RATIO_FREQUENCY,
         "--off-cpu",
         "--otlp-endpoint",
         &endpoint,
@@ -219,7 +228,8 @@ fn receiver_down_at_start_then_up_gets_the_buffered_intervals() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let w = workload("otlp_late");
     let endpoint = format!("http://127.0.0.1:{port}");
-    let daemon = Daemon::start(&["--pid", &w.pid_arg(), "-F", "99", "--off-cpu", "--otlp-endpoint", &endpoint]);
+    let daemon =
+        Daemon::start(&["--pid", &w.pid_arg(), "-F", RATIO_FREQUENCY, "--off-cpu", "--otlp-endpoint", &endpoint]);
     std::thread::sleep(Duration::from_secs(5));
     let receiver = Receiver::start(dir.path(), port);
     // Backoff is at most 30 s; the first retries come within a few seconds.
