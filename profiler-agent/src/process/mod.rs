@@ -3,6 +3,7 @@
 //! exits before its samples are symbolized still gets its frames.
 
 pub mod maps;
+pub mod residency;
 
 pub use crate::metadata::cgroup;
 
@@ -404,7 +405,11 @@ impl ProcessTable {
         let open_path = self.open_path(pid, entry);
         let build_id = open_path
             .as_deref()
-            .and_then(|p| blazesym::helper::read_elf_build_id(p).ok().flatten())
+            .and_then(|p| {
+                // blazesym maps the file to read its notes.
+                let _mapping = residency::MAPPING.read().unwrap_or_else(|e| e.into_inner());
+                blazesym::helper::read_elf_build_id(p).ok().flatten()
+            })
             .map(|b| b.into_owned());
         let mtime = open_path.as_deref().and_then(|p| fs::metadata(p).ok()).map_or(0, |m| m.mtime());
         let key = match &build_id {

@@ -64,6 +64,9 @@ pub struct Blaze {
     pub failed_files: u64,
     /// Files evicted from blazesym's cache: idle, or past the bounds.
     pub evicted: u64,
+    /// Whether each pass ends by dropping the resident pages of the files
+    /// kept parsed ([`Blaze::releasing_file_pages`]).
+    release_pages: bool,
 }
 
 fn new_symbolizer() -> Symbolizer {
@@ -79,11 +82,21 @@ impl Default for Blaze {
             clock: 0,
             failed_files: 0,
             evicted: 0,
+            release_pages: false,
         }
     }
 }
 
 impl Blaze {
+    /// A resolver whose passes end by handing back the pages the files it
+    /// keeps parsed have resident (`process::residency`): for the daemon,
+    /// whose passes are an interval apart. Only for a resolver that runs
+    /// on one thread with no other blazesym user beside it, since blazesym's
+    /// own mappings are not under `residency::MAPPING`.
+    pub fn releasing_file_pages() -> Self {
+        Self { release_pages: true, ..Self::default() }
+    }
+
     fn evict(&mut self, path: &Path) {
         if let Some(c) = self.cached.remove(path) {
             self.cached_bytes = self.cached_bytes.saturating_sub(c.bytes);
@@ -122,6 +135,13 @@ impl FileResolver for Blaze {
             .collect();
         for p in idle {
             self.evict(&p);
+        }
+        if self.release_pages {
+            match crate::process::residency::release_file_pages() {
+                Ok(r) if r.busy => log::debug!("file pages kept this pass: a table build has a file mapped"),
+                Ok(r) => log::debug!("released {} kB of file pages in {} mappings", r.bytes >> 10, r.ranges),
+                Err(e) => log::debug!("reading /proc/self/smaps failed: {e}"),
+            }
         }
     }
 

@@ -176,7 +176,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let (frequency, off_cpu) = (config.sampling.frequency, config.sampling.off_cpu);
         std::thread::Builder::new().name("symbolize".into()).spawn(move || {
             let mut symbolizer = Symbolizer::new(
-                Blaze::default(),
+                Blaze::releasing_file_pages(),
                 KernelSymbols::load(),
                 NonZeroUsize::new(SYMBOL_CACHE_ENTRIES).expect("non-zero"),
             );

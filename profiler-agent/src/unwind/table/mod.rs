@@ -158,6 +158,9 @@ pub fn build_file(path: &Path) -> Result<UnwindTable, TableError> {
         return Err(TableError::NotElf);
     }
     let len = usize::try_from(len).map_err(|_| TableError::NotElf)?;
+    // The mapping's pages are released between symbolization passes
+    // (process::residency); held until after the munmap (`_unmap` drops first).
+    let _mapping = crate::process::residency::MAPPING.read().unwrap_or_else(|e| e.into_inner());
     // Mapped rather than read: only the headers and the CFI sections are
     // touched, so a 150 MB shared library costs its .eh_frame in page cache,
     // not 150 MB of agent memory (peak RSS is in `cargo xtask bench overhead`).
