@@ -58,7 +58,7 @@ struct Mapping {
 pub fn releasable(smaps: &str) -> Vec<Releasable> {
     let mut maps: Vec<Mapping> = Vec::new();
     // Files with a mapping that must not be touched, or that could not be read.
-    let mut keep: Vec<(u32, u32, u64)> = Vec::new();
+    let mut keep: std::collections::HashSet<(u32, u32, u64)> = std::collections::HashSet::new();
     let mut current_ok = false;
     for line in smaps.lines() {
         if let Some(m) = super::maps::parse_line(line) {
@@ -91,7 +91,7 @@ pub fn releasable(smaps: &str) -> Vec<Releasable> {
         let counted = m.rss_kb != u64::MAX && m.anonymous_kb != u64::MAX;
         let read_only = &m.perms == b"r--p" || &m.perms == b"r--s";
         if !counted || !read_only || m.anonymous_kb != 0 {
-            keep.push(file);
+            keep.insert(file);
         }
     }
     maps.iter()

@@ -67,6 +67,9 @@ pub struct Blaze {
     /// Whether each pass ends by dropping the resident pages of the files
     /// kept parsed ([`Blaze::releasing_file_pages`]).
     release_pages: bool,
+    /// A lookup reached blazesym since the last release: only lookups touch
+    /// the pages of its files, so a pass without one has nothing to release.
+    touched: bool,
 }
 
 fn new_symbolizer() -> Symbolizer {
@@ -83,6 +86,7 @@ impl Default for Blaze {
             failed_files: 0,
             evicted: 0,
             release_pages: false,
+            touched: false,
         }
     }
 }
@@ -136,10 +140,13 @@ impl FileResolver for Blaze {
         for p in idle {
             self.evict(&p);
         }
-        if self.release_pages {
+        if self.release_pages && self.touched {
             match crate::process::residency::release_file_pages() {
                 Ok(r) if r.busy => log::debug!("file pages kept this pass: a table build has a file mapped"),
-                Ok(r) => log::debug!("released {} kB of file pages in {} mappings", r.bytes >> 10, r.ranges),
+                Ok(r) => {
+                    self.touched = false;
+                    log::debug!("released {} kB of file pages in {} mappings", r.bytes >> 10, r.ranges);
+                }
                 Err(e) => log::debug!("reading /proc/self/smaps failed: {e}"),
             }
         }
@@ -147,6 +154,7 @@ impl FileResolver for Blaze {
 
     fn resolve(&mut self, path: &Path, offsets: &[u64]) -> Vec<Resolved> {
         self.clock += 1;
+        self.touched = true;
         if let Some(c) = self.cached.get_mut(path) {
             c.looked_up = true;
             c.used = self.clock;
