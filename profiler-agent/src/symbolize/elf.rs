@@ -42,9 +42,25 @@ const MAX_CACHED_BYTES: u64 = 64 << 20;
 /// kept 14 MB of file pages resident in the daemon after its stacks were
 /// symbolized once, and libc's compressed debug file ~10 MB of heap.
 const IDLE_PASSES: u32 = 2;
+/// Passes a file stays parsed however busy it is. blazesym parses DWARF
+/// lazily and keeps what it parsed (units, abbreviations, line programs):
+/// a file looked up every pass, as libc is on a busy host, gains parsed
+/// state with each new address and is never idle. With Debian's libc6-dbg
+/// installed that was the daemon's whole remaining growth under `cargo
+/// xtask bench churn` (600 s soak: +0.21 MB/min over the second half;
+/// heaptrack put the live growth in gimli's units under blazesym; with
+/// /usr/lib/debug hidden the slope was -0.01). Dropping a busy file every
+/// 12 passes (2 minutes at the default 10 s interval) costs one re-parse
+/// (libc's debug file: ~11 MB inflated again) per file per 2 minutes and
+/// bounds that growth to what 12 passes add: the soak's second half went
+/// to -0.04 MB/min, peak 59.4 MB, daemon CPU 53.7 % of a core (54.8 %
+/// before; the driver's achieved rate varies between runs).
+const MAX_PARSED_PASSES: u32 = 12;
 
 struct Cached {
     bytes: u64,
+    /// Passes ended since the file was parsed.
+    age: u32,
     /// Whole passes without a lookup in this file.
     idle: u32,
     /// Looked up in the current pass.
@@ -134,7 +150,8 @@ impl FileResolver for Blaze {
             .iter_mut()
             .filter_map(|(p, c)| {
                 c.idle = if std::mem::take(&mut c.looked_up) { 0 } else { c.idle + 1 };
-                (c.idle >= IDLE_PASSES).then(|| p.clone())
+                c.age += 1;
+                (c.idle >= IDLE_PASSES || c.age >= MAX_PARSED_PASSES).then(|| p.clone())
             })
             .collect();
         for p in idle {
@@ -168,7 +185,7 @@ impl FileResolver for Blaze {
                 };
                 self.evict(&oldest);
             }
-            self.cached.insert(path.to_path_buf(), Cached { bytes, idle: 0, looked_up: true, used: self.clock });
+            self.cached.insert(path.to_path_buf(), Cached { bytes, age: 0, idle: 0, looked_up: true, used: self.clock });
             self.cached_bytes += bytes;
         }
         let src = Source::Elf(Elf::new(path));
@@ -252,5 +269,23 @@ mod tests {
         assert_eq!(blaze.files_evicted(), 1);
         assert!(name(&mut blaze).is_some_and(|n| n.ends_with("a_function_to_find")), "parsed again on demand");
         assert_eq!(blaze.cached_paths(), vec![exe]);
+    }
+
+    #[test]
+    fn busy_files_are_parsed_afresh_every_max_parsed_passes() {
+        let (exe, offset) = own_function();
+        let mut blaze = Blaze::default();
+        for pass in 1..MAX_PARSED_PASSES {
+            assert!(!blaze.resolve(&exe, &[offset])[0].is_empty(), "pass {pass}");
+            blaze.end_pass();
+            assert_eq!(blaze.cached_paths(), vec![exe.clone()], "kept after pass {pass}");
+        }
+        assert!(!blaze.resolve(&exe, &[offset])[0].is_empty());
+        blaze.end_pass();
+        assert!(blaze.cached_paths().is_empty(), "dropped after {MAX_PARSED_PASSES} passes though busy");
+        assert_eq!(blaze.files_evicted(), 1);
+        assert!(blaze.resolve(&exe, &[offset])[0].last().is_some_and(|f| f.name.ends_with("a_function_to_find")));
+        blaze.end_pass();
+        assert_eq!(blaze.cached_paths(), vec![exe], "parsed again, its age counting from zero");
     }
 }
