@@ -88,8 +88,8 @@ const _: () = assert!(core::mem::size_of::<BlockSite>() == 32);
 /// (blocked before recording began); its user stack is unwound by the agent.
 pub const THREAD_FOUND_BLOCKED: u32 = 1;
 
-/// What the scheduler programs know about one thread, in the `THREADS`
-/// map from its first scheduling event until it exits.
+/// What the scheduler programs know about one thread, in the
+/// `THREAD_SLOTS` array from its first scheduling event until it exits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadState {
@@ -120,9 +120,26 @@ pub struct ThreadState {
     /// The current block's fingerprint, kept while its stacks are captured.
     pub fingerprint: u64,
     pub comm: [u8; COMM_LEN],
+    /// The thread that owns this slot; 0 for a free slot.
+    pub tid: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ThreadState>() == 80 + 32 * BLOCK_SITES);
+const _: () = assert!(core::mem::size_of::<ThreadState>() == 88 + 32 * BLOCK_SITES);
+
+/// Slots of the per-thread table, a power of two. A thread takes the first
+/// free slot of its probe sequence ([`thread_slot`]); where pid_max is at
+/// most `THREAD_SLOTS` (32768 by default on machines with up to 32 CPUs)
+/// that is always the first.
+pub const THREAD_SLOTS: u32 = 65_536;
+pub const THREAD_PROBES: u32 = 4;
+
+/// The slot a thread's probe sequence visits at step `k`. The stride is
+/// odd and far from 1: tids are handed out in sequence, and a thread
+/// displaced into its neighbour's home slot would displace the neighbour.
+pub const fn thread_slot(tid: u32, k: u32) -> u32 {
+    tid.wrapping_add(k.wrapping_mul(40_503)) & (THREAD_SLOTS - 1)
+}
 
 /// Stack id the start scan gives the user stack of a thread it found
 /// blocked: even, so it never equals a content hash (those are odd). The

@@ -1,8 +1,11 @@
 //! Off-CPU time and scheduler latency from `sched_switch`, `sched_wakeup`
 //! and `sched_wakeup_new`, with `sched_process_exit` cleaning up.
 //!
-//! Every traced thread has one `THREADS` entry (one hash lookup per event
-//! side instead of one per map), removed when the thread exits.
+//! Every traced thread has one `THREADS` entry, cleared when the
+//! thread exits. It is an array indexed by tid rather than a hash map: the
+//! kernel inlines an array lookup into a few instructions, where a hash
+//! lookup is a helper call that hashes the key, and a context switch looks
+//! a thread up twice and a wakeup once (figures at `thread`).
 //! - A thread that leaves the CPU blocked (prev_state has
 //!   TASK_INTERRUPTIBLE or TASK_UNINTERRUPTIBLE, and it was not preempted)
 //!   records the time and the ids of its kernel and user stacks. The stacks
@@ -43,9 +46,9 @@ use aya_ebpf::{
 };
 use profiler_common::{
     offcpu::{
-        hist_bucket, BlockSite, BlockedRegs, Histogram, OffCpuKey, OffCpuValue, ProcessHistograms, ProcessNotice,
-        StackTrace, ThreadState, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_SLOTS, SCAN_WINDOW_END,
-        SCAN_WINDOW_START,
+        hist_bucket, thread_slot, BlockSite, BlockedRegs, Histogram, OffCpuKey, OffCpuValue, ProcessHistograms,
+        ProcessNotice, StackTrace, ThreadState, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_SLOTS,
+        SCAN_WINDOW_END, SCAN_WINDOW_START, THREAD_PROBES, THREAD_SLOTS,
     },
     Stat, SAMPLE_FLAG_USER_PARTIAL,
 };
@@ -91,11 +94,9 @@ const TASK_INTERRUPTIBLE: u32 = 0x1;
 const TASK_UNINTERRUPTIBLE: u32 = 0x2;
 const TASK_DEAD: u32 = 0x80;
 
-/// Threads that can be blocked at once; beyond it blocks are counted lost.
-const MAX_THREADS: u32 = 65_536;
-
+/// Per-thread state (22 MiB), found by [`find_thread`].
 #[map]
-static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(MAX_THREADS, 0);
+pub static THREADS: Array<ThreadState> = Array::with_max_entries(THREAD_SLOTS, 0);
 /// Blocked time per (thread, stacks). Cleared by the agent when read.
 #[map]
 static OFFCPU: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(32_768, 0);
@@ -141,7 +142,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     let preempt: u64 = ctx.arg(0);
     let next: *const u8 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
-    on_switch(&ctx, preempt & 0xff != 0, || Some(task_ids_btf(next)), prev_state as u32);
+    on_switch(&ctx, true, preempt & 0xff != 0, || Some(task_ids_btf(next)), prev_state as u32);
     0
 }
 
@@ -151,7 +152,7 @@ pub fn sched_switch_raw(ctx: RawTracePointContext) -> i32 {
     let preempt: u64 = ctx.arg(0);
     let next: *const u8 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
-    on_switch(&ctx, preempt & 0xff != 0, || task_ids(next), prev_state as u32);
+    on_switch(&ctx, false, preempt & 0xff != 0, || task_ids(next), prev_state as u32);
     0
 }
 
@@ -199,20 +200,66 @@ pub fn sched_process_exit_raw(_ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn forget(tid: u32) {
-    let _ = THREADS.remove(&tid);
+    if let Some(t) = find_thread(tid) {
+        // Zeroed whole, tid included: the slot is free and clean for the
+        // next thread.
+        unsafe { *t = ThreadState::default() };
+    }
+}
+
+#[inline(always)]
+fn slot(tid: u32, k: u32) -> Option<*mut ThreadState> {
+    THREADS.get_ptr_mut(thread_slot(tid, k))
+}
+
+/// The thread's state, if it has one.
+#[inline(always)]
+pub(crate) fn find_thread(tid: u32) -> Option<*mut ThreadState> {
+    for k in 0..THREAD_PROBES {
+        if let Some(t) = slot(tid, k) {
+            if unsafe { core::ptr::read_volatile(&(*t).tid) } == tid {
+                return Some(t);
+            }
+        }
+    }
+    None
+}
+
+/// A free slot for `tid`, claimed: the first of its probe sequence. Two
+/// CPUs claiming one slot for two tids that share it at the same instant
+/// would both write it (BPF has no compare-and-swap at this program's
+/// instruction set level); the loser's next event finds it taken and
+/// claims another, losing the one block it had started.
+#[inline(always)]
+pub(crate) fn claim_thread(tid: u32) -> Option<*mut ThreadState> {
+    for k in 0..THREAD_PROBES {
+        if let Some(t) = slot(tid, k) {
+            if unsafe { core::ptr::read_volatile(&(*t).tid) } == 0 {
+                unsafe { core::ptr::write_volatile(&mut (*t).tid, tid) };
+                return Some(t);
+            }
+        }
+    }
+    count(Stat::ThreadMapFull);
+    None
 }
 
 /// The thread's state, created on first use.
+///
+/// `THREADS` was a hash map of 65536 entries. As this array, under `perf
+/// bench sched pipe` pinned to one CPU while `record --off-cpu` ran
+/// (bpf_stats, 2-CPU VM, three runs each, fingerprint by plain loads in
+/// both): sched_switch 467-483 -> 414-434 ns per run, sched_wakeup 170-177
+/// -> 124-128. The array holds fewer threads where pid_max is large (a
+/// thread whose `THREAD_PROBES` slots are all taken is counted in
+/// `thread_map_full` and not traced), and costs what the preallocated hash
+/// map did (22 MiB).
 #[inline(always)]
 fn thread(tid: u32) -> Option<*mut ThreadState> {
-    if let Some(t) = THREADS.get_ptr_mut(&tid) {
-        return Some(t);
+    match find_thread(tid) {
+        Some(t) => Some(t),
+        None => claim_thread(tid),
     }
-    if THREADS.insert(&tid, &ThreadState::default(), BPF_NOEXIST).is_err() && THREADS.get_ptr(&tid).is_none() {
-        count(Stat::ThreadMapFull);
-        return None;
-    }
-    THREADS.get_ptr_mut(&tid)
 }
 
 #[inline(always)]
@@ -262,10 +309,16 @@ fn on_wakeup((tid, tgid): (u32, u32)) {
 }
 
 #[inline(always)]
-fn on_switch<C: EbpfContext>(ctx: &C, preempt: bool, next: impl FnOnce() -> Option<(u32, u32)>, prev_state: u32) {
+fn on_switch<C: EbpfContext>(
+    ctx: &C,
+    btf: bool,
+    preempt: bool,
+    next: impl FnOnce() -> Option<(u32, u32)>,
+    prev_state: u32,
+) {
     count(Stat::Switches);
     let now = unsafe { bpf_ktime_get_ns() };
-    switch_out(ctx, now, preempt, prev_state);
+    switch_out(ctx, btf, now, preempt, prev_state);
     // The arriving task's ids are read only now, after the switch-out:
     // read before it, a fallible read would split every path through
     // `switch_out` in two for the verifier, and the raw program would pass
@@ -276,8 +329,10 @@ fn on_switch<C: EbpfContext>(ctx: &C, preempt: bool, next: impl FnOnce() -> Opti
 }
 
 /// The leaving thread is current.
+/// `btf`: called from the tp_btf program, which may load from kernel
+/// pointers of a known type directly.
 #[inline(always)]
-fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32) {
+fn switch_out<C: EbpfContext>(ctx: &C, btf: bool, now: u64, preempt: bool, prev_state: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
     if tid == 0 {
@@ -314,7 +369,7 @@ fn switch_out<C: EbpfContext>(ctx: &C, now: u64, preempt: bool, prev_state: u32)
     // native threads of Python processes are no different. A thread that
     // starts running Python is caught at its next capture, which the
     // refresh rule below takes within REFRESH_AGE.
-    let fp = if t.python != 0 && crate::python::walks(tgid) { 0 } else { fingerprint() };
+    let fp = if t.python != 0 && crate::python::walks(tgid) { 0 } else { fingerprint(btf) };
     let mut hit = BLOCK_SITES as u32;
     // A site captured before the process's tables were loaded is stored
     // with the fingerprint's low bit (always set) cleared: it is reused
@@ -432,17 +487,34 @@ const FRAME_POINTER_REACH: u64 = 1 << 20;
 /// A hash of where the current thread entered the kernel: user ip, sp, bp,
 /// syscall number, and the return addresses at [sp] and [bp+8]. 0 when the
 /// registers cannot be read (kernel threads).
+///
+/// `btf`: read the registers with plain loads. `bpf_task_pt_regs` returns
+/// a pointer the verifier knows as `struct pt_regs`, so in a tp_btf
+/// program each field is one instruction with a fault fixup, where the
+/// helper reads cost two helper calls. Measured with bpf_stats under `perf
+/// bench sched pipe` pinned to one CPU while `record --off-cpu` ran (2-CPU
+/// VM): the whole fingerprint was about half of sched_switch's time,
+/// 487-570 ns per run with it and 251-268 with a constant in its place;
+/// 414-434 with plain loads. Of the rest, the read at [bp+8] is most
+/// (267-288 without it, 386-400 without only the [sp] read): it tells
+/// apart two callers of one blocking helper whose frames have equal sizes,
+/// and stays.
 #[inline(always)]
-fn fingerprint() -> u64 {
+fn fingerprint(btf: bool) -> u64 {
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
     if regs.is_null() {
         return 0;
     }
     // x86-64 `struct pt_regs`: bp at 32, orig_ax 120, ip 128, cs 136,
     // flags 144, sp 152 (a stable ABI layout).
-    let Ok(bp) = (unsafe { bpf_probe_read_kernel(regs.add(32) as *const u64) }) else { return 0 };
-    let Ok(tail) = (unsafe { bpf_probe_read_kernel(regs.add(120) as *const [u64; 5]) }) else { return 0 };
-    let (orig_ax, ip, sp) = (tail[0], tail[1], tail[4]);
+    let (bp, orig_ax, ip, sp) = if btf {
+        let at = |off: usize| unsafe { core::ptr::read_volatile(regs.add(off) as *const u64) };
+        (at(32), at(120), at(128), at(152))
+    } else {
+        let Ok(bp) = (unsafe { bpf_probe_read_kernel(regs.add(32) as *const u64) }) else { return 0 };
+        let Ok(tail) = (unsafe { bpf_probe_read_kernel(regs.add(120) as *const [u64; 5]) }) else { return 0 };
+        (bp, tail[0], tail[1], tail[4])
+    };
     if ip == 0 {
         return 0; // a kernel thread: no user context to tell its blocks apart
     }
@@ -475,7 +547,7 @@ fn switch_in(now: u64, (tid, tgid): (u32, u32)) {
     if tid == 0 {
         return;
     }
-    let Some(t) = THREADS.get_ptr_mut(&tid) else { return };
+    let Some(t) = find_thread(tid) else { return };
     let t = unsafe { &mut *t };
     let mut hists = None;
     if t.runq_start_ns != 0 {

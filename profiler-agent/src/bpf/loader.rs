@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         Iter, PerfEvent, Program,
@@ -496,10 +496,14 @@ impl SampleSource for EbpfSource {
         if !self.off_cpu {
             return Ok(MapOccupancy::default());
         }
-        let threads: HashMap<_, u32, ThreadState> = map(&self.ebpf, "THREADS")?;
+        // One read per slot (65536 system calls, tens of milliseconds),
+        // once, at the end of a recording.
+        let threads: Array<_, ThreadState> =
+            Array::try_from(self.ebpf.map("THREADS").ok_or(BpfError::Missing("THREADS"))?)
+                .map_err(|source| BpfError::Map { name: "THREADS", source })?;
         let mut occupancy = MapOccupancy::default();
-        for (tid, state) in threads.iter().filter_map(Result::ok) {
-            occupancy.threads.push(tid);
+        for state in threads.iter().filter_map(Result::ok).filter(|s| s.tid != 0) {
+            occupancy.threads.push(state.tid);
             // A blocked thread that was woken but has not run yet is
             // waiting to run, not blocked.
             if state.runq_start_ns != 0 {

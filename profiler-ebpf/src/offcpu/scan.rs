@@ -16,8 +16,8 @@ use profiler_common::{
 };
 
 use super::{
-    add_blocked, read_u32, stacks::store, task_ids, window, BLOCKED_REGS, BPF_NOEXIST, SCAN, SCRATCH, STILL_BLOCKED,
-    TASK_COMM_OFFSET, TASK_INTERRUPTIBLE, TASK_STATE_OFFSET, TASK_UNINTERRUPTIBLE, THREADS,
+    add_blocked, claim_thread, find_thread, read_u32, stacks::store, task_ids, window, BLOCKED_REGS, SCAN, SCRATCH,
+    STILL_BLOCKED, TASK_COMM_OFFSET, TASK_INTERRUPTIBLE, TASK_STATE_OFFSET, TASK_UNINTERRUPTIBLE,
 };
 use crate::maps::{count, wanted};
 
@@ -54,7 +54,7 @@ fn scan_task(task: *const u8) {
 /// (BPF has no compare-and-swap at this program's instruction set level).
 #[inline(always)]
 fn cut(tid: u32, tgid: u32, time: u64) {
-    let Some(t) = THREADS.get_ptr_mut(&tid) else { return };
+    let Some(t) = find_thread(tid) else { return };
     let t = unsafe { &mut *t };
     let start = unsafe { core::ptr::read_volatile(&t.block_start_ns) };
     if start == 0 || start >= time {
@@ -82,7 +82,7 @@ fn find_blocked(task: *const u8, tid: u32, tgid: u32, time: u64) {
     if state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
         return;
     }
-    if THREADS.get_ptr(&tid).is_some() {
+    if find_thread(tid).is_some() {
         return; // switched out since we attached: already tracked
     }
     let regs = unsafe { bpf_task_pt_regs(task as *mut _) } as *const u8;
@@ -113,9 +113,15 @@ fn find_blocked(task: *const u8, tid: u32, tgid: u32, time: u64) {
     st.user_stack = found_blocked_stack_id(tid);
     st.flags = THREAD_FOUND_BLOCKED;
     st.comm = comm;
-    if THREADS.insert(&tid, st, BPF_NOEXIST).is_err() {
-        return; // it switched out meanwhile, or the map is full
+    st.tid = tid;
+    // It may have switched out on another CPU since the check above; the
+    // second check narrows that to the few instructions of the copy, and a
+    // thread that lost it has its next block overwrite the state.
+    if find_thread(tid).is_some() {
+        return;
     }
+    let Some(t) = claim_thread(tid) else { return };
+    unsafe { *t = *st };
     let _ = BLOCKED_REGS.insert(&tid, &BlockedRegs { tgid, _pad: 0, ip, sp, bp }, 0);
     count(Stat::OffCpuFoundBlocked);
 }
