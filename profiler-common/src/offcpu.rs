@@ -290,4 +290,35 @@ mod tests {
             assert_eq!(hist_bucket(hist_bucket_floor(b + 1) - 1), b);
         }
     }
+
+    /// Below `THREAD_SLOTS` every tid has its own home slot; above, the
+    /// probes of one tid are distinct and do not land in the home slots of
+    /// the tids next to it (tids are handed out in sequence).
+    #[test]
+    fn thread_slots_probe_apart_from_neighbours() {
+        for tid in [0, 1, 300, 32_767, THREAD_SLOTS - 1] {
+            assert_eq!(thread_slot(tid, 0), tid);
+        }
+        for tid in [1, 65_536, 65_537, 4_194_303, u32::MAX] {
+            let probes: [u32; THREAD_PROBES as usize] = core::array::from_fn(|k| thread_slot(tid, k as u32));
+            for (i, p) in probes.iter().enumerate() {
+                assert!(*p < THREAD_SLOTS);
+                assert!(!probes[..i].contains(p), "tid {}: probes {:?} repeat", tid, probes);
+                if i > 0 {
+                    for near in 1..=64u32 {
+                        assert_ne!(
+                            *p,
+                            thread_slot(tid.wrapping_add(near), 0),
+                            "tid {tid}: probe {i} is tid+{near}'s home"
+                        );
+                        assert_ne!(
+                            *p,
+                            thread_slot(tid.wrapping_sub(near), 0),
+                            "tid {tid}: probe {i} is tid-{near}'s home"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

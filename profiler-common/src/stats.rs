@@ -29,7 +29,8 @@ pub enum Stat {
     OffCpuBlocks = 10,
     /// Blocks shorter than `--off-cpu-min-block`; not recorded.
     OffCpuShort = 11,
-    /// Scheduler events lost because the per-thread map was full.
+    /// Scheduler events lost because a thread found no free slot in the
+    /// per-thread table (all `THREAD_PROBES` of its slots taken).
     ThreadMapFull = 12,
     /// Blocks lost because the off-CPU aggregate map was full.
     OffCpuAggregateFull = 13,

@@ -185,7 +185,8 @@ impl FileResolver for Blaze {
                 };
                 self.evict(&oldest);
             }
-            self.cached.insert(path.to_path_buf(), Cached { bytes, age: 0, idle: 0, looked_up: true, used: self.clock });
+            self.cached
+                .insert(path.to_path_buf(), Cached { bytes, age: 0, idle: 0, looked_up: true, used: self.clock });
             self.cached_bytes += bytes;
         }
         let src = Source::Elf(Elf::new(path));
