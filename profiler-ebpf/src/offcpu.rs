@@ -5,7 +5,7 @@
 //! thread exits. It is an array indexed by tid rather than a hash map: the
 //! kernel inlines an array lookup into a few instructions, where a hash
 //! lookup is a helper call that hashes the key, and a context switch looks
-//! a thread up twice and a wakeup once (figures at `thread`).
+//! a thread up twice and a wakeup once (figures at `threads::thread`).
 //! - A thread that leaves the CPU blocked (prev_state has
 //!   TASK_INTERRUPTIBLE or TASK_UNINTERRUPTIBLE, and it was not preempted)
 //!   records the time and the ids of its kernel and user stacks. The stacks
@@ -35,10 +35,7 @@
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
-    },
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{BtfTracePointContext, RawTracePointContext},
@@ -46,9 +43,9 @@ use aya_ebpf::{
 };
 use profiler_common::{
     offcpu::{
-        hist_bucket, thread_slot, BlockSite, BlockedRegs, Histogram, OffCpuKey, OffCpuValue, ProcessHistograms,
-        ProcessNotice, StackTrace, ThreadState, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_SLOTS,
-        SCAN_WINDOW_END, SCAN_WINDOW_START, THREAD_PROBES, THREAD_SLOTS,
+        hist_bucket, BlockSite, BlockedRegs, Histogram, OffCpuKey, OffCpuValue, ProcessHistograms, ProcessNotice,
+        StackTrace, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_SLOTS, SCAN_WINDOW_END,
+        SCAN_WINDOW_START,
     },
     Stat, SAMPLE_FLAG_USER_PARTIAL,
 };
@@ -58,10 +55,14 @@ use crate::{
     unwind,
 };
 
+mod fingerprint;
 mod scan;
 mod stacks;
+mod threads;
 
+use fingerprint::fingerprint;
 use stacks::{capture, STACK_LOST};
+use threads::{find_thread, forget, thread};
 
 /// Set by the agent: blocks shorter than this are not recorded.
 #[no_mangle]
@@ -94,9 +95,6 @@ const TASK_INTERRUPTIBLE: u32 = 0x1;
 const TASK_UNINTERRUPTIBLE: u32 = 0x2;
 const TASK_DEAD: u32 = 0x80;
 
-/// Per-thread state (22 MiB), found by [`find_thread`].
-#[map]
-pub static THREADS: Array<ThreadState> = Array::with_max_entries(THREAD_SLOTS, 0);
 /// Blocked time per (thread, stacks). Cleared by the agent when read.
 #[map]
 static OFFCPU: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(32_768, 0);
@@ -196,70 +194,6 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> u32 {
 pub fn sched_process_exit_raw(_ctx: RawTracePointContext) -> i32 {
     forget(bpf_get_current_pid_tgid() as u32);
     0
-}
-
-#[inline(always)]
-fn forget(tid: u32) {
-    if let Some(t) = find_thread(tid) {
-        // Zeroed whole, tid included: the slot is free and clean for the
-        // next thread.
-        unsafe { *t = ThreadState::default() };
-    }
-}
-
-#[inline(always)]
-fn slot(tid: u32, k: u32) -> Option<*mut ThreadState> {
-    THREADS.get_ptr_mut(thread_slot(tid, k))
-}
-
-/// The thread's state, if it has one.
-#[inline(always)]
-pub(crate) fn find_thread(tid: u32) -> Option<*mut ThreadState> {
-    for k in 0..THREAD_PROBES {
-        if let Some(t) = slot(tid, k) {
-            if unsafe { core::ptr::read_volatile(&(*t).tid) } == tid {
-                return Some(t);
-            }
-        }
-    }
-    None
-}
-
-/// A free slot for `tid`, claimed: the first of its probe sequence. Two
-/// CPUs claiming one slot for two tids that share it at the same instant
-/// would both write it (BPF has no compare-and-swap at this program's
-/// instruction set level); the loser's next event finds it taken and
-/// claims another, losing the one block it had started.
-#[inline(always)]
-pub(crate) fn claim_thread(tid: u32) -> Option<*mut ThreadState> {
-    for k in 0..THREAD_PROBES {
-        if let Some(t) = slot(tid, k) {
-            if unsafe { core::ptr::read_volatile(&(*t).tid) } == 0 {
-                unsafe { core::ptr::write_volatile(&mut (*t).tid, tid) };
-                return Some(t);
-            }
-        }
-    }
-    count(Stat::ThreadMapFull);
-    None
-}
-
-/// The thread's state, created on first use.
-///
-/// `THREADS` was a hash map of 65536 entries. As this array, under `perf
-/// bench sched pipe` pinned to one CPU while `record --off-cpu` ran
-/// (bpf_stats, 2-CPU VM, three runs each, fingerprint by plain loads in
-/// both): sched_switch 467-483 -> 414-434 ns per run, sched_wakeup 170-177
-/// -> 124-128. The array holds fewer threads where pid_max is large (a
-/// thread whose `THREAD_PROBES` slots are all taken is counted in
-/// `thread_map_full` and not traced), and costs what the preallocated hash
-/// map did (22 MiB).
-#[inline(always)]
-fn thread(tid: u32) -> Option<*mut ThreadState> {
-    match find_thread(tid) {
-        Some(t) => Some(t),
-        None => claim_thread(tid),
-    }
 }
 
 #[inline(always)]
@@ -477,68 +411,6 @@ fn tables_known(tgid: u32, now: u64) -> bool {
         None => count(Stat::RingBufferFull),
     }
     false
-}
-
-/// How far above sp the caller's frame pointer may be for the fingerprint
-/// to read its return address: frames between the syscall and the nearest
-/// frame-pointer function are small.
-const FRAME_POINTER_REACH: u64 = 1 << 20;
-
-/// A hash of where the current thread entered the kernel: user ip, sp, bp,
-/// syscall number, and the return addresses at [sp] and [bp+8]. 0 when the
-/// registers cannot be read (kernel threads).
-///
-/// `btf`: read the registers with plain loads. `bpf_task_pt_regs` returns
-/// a pointer the verifier knows as `struct pt_regs`, so in a tp_btf
-/// program each field is one instruction with a fault fixup, where the
-/// helper reads cost two helper calls. Measured with bpf_stats under `perf
-/// bench sched pipe` pinned to one CPU while `record --off-cpu` ran (2-CPU
-/// VM): the whole fingerprint was about half of sched_switch's time,
-/// 487-570 ns per run with it and 251-268 with a constant in its place;
-/// 414-434 with plain loads. Of the rest, the read at [bp+8] is most
-/// (267-288 without it, 386-400 without only the [sp] read): it tells
-/// apart two callers of one blocking helper whose frames have equal sizes,
-/// and stays.
-#[inline(always)]
-fn fingerprint(btf: bool) -> u64 {
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
-    if regs.is_null() {
-        return 0;
-    }
-    // x86-64 `struct pt_regs`: bp at 32, orig_ax 120, ip 128, cs 136,
-    // flags 144, sp 152 (a stable ABI layout).
-    let (bp, orig_ax, ip, sp) = if btf {
-        let at = |off: usize| unsafe { core::ptr::read_volatile(regs.add(off) as *const u64) };
-        (at(32), at(120), at(128), at(152))
-    } else {
-        let Ok(bp) = (unsafe { bpf_probe_read_kernel(regs.add(32) as *const u64) }) else { return 0 };
-        let Ok(tail) = (unsafe { bpf_probe_read_kernel(regs.add(120) as *const [u64; 5]) }) else { return 0 };
-        (bp, tail[0], tail[1], tail[4])
-    };
-    if ip == 0 {
-        return 0; // a kernel thread: no user context to tell its blocks apart
-    }
-    let ret_sp = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
-    // bp is a frame pointer only in code built with one; elsewhere it holds
-    // any value, and a read of an unmapped address takes a page fault that
-    // the helper then fixes up. That fault was a third of sched_switch's
-    // time where programs block in glibc, which has no frame pointers:
-    // 782 -> 517 ns per run on a pipe ping-pong built without them, and
-    // 923-1053 -> 858-876 ns on the multi-site load of `cargo xtask bench
-    // offcpu` (bpf_stats over `record --off-cpu`, 2-CPU VM). A frame
-    // pointer points into the stack just above sp, so only such a bp is
-    // read; any other bp still enters the hash by value.
-    let ret_bp = if bp > sp && bp - sp < FRAME_POINTER_REACH {
-        unsafe { bpf_probe_read_user((bp + 8) as *const u64) }.unwrap_or(0)
-    } else {
-        0
-    };
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in [ip, sp, bp, orig_ax, ret_sp, ret_bp] {
-        h ^= v;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h | 1
 }
 
 /// The arriving thread ends its wait.

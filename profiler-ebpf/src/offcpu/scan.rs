@@ -15,9 +15,10 @@ use profiler_common::{
     Stat, COMM_LEN, MAX_STACK_DEPTH,
 };
 
+use super::threads::{claim_thread, find_thread};
 use super::{
-    add_blocked, claim_thread, find_thread, read_u32, stacks::store, task_ids, window, BLOCKED_REGS, SCAN, SCRATCH,
-    STILL_BLOCKED, TASK_COMM_OFFSET, TASK_INTERRUPTIBLE, TASK_STATE_OFFSET, TASK_UNINTERRUPTIBLE,
+    add_blocked, read_u32, stacks::store, task_ids, window, BLOCKED_REGS, SCAN, SCRATCH, STILL_BLOCKED,
+    TASK_COMM_OFFSET, TASK_INTERRUPTIBLE, TASK_STATE_OFFSET, TASK_UNINTERRUPTIBLE,
 };
 use crate::maps::{count, wanted};
 

@@ -1,0 +1,66 @@
+//! Where a thread entered the kernel, hashed: blocks with the same
+//! fingerprint reuse the stacks captured at the first of them.
+
+use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs};
+
+/// How far above sp the caller's frame pointer may be for the fingerprint
+/// to read its return address: frames between the syscall and the nearest
+/// frame-pointer function are small.
+const FRAME_POINTER_REACH: u64 = 1 << 20;
+
+/// A hash of where the current thread entered the kernel: user ip, sp, bp,
+/// syscall number, and the return addresses at [sp] and [bp+8]. 0 when the
+/// registers cannot be read (kernel threads).
+///
+/// `btf`: read the registers with plain loads. `bpf_task_pt_regs` returns
+/// a pointer the verifier knows as `struct pt_regs`, so in a tp_btf
+/// program each field is one instruction with a fault fixup, where the
+/// helper reads cost two helper calls. Measured with bpf_stats under `perf
+/// bench sched pipe` pinned to one CPU while `record --off-cpu` ran (2-CPU
+/// VM): the whole fingerprint was about half of sched_switch's time,
+/// 487-570 ns per run with it and 251-268 with a constant in its place;
+/// 414-434 with plain loads. Of the rest, the read at [bp+8] is most
+/// (267-288 without it, 386-400 without only the [sp] read): it tells
+/// apart two callers of one blocking helper whose frames have equal sizes,
+/// and stays.
+#[inline(always)]
+pub(super) fn fingerprint(btf: bool) -> u64 {
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if regs.is_null() {
+        return 0;
+    }
+    // x86-64 `struct pt_regs`: bp at 32, orig_ax 120, ip 128, cs 136,
+    // flags 144, sp 152 (a stable ABI layout).
+    let (bp, orig_ax, ip, sp) = if btf {
+        let at = |off: usize| unsafe { core::ptr::read_volatile(regs.add(off) as *const u64) };
+        (at(32), at(120), at(128), at(152))
+    } else {
+        let Ok(bp) = (unsafe { bpf_probe_read_kernel(regs.add(32) as *const u64) }) else { return 0 };
+        let Ok(tail) = (unsafe { bpf_probe_read_kernel(regs.add(120) as *const [u64; 5]) }) else { return 0 };
+        (bp, tail[0], tail[1], tail[4])
+    };
+    if ip == 0 {
+        return 0; // a kernel thread: no user context to tell its blocks apart
+    }
+    let ret_sp = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    // bp is a frame pointer only in code built with one; elsewhere it holds
+    // any value, and a read of an unmapped address takes a page fault that
+    // the helper then fixes up. That fault was a third of sched_switch's
+    // time where programs block in glibc, which has no frame pointers:
+    // 782 -> 517 ns per run on a pipe ping-pong built without them, and
+    // 923-1053 -> 858-876 ns on the multi-site load of `cargo xtask bench
+    // offcpu` (bpf_stats over `record --off-cpu`, 2-CPU VM). A frame
+    // pointer points into the stack just above sp, so only such a bp is
+    // read; any other bp still enters the hash by value.
+    let ret_bp = if bp > sp && bp - sp < FRAME_POINTER_REACH {
+        unsafe { bpf_probe_read_user((bp + 8) as *const u64) }.unwrap_or(0)
+    } else {
+        0
+    };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in [ip, sp, bp, orig_ax, ret_sp, ret_bp] {
+        h ^= v;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h | 1
+}
