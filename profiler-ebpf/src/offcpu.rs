@@ -16,7 +16,8 @@
 //!   (keyed by thread and stacks) and the per-process off-CPU histogram.
 //! - Wakeups and preemptions start a run-queue wait; the switch-in ends it
 //!   and feeds the run-queue histogram. Preemption is not off-CPU time.
-//!   The wakeup programs cost ~300 ns per wakeup, and the kernel's own
+//!   The wakeup programs cost ~70 ns per wakeup (timestamps from the run
+//!   queue's clock, see `clock`), and the kernel's own
 //!   per-task run delay (`sched_info.run_delay`, read at switch-out) would
 //!   save them, but it misses most wakeup waits since EEVDF's delayed
 //!   dequeue: a task woken while still queued is never enqueued again, so
@@ -35,7 +36,7 @@
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{BtfTracePointContext, RawTracePointContext},
@@ -55,11 +56,13 @@ use crate::{
     unwind,
 };
 
+mod clock;
 mod fingerprint;
 mod scan;
 mod stacks;
 mod threads;
 
+use clock::{ktime, rq_now};
 use fingerprint::fingerprint;
 use stacks::{capture, STACK_LOST};
 use threads::{find_thread, forget, thread};
@@ -138,9 +141,14 @@ const BPF_NOEXIST: u64 = 1;
 pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     // (bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
     let preempt: u64 = ctx.arg(0);
+    let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
-    on_switch(&ctx, true, preempt & 0xff != 0, || Some(task_ids_btf(next)), prev_state as u32);
+    let preempt = preempt & 0xff != 0;
+    // Only a switch whose leaving task blocks is sure to find the run
+    // queue's clock fresh (see `clock`).
+    let now = if blocks(preempt, prev_state as u32) { rq_now(prev) } else { ktime() };
+    on_switch(&ctx, true, now, preempt, || Some(task_ids_btf(next)), prev_state as u32);
     0
 }
 
@@ -150,26 +158,28 @@ pub fn sched_switch_raw(ctx: RawTracePointContext) -> i32 {
     let preempt: u64 = ctx.arg(0);
     let next: *const u8 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
-    on_switch(&ctx, false, preempt & 0xff != 0, || task_ids(next), prev_state as u32);
+    on_switch(&ctx, false, ktime(), preempt & 0xff != 0, || task_ids(next), prev_state as u32);
     0
 }
 
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
-    on_wakeup(task_ids_btf(ctx.arg(0)));
+    let task: *const u8 = ctx.arg(0);
+    on_wakeup(task_ids_btf(task), || rq_now(task));
     0
 }
 
 #[btf_tracepoint(function = "sched_wakeup_new")]
 pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> u32 {
-    on_wakeup(task_ids_btf(ctx.arg(0)));
+    let task: *const u8 = ctx.arg(0);
+    on_wakeup(task_ids_btf(task), || rq_now(task));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sched_wakeup")]
 pub fn sched_wakeup_raw(ctx: RawTracePointContext) -> i32 {
     if let Some(ids) = task_ids(ctx.arg(0)) {
-        on_wakeup(ids);
+        on_wakeup(ids, ktime);
     }
     0
 }
@@ -177,7 +187,7 @@ pub fn sched_wakeup_raw(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "sched_wakeup_new")]
 pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> i32 {
     if let Some(ids) = task_ids(ctx.arg(0)) {
-        on_wakeup(ids);
+        on_wakeup(ids, ktime);
     }
     0
 }
@@ -233,25 +243,32 @@ fn task_ids_btf(task: *const u8) -> (u32, u32) {
 }
 
 #[inline(always)]
-fn on_wakeup((tid, tgid): (u32, u32)) {
+fn on_wakeup((tid, tgid): (u32, u32), now: impl FnOnce() -> u64) {
     if tid == 0 || !wanted(tgid) {
         return;
     }
     if let Some(t) = thread(tid) {
-        unsafe { (*t).runq_start_ns = bpf_ktime_get_ns() };
+        unsafe { (*t).runq_start_ns = now() };
     }
+}
+
+/// Whether the leaving task blocks: it was not preempted and waits on
+/// something (interruptible or not).
+#[inline(always)]
+fn blocks(preempt: bool, prev_state: u32) -> bool {
+    !preempt && prev_state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) != 0
 }
 
 #[inline(always)]
 fn on_switch<C: EbpfContext>(
     ctx: &C,
     btf: bool,
+    now: u64,
     preempt: bool,
     next: impl FnOnce() -> Option<(u32, u32)>,
     prev_state: u32,
 ) {
     count(Stat::Switches);
-    let now = unsafe { bpf_ktime_get_ns() };
     switch_out(ctx, btf, now, preempt, prev_state);
     // The arriving task's ids are read only now, after the switch-out:
     // read before it, a fallible read would split every path through

@@ -106,6 +106,37 @@ impl StructOffsets {
     }
 }
 
+/// Where the scheduler programs find the run queue's clock of a task
+/// (`task->se.cfs_rq->rq->clock`); all 0 where the kernel lacks a member
+/// (no group scheduling), and the programs then read `bpf_ktime_get_ns`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RqClockOffsets {
+    /// `task_struct.se` plus `sched_entity.cfs_rq`.
+    pub task_cfs_rq: u32,
+    pub cfs_rq_rq: u32,
+    pub rq_clock: u32,
+}
+
+impl RqClockOffsets {
+    pub fn find(offsets: &StructOffsets) -> Self {
+        let find = || -> Result<Self, BtfError> {
+            let se = offsets.offset("task_struct", "se")?;
+            let cfs_rq = offsets.offset("sched_entity", "cfs_rq")?;
+            Ok(Self {
+                task_cfs_rq: se.checked_add(cfs_rq).ok_or(BtfError::BadHeader)?,
+                cfs_rq_rq: offsets.offset("cfs_rq", "rq")?,
+                rq_clock: offsets.offset("rq", "clock")?,
+            })
+        };
+        match find() {
+            // A zero offset is the programs' "absent": a member at offset 0
+            // is not one this layout has, and falling back costs nothing.
+            Ok(o) if o.task_cfs_rq != 0 && o.cfs_rq_rq != 0 && o.rq_clock != 0 => o,
+            _ => Self::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +190,29 @@ mod tests {
         let pid = o.offset("task_struct", "pid").unwrap();
         let tgid = o.offset("task_struct", "tgid").unwrap();
         assert_eq!(tgid, pid + 4, "pid and tgid are adjacent pid_t fields");
+    }
+
+    #[test]
+    fn finds_this_kernels_run_queue_clock_or_falls_back() {
+        let Ok(data) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            eprintln!("skipped: no /sys/kernel/btf/vmlinux on this machine");
+            return;
+        };
+        let o = StructOffsets::parse(&data, &["task_struct", "sched_entity", "cfs_rq", "rq"]).unwrap();
+        let rq = RqClockOffsets::find(&o);
+        match o.offset("sched_entity", "cfs_rq") {
+            // Group scheduling: the path exists, and `se` lies inside the task.
+            Ok(cfs_rq) => {
+                let se = o.offset("task_struct", "se").unwrap();
+                assert_eq!(rq.task_cfs_rq, se + cfs_rq);
+                assert_eq!(rq.rq_clock, o.offset("rq", "clock").unwrap());
+                assert!(rq.cfs_rq_rq > 0);
+            }
+            Err(_) => assert_eq!(rq, RqClockOffsets::default()),
+        }
+        // A BTF without these structs gives the fallback, not an error.
+        let none = StructOffsets::parse(&blob(false), &["task"]).unwrap();
+        assert_eq!(RqClockOffsets::find(&none), RqClockOffsets::default());
     }
 
     #[test]

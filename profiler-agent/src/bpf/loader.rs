@@ -24,7 +24,7 @@ use profiler_common::{
 
 use super::{
     attach::{attach_raw, attach_sched, EXEC_BTF, EXEC_RAW, LIFECYCLE_PROGRAMS, SCHED_PROGRAMS},
-    btf::StructOffsets,
+    btf::{RqClockOffsets, StructOffsets},
     process_events::EbpfProcessEvents,
     unwind_maps::EbpfUnwindMaps,
     BpfError, KernelStats, MapOccupancy, OffCpuRecord, ProgramRunTime, SampleSource,
@@ -133,12 +133,15 @@ impl EbpfSource {
         let filter: u32 = u32::from(!opts.pids.is_empty() || opts.targets);
         let (mut pid_offset, mut tgid_offset, mut min_block_ns) = (0u32, 0u32, 0u64);
         let (mut state_offset, mut comm_offset) = (0u32, 0u32);
+        let mut rq_clock = RqClockOffsets::default();
         // The kernel's BTF is read and its two structs parsed once, for the
         // off-CPU, lifecycle and Python offsets alike; only off-CPU cannot
         // do without them.
         let struct_offsets = fs::read("/sys/kernel/btf/vmlinux")
             .map_err(BpfError::BtfRead)
-            .and_then(|data| Ok(StructOffsets::parse(&data, &["task_struct", "thread_struct"])?));
+            .and_then(|data| {
+                Ok(StructOffsets::parse(&data, &["task_struct", "thread_struct", "sched_entity", "cfs_rq", "rq"])?)
+            });
         let struct_offsets = match struct_offsets {
             Err(e) if opts.off_cpu.is_some() => return Err(e),
             r => r.ok(),
@@ -152,6 +155,7 @@ impl EbpfSource {
                 state_offset =
                     offsets.offset("task_struct", "__state").or_else(|_| offsets.offset("task_struct", "state"))?;
                 comm_offset = offsets.offset("task_struct", "comm")?;
+                rq_clock = RqClockOffsets::find(offsets);
                 min_block_ns = off.min_block_ns;
                 Some(Btf::from_sys_fs().map_err(|e| BpfError::BtfRead(std::io::Error::other(e)))?)
             }
@@ -182,6 +186,9 @@ impl EbpfSource {
             .override_global("LIFECYCLE_TGID_OFFSET", &lifecycle_tgid, true)
             .override_global("TASK_STATE_OFFSET", &state_offset, true)
             .override_global("TASK_COMM_OFFSET", &comm_offset, true)
+            .override_global("TASK_CFS_RQ_OFFSET", &rq_clock.task_cfs_rq, true)
+            .override_global("CFS_RQ_RQ_OFFSET", &rq_clock.cfs_rq_rq, true)
+            .override_global("RQ_CLOCK_OFFSET", &rq_clock.rq_clock, true)
             .load(EBPF_OBJECT)?;
         // The programs do not log today; keep the logger when the object has
         // a log map so future diagnostics surface, and keep it alive: dropping
