@@ -134,14 +134,12 @@ impl EbpfSource {
         let (mut pid_offset, mut tgid_offset, mut min_block_ns) = (0u32, 0u32, 0u64);
         let (mut state_offset, mut comm_offset) = (0u32, 0u32);
         let mut rq_clock = RqClockOffsets::default();
-        // The kernel's BTF is read and its two structs parsed once, for the
-        // off-CPU, lifecycle and Python offsets alike; only off-CPU cannot
-        // do without them.
-        let struct_offsets = fs::read("/sys/kernel/btf/vmlinux")
-            .map_err(BpfError::BtfRead)
-            .and_then(|data| {
-                Ok(StructOffsets::parse(&data, &["task_struct", "thread_struct", "sched_entity", "cfs_rq", "rq"])?)
-            });
+        // The kernel's BTF is read and its structs parsed once, for the
+        // off-CPU, run-queue clock, lifecycle and Python offsets alike;
+        // only off-CPU cannot do without them.
+        let struct_offsets = fs::read("/sys/kernel/btf/vmlinux").map_err(BpfError::BtfRead).and_then(|data| {
+            Ok(StructOffsets::parse(&data, &["task_struct", "thread_struct", "sched_entity", "cfs_rq", "rq"])?)
+        });
         let struct_offsets = match struct_offsets {
             Err(e) if opts.off_cpu.is_some() => return Err(e),
             r => r.ok(),
