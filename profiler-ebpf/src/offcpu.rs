@@ -307,7 +307,7 @@ fn switch_out<C: EbpfContext>(ctx: &C, btf: bool, now: u64, preempt: bool, prev_
         t.block_start_ns = 0;
         return;
     }
-    if prev_state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
+    if !blocks(preempt, prev_state) {
         return; // stopped or traced: not waiting on anything we can name
     }
     // Python frames live on the heap, not in the registers the fingerprint

@@ -42,7 +42,7 @@ static RQ_CLOCK_OFFSET: u32 = 0;
 
 /// The offset between CLOCK_MONOTONIC and the run-queue clock, per CPU.
 #[repr(C)]
-pub(super) struct ClockSync {
+struct ClockSync {
     /// `ktime - rq clock`, wrapping.
     delta: u64,
     /// The run-queue clock when `delta` was taken; 0: never.
