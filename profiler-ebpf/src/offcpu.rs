@@ -148,7 +148,9 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     // Only a switch whose leaving task blocks is sure to find the run
     // queue's clock fresh (see `clock`).
     let now = if blocks(preempt, prev_state as u32) { rq_now(prev) } else { ktime() };
-    on_switch(&ctx, true, now, preempt, || Some(task_ids_btf(next)), prev_state as u32);
+    // prev is current: its ids by plain loads rather than a helper call.
+    let prev_ids = task_ids_btf(prev);
+    on_switch(&ctx, true, now, preempt, prev_ids, || Some(task_ids_btf(next)), prev_state as u32);
     0
 }
 
@@ -158,7 +160,9 @@ pub fn sched_switch_raw(ctx: RawTracePointContext) -> i32 {
     let preempt: u64 = ctx.arg(0);
     let next: *const u8 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
-    on_switch(&ctx, false, ktime(), preempt & 0xff != 0, || task_ids(next), prev_state as u32);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let prev_ids = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    on_switch(&ctx, false, ktime(), preempt & 0xff != 0, prev_ids, || task_ids(next), prev_state as u32);
     0
 }
 
@@ -265,11 +269,12 @@ fn on_switch<C: EbpfContext>(
     btf: bool,
     now: u64,
     preempt: bool,
+    prev: (u32, u32),
     next: impl FnOnce() -> Option<(u32, u32)>,
     prev_state: u32,
 ) {
     count(Stat::Switches);
-    switch_out(ctx, btf, now, preempt, prev_state);
+    switch_out(ctx, btf, now, preempt, prev, prev_state);
     // The arriving task's ids are read only now, after the switch-out:
     // read before it, a fallible read would split every path through
     // `switch_out` in two for the verifier, and the raw program would pass
@@ -279,13 +284,11 @@ fn on_switch<C: EbpfContext>(
     }
 }
 
-/// The leaving thread is current.
+/// The leaving thread, `(tid, tgid)`, is current.
 /// `btf`: called from the tp_btf program, which may load from kernel
 /// pointers of a known type directly.
 #[inline(always)]
-fn switch_out<C: EbpfContext>(ctx: &C, btf: bool, now: u64, preempt: bool, prev_state: u32) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+fn switch_out<C: EbpfContext>(ctx: &C, btf: bool, now: u64, preempt: bool, (tid, tgid): (u32, u32), prev_state: u32) {
     if tid == 0 {
         return;
     }
