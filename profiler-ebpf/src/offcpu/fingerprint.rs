@@ -18,8 +18,9 @@ const FRAME_POINTER_REACH: u64 = 1 << 20;
 /// bytes adds little to one. Under `perf bench sched pipe` pinned to one
 /// CPU while `record --off-cpu` ran (bpf_stats, 2-CPU VM, interleaved
 /// runs): sched_switch 401-444 -> 365-393 ns per run, while sched_wakeup,
-/// which runs next on that CPU and finds its lines evicted by the copy,
-/// went 66-72 -> 72-85; about 30 ns per switch in all. A 128-byte limit
+/// which runs next on that CPU, went 66-72 -> 72-85 (the copy's lines
+/// likely evict some of its own; not measured); about 30 ns per switch in
+/// all. A 128-byte limit
 /// missed perf's frames and made it worse (450-463).
 const ONE_READ_SPAN: u64 = 512;
 
