@@ -73,6 +73,42 @@ static MAPPINGS: Array<Mapping> = Array::with_max_entries(MAPPING_SLOTS, BPF_F_M
 #[map]
 static FRAMES: PerCpuArray<[u64; FRAME_SLOTS]> = PerCpuArray::with_max_entries(1, 0);
 const FRAME_SLOTS: usize = 128;
+
+/// The bounds of the binary search in progress (`lo`, `hi`), kept in map
+/// memory rather than registers: the verifier forgets what it knew of a
+/// value stored there, so the two halves of every step reach the next step
+/// in the same state and are checked once. With the bounds in registers
+/// each step's refined ranges kept the paths apart, and on Linux 6.18.44
+/// the on-CPU program went past the verifier's one million instructions
+/// (it had loaded on earlier 6.18 kernels); costs two loads and a store
+/// per step.
+#[map]
+static SEARCH: PerCpuArray<[u32; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Runs a binary search of at most `steps` steps over `lo..hi` for the first
+/// index whose `before(index)` is false (`None`: a lookup failed), with
+/// its bounds in [`SEARCH`].
+#[inline(always)]
+fn search(lo: u32, hi: u32, steps: u32, mut before: impl FnMut(u32) -> Option<bool>) -> Option<u32> {
+    let b = SEARCH.get_ptr_mut(0)?;
+    unsafe {
+        core::ptr::write_volatile(&mut (*b)[0], lo);
+        core::ptr::write_volatile(&mut (*b)[1], hi);
+    }
+    for _ in 0..steps {
+        let (lo, hi) = unsafe { (core::ptr::read_volatile(&(*b)[0]), core::ptr::read_volatile(&(*b)[1])) };
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        if before(mid)? {
+            unsafe { core::ptr::write_volatile(&mut (*b)[0], mid + 1) };
+        } else {
+            unsafe { core::ptr::write_volatile(&mut (*b)[1], mid) };
+        }
+    }
+    Some(unsafe { core::ptr::read_volatile(&(*b)[0]) })
+}
 const _: () = assert!(FRAME_SLOTS.is_power_of_two() && FRAME_SLOTS >= MAX_UNWIND_FRAMES as usize);
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -369,19 +405,11 @@ fn in_cached(st: &State, pc: u64) -> bool {
 fn find_mapping(st: &mut State, pc: u64) -> bool {
     let Some(p) = (unsafe { PROCESSES.get(&st.tgid) }) else { return false };
     // The last mapping with start <= pc.
-    let (first, mut lo, mut hi) = (p.start, p.start, p.start.wrapping_add(p.len));
-    for _ in 0..MAPPING_SEARCH_STEPS {
-        if lo >= hi {
-            break;
-        }
-        let mid = lo + (hi - lo) / 2;
-        let Some(m) = MAPPINGS.get(mid) else { return false };
-        if m.start <= pc {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
+    let first = p.start;
+    let found = search(first, first.wrapping_add(p.len), MAPPING_SEARCH_STEPS, |mid| {
+        MAPPINGS.get(mid).map(|m| m.start <= pc)
+    });
+    let Some(lo) = found else { return false };
     if lo == first {
         return false;
     }
@@ -428,18 +456,7 @@ fn find_row(m: &Mapping, pc: u64) -> Option<UnwindRow> {
         }
     }
     let start = lo;
-    for _ in 0..ROW_SEARCH_STEPS {
-        if lo >= hi {
-            break;
-        }
-        let mid = lo + (hi - lo) / 2;
-        let row = UNWIND_ROWS.get(mid)?;
-        if row.pc <= rel {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
+    let lo = search(lo, hi, ROW_SEARCH_STEPS, |mid| UNWIND_ROWS.get(mid).map(|row| row.pc <= rel))?;
     if lo == start {
         // Not even the range's first row covers the pc: only possible
         // before the table's first row.
