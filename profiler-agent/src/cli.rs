@@ -117,11 +117,18 @@ pub struct RunArgs {
     /// Samples per second per CPU [default: 19].
     #[arg(short = 'F', long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub frequency: Option<u64>,
-    /// Also trace the scheduler: off-CPU profiles (exact, not sampled) and
-    /// latency. A thread still blocked at a cut is counted up to it, labelled
-    /// state=still_blocked, so a hung thread shows in every interval.
+    /// Also trace the scheduler: off-CPU profiles (exact unless
+    /// --off-cpu-sample) and latency. A thread still blocked at a cut is
+    /// counted up to it, labelled state=still_blocked, so a hung thread
+    /// shows in every interval.
     #[arg(long)]
     pub off_cpu: bool,
+    /// Take off-CPU stacks for one block in N, at random (sampled: per-stack
+    /// time is an estimate, per-thread totals stay exact; see `record
+    /// --help`) [default: 1, exact; config `sampling.off_cpu_sample`].
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=crate::options::MAX_OFF_CPU_SAMPLE as i64))]
+    pub off_cpu_sample: Option<u32>,
     /// Address of /healthz, /readyz and /metrics [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<std::net::SocketAddr>,
@@ -165,8 +172,9 @@ pub struct RecordArgs {
     pub format: Vec<Format>,
     /// Also record off-CPU time: where threads block, in nanoseconds
     /// (off-cpu.*), a per-thread wall-clock view (wall.*), and run-queue and
-    /// off-CPU latency histograms in the summary. Exact, not sampled: every
-    /// block is timed. Threads already blocked at the start count from it;
+    /// off-CPU latency histograms in the summary. Exact by default: every
+    /// block is timed and its stacks taken (see --off-cpu-sample). Threads
+    /// already blocked at the start count from it;
     /// threads still blocked at the end count up to it, labelled
     /// state=still_blocked, and the summary lists the longest.
     #[arg(long)]
@@ -174,6 +182,16 @@ pub struct RecordArgs {
     /// With --off-cpu, ignore blocks shorter than this (`1ms`, `50us`); 0 records every block.
     #[arg(long, value_parser = parse_duration, default_value = "0", value_name = "DURATION", requires = "off_cpu")]
     pub off_cpu_min_block: Duration,
+    /// With --off-cpu, take stacks for one block in N, chosen at random,
+    /// to cut the cost on services that block tens of thousands of times a
+    /// second. Sampled, not exact: each stack's time is an estimate (a
+    /// sampled block counts N times), scaled so that every thread's total
+    /// stays exact (every block is still timed); a thread with no sampled
+    /// block shows without stacks. Blocks still going after 1 s have their
+    /// stacks taken whatever the coin said. 1 (the default) is exact.
+    #[arg(long, default_value_t = 1, value_name = "N", requires = "off_cpu",
+          value_parser = clap::value_parser!(u32).range(1..=crate::options::MAX_OFF_CPU_SAMPLE as i64))]
+    pub off_cpu_sample: u32,
     /// Attach the scheduler programs as raw tracepoints, the fallback for
     /// kernels whose BTF lacks the tracepoints (for testing that path).
     #[arg(long, hide = true, requires = "off_cpu")]
@@ -285,6 +303,11 @@ mod tests {
         assert_eq!(r.off_cpu_min_block, Duration::from_millis(2));
         assert!(!parse(&[]).unwrap().off_cpu);
         assert!(parse(&["--off-cpu-min-block", "2ms"]).is_err(), "needs --off-cpu");
+        assert_eq!(parse(&["--off-cpu"]).unwrap().off_cpu_sample, 1, "exact by default");
+        assert_eq!(parse(&["--off-cpu", "--off-cpu-sample", "8"]).unwrap().off_cpu_sample, 8);
+        assert!(parse(&["--off-cpu-sample", "8"]).is_err(), "needs --off-cpu");
+        assert!(parse(&["--off-cpu", "--off-cpu-sample", "0"]).is_err());
+        assert!(parse(&["--off-cpu", "--off-cpu-sample", "1025"]).is_err());
     }
 
     #[test]

@@ -16,6 +16,9 @@ pub enum Unwinder {
 /// Bounds of the CFI table memory: below 64 KiB not even libc fits; above
 /// 128 MiB the kernel's binary search needs more than its 24 steps.
 pub const MIN_TABLE_MEMORY: u64 = 64 << 10;
+/// The largest `--off-cpu-sample`: past one block in 1024 a service's
+/// stacks would rest on a handful of blocks per interval.
+pub const MAX_OFF_CPU_SAMPLE: u32 = 1024;
 pub const MAX_TABLE_MEMORY: u64 = 128 << 20;
 
 /// Parses a CFI table memory size within [`MIN_TABLE_MEMORY`]..=[`MAX_TABLE_MEMORY`].

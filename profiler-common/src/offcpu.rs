@@ -119,13 +119,43 @@ pub struct ThreadState {
     pub python: u32,
     /// The current block's fingerprint, kept while its stacks are captured.
     pub fingerprint: u64,
+    /// What the current block's time is multiplied by in the aggregate:
+    /// 1 when every block is recorded, N for a block sampled one in N
+    /// (`--off-cpu-sample`), 0 for a block left unsampled.
+    pub weight: u32,
+    /// Blocks and blocked time not yet added to `THREAD_TOTALS` (sampled
+    /// mode only): added at the thread's next sampled block, at a cut, and
+    /// when it exits, so most blocks cost no hash update.
+    pub pending_blocks: u32,
+    pub pending_ns: u64,
     pub comm: [u8; COMM_LEN],
     /// The thread that owns this slot; 0 for a free slot.
     pub tid: u32,
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ThreadState>() == 88 + 32 * BLOCK_SITES);
+const _: () = assert!(core::mem::size_of::<ThreadState>() == 104 + 32 * BLOCK_SITES);
+
+/// A thread's exact blocked time in the recording window, every block
+/// counted, sampled or not: what `--off-cpu-sample` scales the thread's
+/// sampled stacks to. Keyed by tid; read and cleared by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadTotal {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ns: u64,
+    pub blocks: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<ThreadTotal>() == 24);
+
+/// In sampled mode, a block left unsampled that is still going on at a cut
+/// after this long has its stacks taken there (by the task iterator, as
+/// for a thread found blocked) and is counted whole from then on: a hung
+/// thread shows under its blocking stack however the coin fell, and a
+/// still-blocked thread is snapshotted once, not at every cut.
+pub const LONG_BLOCK_NS: u64 = 1_000_000_000;
 
 /// Slots of the per-thread table, a power of two. A thread takes the first
 /// free slot of its probe sequence ([`thread_slot`]); where pid_max is at
@@ -265,6 +295,7 @@ mod pod {
     unsafe impl aya::Pod for ThreadState {}
     unsafe impl aya::Pod for HistKey {}
     unsafe impl aya::Pod for BlockedRegs {}
+    unsafe impl aya::Pod for ThreadTotal {}
     unsafe impl aya::Pod for ProcessNotice {}
     unsafe impl aya::Pod for Histogram {}
     unsafe impl aya::Pod for ProcessHistograms {}

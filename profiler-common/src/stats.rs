@@ -84,10 +84,15 @@ pub enum Stat {
     OffCpuBeforeTables = 31,
     /// Threads the start scan found already blocked.
     OffCpuFoundBlocked = 32,
+    /// Blocks left unsampled by `--off-cpu-sample` (timed, no stacks taken).
+    OffCpuUnsampled = 33,
+    /// Per-thread exact totals that found the `THREAD_TOTALS` map full; the
+    /// thread's stacks are then left as sampled, unscaled.
+    ThreadTotalsFull = 34,
 }
 
 /// Number of counters; the size of the `STATS` array.
-pub const STAT_COUNT: u32 = 33;
+pub const STAT_COUNT: u32 = 35;
 
 impl Stat {
     /// Every counter, in index order.
@@ -125,6 +130,8 @@ impl Stat {
         Stat::PythonChainEnd,
         Stat::OffCpuBeforeTables,
         Stat::OffCpuFoundBlocked,
+        Stat::OffCpuUnsampled,
+        Stat::ThreadTotalsFull,
     ];
 
     /// A stable snake_case name, used in summaries and metric labels.
@@ -163,6 +170,8 @@ impl Stat {
             Stat::PythonChainEnd => "python_chain_end",
             Stat::OffCpuBeforeTables => "off_cpu_before_unwind_tables",
             Stat::OffCpuFoundBlocked => "off_cpu_found_blocked",
+            Stat::OffCpuUnsampled => "off_cpu_unsampled",
+            Stat::ThreadTotalsFull => "thread_totals_full",
         }
     }
 }

@@ -33,10 +33,19 @@
 //! addresses ([sp] and [bp+8]) match the thread's previous capture reuses
 //! those stacks. Frames deeper than that could in principle differ under an
 //! identical fingerprint, so every `REFRESH_EVERY`-th block unwinds again.
+//!
+//! Sampled mode (`SAMPLE_EVERY` = N > 1, `--off-cpu-sample`): a coin at
+//! switch-out picks one block in N, on average, for stacks; the others are
+//! only timed. A sampled block's time is added N-fold, so each stack's sum
+//! is an unbiased estimate of its blocked time. Every block's time also
+//! goes into the thread's exact total (`THREAD_TOTALS`), which the agent
+//! scales the thread's stacks to, so per-thread time stays exact. What it
+//! saves is the fingerprint, the site search and the `OFFCPU` update on
+//! N-1 blocks in N; `cargo xtask bench offcpu --off-cpu-sample N` measures it.
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{BtfTracePointContext, RawTracePointContext},
@@ -45,8 +54,8 @@ use aya_ebpf::{
 use profiler_common::{
     offcpu::{
         hist_bucket, BlockSite, BlockedRegs, Histogram, OffCpuKey, OffCpuValue, ProcessHistograms, ProcessNotice,
-        StackTrace, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_SLOTS, SCAN_WINDOW_END,
-        SCAN_WINDOW_START,
+        StackTrace, ThreadState, ThreadTotal, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_SLOTS,
+        SCAN_WINDOW_END, SCAN_WINDOW_START,
     },
     Stat, SAMPLE_FLAG_USER_PARTIAL,
 };
@@ -70,6 +79,17 @@ use threads::{find_thread, forget, thread};
 /// Set by the agent: blocks shorter than this are not recorded.
 #[no_mangle]
 static MIN_BLOCK_NS: u64 = 0;
+/// Set by the agent: 1 records every block's stacks (exact); N > 1 takes
+/// stacks for one block in N, chosen at random (sampled mode). Read-only
+/// data: the verifier knows its value, so the exact mode's programs carry
+/// none of the sampled mode's code.
+#[no_mangle]
+static SAMPLE_EVERY: u32 = 1;
+
+#[inline(always)]
+fn sample_every() -> u32 {
+    unsafe { core::ptr::read_volatile(&SAMPLE_EVERY) }
+}
 /// Byte offsets of `task_struct.pid` and `.tgid`, looked up by the agent in
 /// the kernel's BTF (aya-ebpf has no CO-RE relocations for Rust).
 #[no_mangle]
@@ -124,8 +144,13 @@ static HISTOGRAMS: HashMap<u32, ProcessHistograms> = HashMap::with_max_entries(2
 /// (keyed like `OFFCPU`). Written by the task iterator, cleared by the agent.
 #[map]
 static STILL_BLOCKED: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(16_384, 0);
-/// Registers of threads the start scan found blocked, by tid, for the agent
-/// to unwind their user stacks.
+/// Exact blocked time per thread in sampled mode (see [`ThreadTotal`]).
+/// Read and cleared by the agent at every read of `OFFCPU`; a thread
+/// that exits leaves its last total here until then.
+#[map]
+static THREAD_TOTALS: HashMap<u32, ThreadTotal> = HashMap::with_max_entries(32_768, 0);
+/// Registers of threads the start scan found blocked (or a cut found in a
+/// long unsampled block), by tid, for the agent to unwind their user stacks.
 #[map]
 static BLOCKED_REGS: HashMap<u32, BlockedRegs> = HashMap::with_max_entries(8_192, 0);
 /// What the task iterator does (`SCAN_*` slots), set by the agent per run.
@@ -209,14 +234,59 @@ pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> i32 {
 /// the maps fill.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: BtfTracePointContext) -> u32 {
-    forget(bpf_get_current_pid_tgid() as u32);
+    let ids = bpf_get_current_pid_tgid();
+    retire(ids as u32, (ids >> 32) as u32);
     0
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit_raw(_ctx: RawTracePointContext) -> i32 {
-    forget(bpf_get_current_pid_tgid() as u32);
+    let ids = bpf_get_current_pid_tgid();
+    retire(ids as u32, (ids >> 32) as u32);
     0
+}
+
+/// A thread's entry is dropped; in sampled mode its pending total is
+/// added to `THREAD_TOTALS` first.
+#[inline(always)]
+fn retire(tid: u32, tgid: u32) {
+    if sample_every() > 1 {
+        if let Some(t) = find_thread(tid) {
+            flush_total(unsafe { &mut *t }, tgid);
+        }
+    }
+    forget(tid);
+}
+
+/// Adds a thread's pending blocks and time to its `THREAD_TOTALS` entry.
+/// Left pending when the map is full (counted), for a later flush once the
+/// agent has emptied it. The cut flushes from the task iterator, possibly
+/// while the thread's switch-in adds on another CPU: a block ending in
+/// those few instructions can be lost from the total (BPF has no
+/// compare-and-swap at this program's instruction set level).
+#[inline(always)]
+fn flush_total(t: &mut ThreadState, tgid: u32) {
+    let (ns, blocks) = (t.pending_ns, t.pending_blocks as u64);
+    if ns == 0 && blocks == 0 {
+        return;
+    }
+    let tid = t.tid;
+    let added = match THREAD_TOTALS.get_ptr_mut(&tid) {
+        Some(v) => {
+            unsafe {
+                atomic_add(&mut (*v).ns, ns);
+                atomic_add(&mut (*v).blocks, blocks);
+            }
+            true
+        }
+        None => THREAD_TOTALS.insert(&tid, &ThreadTotal { tgid, _pad: 0, ns, blocks }, BPF_NOEXIST).is_ok(),
+    };
+    if added {
+        t.pending_ns = 0;
+        t.pending_blocks = 0;
+    } else {
+        count(Stat::ThreadTotalsFull);
+    }
 }
 
 #[inline(always)]
@@ -302,7 +372,7 @@ fn switch_out<C: EbpfContext>(ctx: &C, btf: bool, now: u64, preempt: bool, (tid,
         return;
     }
     if prev_state & TASK_DEAD != 0 {
-        forget(tid);
+        retire(tid, tgid);
         return;
     }
     // Cheap checks before any unwinding.
@@ -321,6 +391,21 @@ fn switch_out<C: EbpfContext>(ctx: &C, btf: bool, now: u64, preempt: bool, (tid,
     }
     if !blocks(preempt, prev_state) {
         return; // stopped or traced: not waiting on anything we can name
+    }
+    let every = sample_every();
+    if every > 1 {
+        // The coin: one block in `every` on average is captured, weighted
+        // `every` at its switch-in; the rest are only timed.
+        if unsafe { bpf_get_prandom_u32() } % every != 0 {
+            t.weight = 0;
+            t.block_start_ns = now;
+            t.blocked_since_ns = now;
+            t.flags = 0;
+            count(Stat::OffCpuUnsampled);
+            count(Stat::OffCpuBlocks);
+            return;
+        }
+        t.weight = every;
     }
     // Python frames live on the heap, not in the registers the fingerprint
     // covers: two Python functions blocking through the same C path would
@@ -478,8 +563,18 @@ fn switch_in(now: u64, (tid, tgid): (u32, u32)) {
         hists = process_histograms(tgid);
     }
     record_latency(hists, HIST_OFFCPU, whole);
+    let mut weight = 1;
+    if sample_every() > 1 {
+        t.pending_ns += blocked;
+        t.pending_blocks += 1;
+        if t.weight == 0 {
+            return; // unsampled: in the thread's total only
+        }
+        weight = t.weight as u64;
+        flush_total(t, tgid);
+    }
     let key = OffCpuKey { tgid, tid, kernel_stack: t.kernel_stack, user_stack: t.user_stack, comm: t.comm };
-    add_blocked(&OFFCPU, &key, blocked);
+    add_blocked(&OFFCPU, &key, blocked * weight);
 }
 
 /// `start..end` clipped to the recording window (`SCAN_WINDOW_*`). Two
@@ -492,6 +587,13 @@ fn window(start: u64, end: u64) -> (u64, u64) {
         t => t,
     };
     (start.max(open), end.min(close))
+}
+
+/// Whether the agent has closed the recording window (the end of a
+/// recording, or the daemon's last interval).
+#[inline(always)]
+fn window_closed() -> bool {
+    SCAN.get(SCAN_WINDOW_END).is_some_and(|&t| t != 0)
 }
 
 /// Adds `ns` to `key` in an aggregate map.

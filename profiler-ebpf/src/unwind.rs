@@ -406,9 +406,8 @@ fn find_mapping(st: &mut State, pc: u64) -> bool {
     let Some(p) = (unsafe { PROCESSES.get(&st.tgid) }) else { return false };
     // The last mapping with start <= pc.
     let first = p.start;
-    let found = search(first, first.wrapping_add(p.len), MAPPING_SEARCH_STEPS, |mid| {
-        MAPPINGS.get(mid).map(|m| m.start <= pc)
-    });
+    let found =
+        search(first, first.wrapping_add(p.len), MAPPING_SEARCH_STEPS, |mid| MAPPINGS.get(mid).map(|m| m.start <= pc));
     let Some(lo) = found else { return false };
     if lo == first {
         return false;

@@ -207,3 +207,90 @@ fn daemon_shows_a_hung_thread_in_every_interval_once() {
         "the hung thread sums to {sum_hung} ns over intervals lasting {sum_len} ns"
     );
 }
+
+/// Like `HUNG_C`, but the thread blocks in `read()` only once the test sets
+/// counters[3] (polling every 5 ms until then): its block starts inside
+/// the recording, so the start scan does not find it.
+const HUNG_LATER_C: &str = r#"
+static int fds[2];
+
+__attribute__((noinline)) void wait_for_input(void) {
+    char c;
+    volatile ssize_t r = read(fds[0], &c, 1);
+    (void)r;
+}
+
+static void *hung(void *arg) {
+    (void)arg;
+    counters[2] = (uint64_t)syscall(SYS_gettid);
+    while (counters[3] == 0)
+        usleep(5000);
+    wait_for_input();
+    return 0;
+}
+
+__attribute__((noinline)) void tick(void) {
+    usleep(2000);
+    counters[0]++;
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
+    counters_open(argv[0]);
+    if (pipe(fds) != 0) return 3;
+    pthread_t t;
+    if (pthread_create(&t, 0, hung, 0) != 0) return 4;
+    for (;;)
+        tick();
+}
+"#;
+
+/// Sampled mode (`--off-cpu-sample 1024`): a block that starts during the
+/// recording is almost surely left unsampled by the coin (1023 in 1024),
+/// yet once it has lasted a second the cut takes its stacks, so the hung
+/// thread still shows under its blocking function, labelled, for nearly
+/// the whole recording; its total stays exact.
+#[test]
+fn sampled_mode_still_shows_a_thread_that_hangs_during_the_recording() {
+    require_root();
+    let mut flags = C_FP_FLAGS.to_vec();
+    flags.push("-pthread");
+    let mut w = Workload::c("offcpu_hung_later", &format!("{COUNTERS_C}{HUNG_LATER_C}"), &flags);
+    w.warm_up();
+    let counters = Counters::open(&w);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while counters.read()[2] == 0 {
+        assert!(std::time::Instant::now() < deadline, "the thread never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let tid = counters.read()[2] as u32;
+    let args = ["--off-cpu", "--off-cpu-sample", "1024", "--pid", &w.pid_arg()];
+    let r = record_windowed(&args, DURATION, || counters.write(3, 1));
+    let off = read_folded(&r.out, "off-cpu.folded");
+    let ctx = format!("off-CPU stacks:\n{}\n{}", off.top(10), r.out.context());
+    let window = r.window.as_nanos() as f64;
+
+    // It blocks in read within ~5 ms of the window's start; the first
+    // cut's second of it is in the thread's total only, and the scaling to
+    // that total puts it on the thread's stacks, nearly all of them read.
+    let hung = off.count_where(in_wait_for_input) as f64;
+    assert!(
+        hung >= 0.9 * window,
+        "the hung thread has {:.3} s under wait_for_input -> read (kernel) in a {:.3} s recording\n{ctx}",
+        hung / 1e9,
+        window / 1e9
+    );
+    assert!(
+        off.count_with_subsequence(&["start_thread", "hung", "wait_for_input"]) as f64 >= 0.99 * hung,
+        "the user stack taken at the cut does not reach start_thread\n{ctx}"
+    );
+    let p = pprof::read(&r.out.path("off-cpu.pb.gz"));
+    let (still, other) = thread_ns(&p, tid);
+    let total = (still + other) as f64;
+    assert!(
+        (total - window).abs() <= WINDOW_TOLERANCE * window,
+        "tid {tid}: {total} ns off-CPU in all over a {window} ns window: the total is exact in sampled mode\n{ctx}"
+    );
+    assert!(still as f64 >= 0.9 * window, "tid {tid}: only {still} ns labelled still_blocked\n{ctx}");
+    assert!(r.out.stderr.contains("only timed"), "the summary says the stacks were sampled\n{ctx}");
+}

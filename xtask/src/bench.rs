@@ -50,6 +50,10 @@ pub enum Bench {
         /// Rounds of baseline / agent (/ bpftrace); medians are reported.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Run the agent with `--off-cpu-sample N` (stacks for one block in
+        /// N); 1 measures the exact mode.
+        #[arg(long, default_value_t = 1)]
+        off_cpu_sample: u32,
     },
     /// Bytes exported per process and profile (OTLP and pprof, gzip and raw) and their CPU cost.
     Export {
@@ -101,7 +105,7 @@ const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Overhead { duration } => overhead(duration),
-        Bench::Offcpu { duration, rounds } => offcpu::run(duration, rounds),
+        Bench::Offcpu { duration, rounds, off_cpu_sample } => offcpu::run(duration, rounds, off_cpu_sample),
         Bench::Export { interval, intervals } => export::run(interval, intervals),
         Bench::Unwind { duration, rounds } => unwind::run(duration, rounds),
         Bench::Churn { duration, rate, agent } => churn::run(duration, rate, agent),

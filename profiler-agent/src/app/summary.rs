@@ -252,7 +252,20 @@ impl Summary {
             k(Stat::StacksReused),
             sched.off_cpu_ns as f64 / 1e9
         );
-        let lost = [Stat::ThreadMapFull, Stat::OffCpuAggregateFull, Stat::StackMapFull, Stat::HistogramMapFull];
+        if k(Stat::OffCpuUnsampled) > 0 {
+            let _ = writeln!(
+                s,
+                "Off-CPU stacks sampled (--off-cpu-sample): {} of those blocks only timed, their stacks estimated from the others; per-thread totals exact.",
+                k(Stat::OffCpuUnsampled)
+            );
+        }
+        let lost = [
+            Stat::ThreadMapFull,
+            Stat::OffCpuAggregateFull,
+            Stat::StackMapFull,
+            Stat::HistogramMapFull,
+            Stat::ThreadTotalsFull,
+        ];
         let total: u64 = lost.iter().map(|&st| k(st)).sum();
         let detail: Vec<String> = lost.iter().map(|&st| format!("{} {}", st.name(), k(st))).collect();
         let _ = writeln!(s, "Scheduler events dropped: {total} ({}).", detail.join(", "));

@@ -16,8 +16,8 @@ use aya::{
 };
 use profiler_common::{
     offcpu::{
-        BlockedRegs, HistKey, Histogram, ProcessHistograms, ProcessNotice, StackTrace, ThreadState, HIST_OFFCPU,
-        HIST_RUNQ, NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_WINDOW_END, SCAN_WINDOW_START,
+        BlockedRegs, HistKey, Histogram, ProcessHistograms, ProcessNotice, StackTrace, ThreadState, ThreadTotal,
+        HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_WINDOW_END, SCAN_WINDOW_START,
     },
     Sample, MAX_STACK_DEPTH, STAT_COUNT,
 };
@@ -71,6 +71,10 @@ pub struct UnwindOptions {
 pub struct OffCpuOptions {
     /// Blocks shorter than this are not recorded.
     pub min_block_ns: u64,
+    /// 0 or 1: every block's stacks are taken (exact). N > 1: one block in
+    /// N, at random, weighted N; each thread's total stays exact (see
+    /// `crate::offcpu::sampled`).
+    pub sample_every: u32,
     /// Attach through raw tracepoints even when BTF tracepoints work (to
     /// exercise the fallback used on kernels whose BTF lacks them).
     pub force_raw_tracepoints: bool,
@@ -131,7 +135,7 @@ impl EbpfSource {
             return Err(BpfError::NotBuilt);
         }
         let filter: u32 = u32::from(!opts.pids.is_empty() || opts.targets);
-        let (mut pid_offset, mut tgid_offset, mut min_block_ns) = (0u32, 0u32, 0u64);
+        let (mut pid_offset, mut tgid_offset, mut min_block_ns, mut sample_every) = (0u32, 0u32, 0u64, 1u32);
         let (mut state_offset, mut comm_offset) = (0u32, 0u32);
         let mut rq_clock = RqClockOffsets::default();
         // The kernel's BTF is read and its structs parsed once, for the
@@ -155,6 +159,7 @@ impl EbpfSource {
                 comm_offset = offsets.offset("task_struct", "comm")?;
                 rq_clock = RqClockOffsets::find(offsets);
                 min_block_ns = off.min_block_ns;
+                sample_every = off.sample_every.max(1);
                 Some(Btf::from_sys_fs().map_err(|e| BpfError::BtfRead(std::io::Error::other(e)))?)
             }
             None => None,
@@ -179,6 +184,7 @@ impl EbpfSource {
             .override_global("TASK_PID_OFFSET", &pid_offset, true)
             .override_global("TASK_TGID_OFFSET", &tgid_offset, true)
             .override_global("MIN_BLOCK_NS", &min_block_ns, true)
+            .override_global("SAMPLE_EVERY", &sample_every, true)
             .override_global("TASK_FSBASE_OFFSET", &fsbase_offset, true)
             .override_global("LIFECYCLE_PID_OFFSET", &lifecycle_pid, true)
             .override_global("LIFECYCLE_TGID_OFFSET", &lifecycle_tgid, true)
@@ -419,16 +425,21 @@ impl SampleSource for EbpfSource {
             return Ok(Vec::new());
         }
         self.scan(SCAN_FIND_BLOCKED, since_ns)?;
-        let mut regs: HashMap<_, u32, BlockedRegs> = map_mut(&mut self.ebpf, "BLOCKED_REGS")?;
-        let tids: Vec<u32> = regs.keys().filter_map(Result::ok).collect();
-        let mut out = Vec::with_capacity(tids.len());
-        for tid in tids {
-            if let Ok(r) = regs.get(&tid, 0) {
-                out.push((tid, r));
-            }
-            let _ = regs.remove(&tid);
+        self.drain_by_tid("BLOCKED_REGS")
+    }
+
+    fn take_blocked_regs(&mut self) -> Result<Vec<(u32, BlockedRegs)>, BpfError> {
+        if !self.off_cpu {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        self.drain_by_tid("BLOCKED_REGS")
+    }
+
+    fn take_thread_totals(&mut self) -> Result<Vec<(u32, ThreadTotal)>, BpfError> {
+        if !self.off_cpu {
+            return Ok(Vec::new());
+        }
+        self.drain_by_tid("THREAD_TOTALS")
     }
 
     fn store_stack(&mut self, id: u64, frames: &[u64]) -> Result<(), BpfError> {

@@ -17,7 +17,7 @@ mod unwind_maps;
 use std::time::Duration;
 
 use profiler_common::{
-    offcpu::{BlockedRegs, HistKey, Histogram, OffCpuKey, OffCpuValue},
+    offcpu::{BlockedRegs, HistKey, Histogram, OffCpuKey, OffCpuValue, ThreadTotal},
     unwind::{Mapping, UnwindRow},
     Sample, Stat, STAT_COUNT,
 };
@@ -174,6 +174,19 @@ pub trait SampleSource {
     /// returns each one's tid and user registers, whose user stack the
     /// caller unwinds and stores with [`store_stack`](Self::store_stack).
     fn find_blocked(&mut self, _since_ns: u64) -> Result<Vec<(u32, BlockedRegs)>, BpfError> {
+        Ok(Vec::new())
+    }
+
+    /// Registers of threads the last cut found in a long unsampled block
+    /// (sampled mode), taken once: their records' user stack id is
+    /// `found_blocked_stack_id(tid)`, which the caller unwinds and stores.
+    fn take_blocked_regs(&mut self) -> Result<Vec<(u32, BlockedRegs)>, BpfError> {
+        Ok(Vec::new())
+    }
+
+    /// Each thread's exact blocked time since the last call (sampled mode;
+    /// empty when every block is recorded), by tid.
+    fn take_thread_totals(&mut self) -> Result<Vec<(u32, ThreadTotal)>, BpfError> {
         Ok(Vec::new())
     }
 

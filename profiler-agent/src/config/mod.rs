@@ -66,6 +66,9 @@ pub struct Sampling {
     pub off_cpu: bool,
     /// Ignore blocks shorter than this.
     pub off_cpu_min_block: HumanDuration,
+    /// Take off-CPU stacks for one block in N, at random: per-stack time is
+    /// then a sampled estimate, each thread's total stays exact. 1 is exact.
+    pub off_cpu_sample: u32,
     /// Only these processes; empty means all.
     pub pids: Vec<u32>,
     /// How user stacks are walked: `cfi` (`.eh_frame` tables, complete
@@ -82,6 +85,7 @@ impl Default for Sampling {
             frequency: 19,
             off_cpu: false,
             off_cpu_min_block: HumanDuration::ZERO,
+            off_cpu_sample: 1,
             pids: Vec::new(),
             unwinder: crate::options::Unwinder::Cfi,
             unwind_table_memory: ByteSize(32 << 20),
@@ -291,6 +295,13 @@ impl Config {
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let max_sample = crate::options::MAX_OFF_CPU_SAMPLE;
+        if !(1..=max_sample).contains(&self.sampling.off_cpu_sample) {
+            return invalid(format!(
+                "sampling.off_cpu_sample = {}: expected 1 (exact) to {max_sample} (one block in {max_sample})",
+                self.sampling.off_cpu_sample
+            ));
+        }
         if !(1..=10_000).contains(&self.sampling.frequency) {
             return invalid(format!("sampling.frequency = {}: expected 1 to 10000 Hz", self.sampling.frequency));
         }

@@ -26,6 +26,7 @@ fn full_file() {
 frequency = 49
 off_cpu = true
 off_cpu_min_block = "1ms"
+off_cpu_sample = 8
 
 [export]
 interval = "30s"
@@ -54,6 +55,7 @@ attributes = { "deployment.environment" = "prod" }
     )
     .unwrap();
     assert_eq!(c.sampling.off_cpu_min_block.0, Duration::from_millis(1));
+    assert_eq!(c.sampling.off_cpu_sample, 8);
     let otlp = c.export.otlp.as_ref().unwrap();
     assert_eq!(otlp.protocol, OtlpProtocol::HttpProtobuf);
     assert_eq!(otlp.buffer_bytes.0, 8 << 20);
@@ -80,6 +82,10 @@ fn bad_values_say_what_was_expected() {
     assert!(msg.contains("udp") && msg.contains("grpc"), "{msg}");
     let msg = parse("[sampling]\nfrequency = 0\n").unwrap_err().to_string();
     assert!(msg.contains("sampling.frequency") && msg.contains("1 to 10000"), "{msg}");
+    for n in ["0", "1025"] {
+        let msg = parse(&format!("[sampling]\noff_cpu_sample = {n}\n")).unwrap_err().to_string();
+        assert!(msg.contains("sampling.off_cpu_sample") && msg.contains("1 (exact) to 1024"), "{msg}");
+    }
     let msg = parse("[export.pyroscope]\nurl = \"pyroscope:4040\"\n").unwrap_err().to_string();
     assert!(msg.contains("export.pyroscope.url") && msg.contains("http://"), "{msg}");
     let msg = parse("[http]\nlisten = \"localhost\"\n").unwrap_err().to_string();

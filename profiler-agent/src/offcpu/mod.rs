@@ -1,8 +1,10 @@
 //! Off-CPU stages of the agent that go beyond reading the kernel's
 //! aggregate: threads already blocked when recording starts (found by the
 //! task iterator, user stacks unwound here), and the longest still-blocked
-//! threads of a profile, for the summary.
+//! threads of a profile, for the summary; and the sampled mode's scaling
+//! to exact per-thread totals.
 
+pub mod sampled;
 pub mod user_unwind;
 
 use std::{
@@ -13,7 +15,7 @@ use std::{
 use profiler_common::offcpu::{found_blocked_stack_id, BlockedRegs};
 
 use crate::{
-    bpf::{BpfError, SampleSource},
+    bpf::{BpfError, OffCpuRecord, SampleSource},
     process::{maps::parse_executable, MapEntry},
     profile::Profile,
     unwind::{registry::TableSource, table::UnwindTable, worker::FileTables},
@@ -49,13 +51,51 @@ pub struct FoundBlocked {
 /// the scheduler programs attach; counted, that time put a thread blocked
 /// all along 1.5 % over what its schedstat allows in
 /// `offcpu_multisite::multi_site_blocking_is_exact_per_site_and_per_thread`.
-pub fn begin_window<S: SampleSource>(source: &mut S, at_ns: u64) -> Result<Vec<(u32, BlockedRegs)>, BpfError> {
+///
+/// `sampled` (`--off-cpu-sample` above 1): the threads' pending exact
+/// totals, which counted blocks whole before the window opened, are
+/// flushed by a cut and dropped; kept, they put the sampled test's server
+/// thread 1.4 % over its schedstat.
+pub fn begin_window<S: SampleSource>(
+    source: &mut S,
+    at_ns: u64,
+    sampled: bool,
+) -> Result<Vec<(u32, BlockedRegs)>, BpfError> {
     source.open_window(at_ns)?;
+    if sampled {
+        source.cut_still_blocked(at_ns)?;
+        source.take_thread_totals()?;
+    }
     // Blocks that ended before the window opened, counted whole; a block
     // ending between these two calls loses its first microseconds.
     source.take_off_cpu()?;
     source.take_histograms()?;
     source.find_blocked(at_ns)
+}
+
+/// Cuts every thread still blocked at `at_ns`
+/// ([`SampleSource::cut_still_blocked`]). In sampled mode the cut also
+/// takes the stacks of blocks that went unsampled and have lasted
+/// `LONG_BLOCK_NS`: their user stacks are unwound here, from the
+/// registers the cut saved, stored for the records read later, and put on
+/// the cut's own records. Each such block is unwound once, at the first
+/// cut that finds it long.
+pub fn cut<S: SampleSource>(source: &mut S, at_ns: u64) -> Result<Vec<OffCpuRecord>, BpfError> {
+    let mut records = source.cut_still_blocked(at_ns)?;
+    let regs = source.take_blocked_regs()?;
+    if regs.is_empty() {
+        return Ok(records);
+    }
+    let (stacks, found) = unwind_found(regs);
+    log::debug!("cut: {} long unsampled blocks unwound in {:?}", found.threads, found.took);
+    store_found(source, &stacks);
+    let by_id: HashMap<u64, &Vec<u64>> = stacks.iter().map(|(id, f)| (*id, f)).collect();
+    for r in records.iter_mut().filter(|r| r.user.is_empty()) {
+        if let Some(frames) = by_id.get(&r.key.user_stack) {
+            r.user = frames.to_vec();
+        }
+    }
+    Ok(records)
 }
 
 /// User stacks of found threads, by the stack id their records use.

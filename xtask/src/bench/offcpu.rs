@@ -130,8 +130,9 @@ impl Plan {
     }
 }
 
-pub fn run(duration: u64, rounds: usize) -> Result<()> {
+pub fn run(duration: u64, rounds: usize, sample: u32) -> Result<()> {
     ensure!(duration > 0, "--duration must be at least 1 second");
+    ensure!(sample > 0, "--off-cpu-sample must be at least 1 (exact)");
     ensure!(rounds > 0, "--rounds must be at least 1");
     if !is_root() {
         bail!(
@@ -176,7 +177,7 @@ pub fn run(duration: u64, rounds: usize) -> Result<()> {
             let base = plan.run(load)?;
             step(format!("bench: round {round}/{rounds}, {load}: profiler-agent record --off-cpu"));
             let agent_run = traced(
-                agent_cmd(&agent, &tmp.0, round, load, "19", &secs),
+                agent_cmd(&agent, &tmp.0, round, load, "19", &secs, sample),
                 "profiler-agent",
                 "Recording",
                 &tmp.0.join(format!("agent-{round}-{load}.log")),
@@ -198,7 +199,7 @@ pub fn run(duration: u64, rounds: usize) -> Result<()> {
         step(format!("bench: round {round}/{rounds}: overhead run (99 Hz + off-CPU, CPU-bound process + service)"));
         let log = tmp.0.join(format!("agent-{round}-overhead.log"));
         let overhead = traced(
-            agent_cmd(&agent, &tmp.0, round, "overhead", "99", &secs),
+            agent_cmd(&agent, &tmp.0, round, "overhead", "99", &secs, sample),
             "profiler-agent",
             "Recording",
             &log,
@@ -209,6 +210,10 @@ pub fn run(duration: u64, rounds: usize) -> Result<()> {
     }
     note_other_tracers(&mut others);
     report::report(&all, ncpu, cpu, duration, bpftrace.is_some());
+    match sample {
+        1 => println!("Agent mode: exact (every block's stacks)."),
+        n => println!("Agent mode: --off-cpu-sample {n} (stacks for one block in {n}, per-thread totals exact)."),
+    }
     if !others.is_empty() {
         let mut list: Vec<String> = others.iter().take(5).cloned().collect();
         if others.len() > 5 {
@@ -223,11 +228,16 @@ pub fn run(duration: u64, rounds: usize) -> Result<()> {
     Ok(())
 }
 
-fn agent_cmd(agent: &Path, tmp: &Path, round: usize, load: &str, hz: &str, secs: &str) -> Command {
+fn agent_cmd(agent: &Path, tmp: &Path, round: usize, load: &str, hz: &str, secs: &str, sample: u32) -> Command {
     let mut cmd = Command::new(agent);
     cmd.args(["record", "--off-cpu", "--frequency", hz, "--format", "folded"])
         .args(["--duration", secs, "-o"])
         .arg(tmp.join(format!("agent-{round}-{load}")));
+    // Only when sampling: an older agent (`PROFILER_BENCH_AGENT`, for
+    // before/after figures) has no such flag.
+    if sample > 1 {
+        cmd.args(["--off-cpu-sample", &sample.to_string()]);
+    }
     cmd
 }
 

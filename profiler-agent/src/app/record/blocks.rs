@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use profiler_common::{
-    offcpu::{BlockedRegs, HistKey, Histogram},
+    offcpu::{BlockedRegs, HistKey, Histogram, ThreadTotal},
     Sample,
 };
 
@@ -32,6 +32,7 @@ use crate::{
     cli::Format,
     diff::load::BLOCKS_DIR,
     export::{files::write_atomic, folded, pprof, rolling::utc_stamp, ExportError},
+    offcpu::sampled::Totals,
     process::ProcessLookup,
     profile::{Profile, ValueType},
     symbolize::{elf::FileResolver, Symbolizer},
@@ -217,6 +218,8 @@ pub struct BlockTap<S> {
     /// The next block boundary, when off-CPU time is read per block.
     boundary_ns: Option<u64>,
     timeline: Timeline,
+    /// Sampled mode's exact per-thread totals, read at every boundary.
+    totals: Totals,
 }
 
 /// What the tap hands back: the source, the blocks, and the off-CPU
@@ -225,17 +228,18 @@ pub struct TapParts<S> {
     pub source: S,
     pub blocks: Blocks,
     pub timeline: Timeline,
+    pub totals: Totals,
 }
 
 impl<S> BlockTap<S> {
     /// `off_cpu`: read the off-CPU aggregate at every block boundary.
     pub fn new(inner: S, blocks: Blocks, off_cpu: bool) -> Self {
         let boundary_ns = off_cpu.then(|| blocks.next_boundary(blocks.start_ns));
-        Self { inner, blocks, end_ns: None, boundary_ns, timeline: Timeline::default() }
+        Self { inner, blocks, end_ns: None, boundary_ns, timeline: Timeline::default(), totals: Totals::default() }
     }
 
     pub fn into_parts(self) -> TapParts<S> {
-        TapParts { source: self.inner, blocks: self.blocks, timeline: self.timeline }
+        TapParts { source: self.inner, blocks: self.blocks, timeline: self.timeline, totals: self.totals }
     }
 }
 
@@ -245,8 +249,9 @@ impl<S: SampleSource> BlockTap<S> {
     /// at the boundary, and only its microseconds after it land early.
     fn cross_boundaries(&mut self, now_ns: u64) -> Result<(), BpfError> {
         while let Some(b) = self.boundary_ns.filter(|&b| b <= now_ns) {
-            let cut = self.inner.cut_still_blocked(b)?;
+            let cut = crate::offcpu::cut(&mut self.inner, b)?;
             let ended = self.inner.take_off_cpu()?;
+            self.totals.add(self.inner.take_thread_totals()?);
             self.blocks.add_off(b, &cut);
             self.blocks.add_off(b, &ended);
             self.timeline.boundary(ended, cut);
@@ -302,6 +307,12 @@ impl<S: SampleSource> SampleSource for BlockTap<S> {
     }
     fn store_stack(&mut self, id: u64, frames: &[u64]) -> Result<(), BpfError> {
         self.inner.store_stack(id, frames)
+    }
+    fn take_blocked_regs(&mut self) -> Result<Vec<(u32, BlockedRegs)>, BpfError> {
+        self.inner.take_blocked_regs()
+    }
+    fn take_thread_totals(&mut self) -> Result<Vec<(u32, ThreadTotal)>, BpfError> {
+        self.inner.take_thread_totals()
     }
     fn cut_still_blocked(&mut self, at_ns: u64) -> Result<Vec<OffCpuRecord>, BpfError> {
         self.inner.cut_still_blocked(at_ns)
@@ -499,7 +510,7 @@ mod tests {
         tap.cross_boundaries(2 * SEC + 5).unwrap();
         // Closing crosses what is left before the end, not past it.
         tap.close_window(3 * SEC + SEC * 6 / 10).unwrap();
-        let TapParts { mut source, mut blocks, timeline } = tap.into_parts();
+        let TapParts { mut source, mut blocks, timeline, .. } = tap.into_parts();
         assert_eq!(source.cuts, [SEC, 2 * SEC, 3 * SEC]);
         source.ns = SEC * 6 / 10;
         let end = 3 * SEC + SEC * 6 / 10;

@@ -78,6 +78,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
         targets: selection.needs_maintenance(),
         off_cpu: args.off_cpu.then_some(OffCpuOptions {
             min_block_ns: args.off_cpu_min_block.as_nanos() as u64,
+            sample_every: args.off_cpu_sample,
             force_raw_tracepoints: args.off_cpu_raw_tracepoints,
         }),
         unwind: (args.unwinder == Unwinder::Cfi)
@@ -130,7 +131,8 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     // rather than on its first on-CPU sample, which a process that mostly
     // blocks rarely has.
     let found_unwinder = if args.off_cpu {
-        let found = offcpu::begin_window(&mut source, blocks_start).context("scanning for blocked threads failed")?;
+        let found = offcpu::begin_window(&mut source, blocks_start, args.off_cpu_sample > 1)
+            .context("scanning for blocked threads failed")?;
         log::debug!(
             "window open at {blocks_start} ns; {} threads found blocked, in {:?}",
             found.len(),
@@ -155,18 +157,18 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
             let mut agg = Aggregator::new(MAX_UNIQUE_STACKS);
             let mut tap = blocks::BlockTap::new(source, blocks::Blocks::new(blocks_start, blocks::BLOCK), off_cpu);
             let result = collect(&mut tap, &mut agg, &procs, &stop, &progress, feed.as_ref(), lifecycle.as_ref());
-            let blocks::TapParts { source, blocks, timeline } = tap.into_parts();
+            let blocks::TapParts { source, blocks, timeline, totals } = tap.into_parts();
             let lifecycle = lifecycle.map(|t| t.stop());
             // Dropping the feed (and the tracker's handle) ends the table
             // thread.
             drop(feed);
-            (result, source, agg, lifecycle, blocks, timeline)
+            (result, source, agg, lifecycle, blocks, timeline, totals)
         })?
     };
 
     wait::until_done(args.duration, started, &progress).await?;
     stop.store(true, Ordering::Release);
-    let (result, mut source, mut agg, lifecycle, mut time_blocks, timeline) =
+    let (result, mut source, mut agg, lifecycle, mut time_blocks, timeline, mut totals) =
         tokio::task::spawn_blocking(move || collector.join())
             .await?
             .map_err(|_| anyhow::anyhow!("the sampling thread panicked"))?;
@@ -183,11 +185,19 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<()> {
     let mut found_unwinder = found_unwinder;
     let found_blocked = found_unwinder.store(&mut source, true).map_or(0, |f| f.threads);
     // Threads still blocked now are counted up to the end.
-    let cut = source.cut_still_blocked(end_ns).context("counting the threads still blocked failed")?;
+    let cut = offcpu::cut(&mut source, end_ns).context("counting the threads still blocked failed")?;
     let ended = source.take_off_cpu().context("reading the off-CPU aggregate failed")?;
+    totals.add(source.take_thread_totals().context("reading the per-thread off-CPU totals failed")?);
+    // The per-second blocks keep the sampled estimates; the recording's
+    // profile is scaled to the exact totals, over the whole recording so
+    // that a thread sampled in few seconds is still attributed.
     time_blocks.add_off(end_ns, &cut);
     time_blocks.add_off(end_ns, &ended);
-    let off_cpu_records = timeline.finish(ended, cut);
+    let mut off_cpu_records = timeline.finish(ended, cut);
+    if !totals.is_empty() {
+        let c = offcpu::sampled::calibrate(&mut off_cpu_records, &totals);
+        log::debug!("sampled off-CPU scaled to exact totals: {c:?}");
+    }
     let histograms = source.take_histograms().context("reading the latency histograms failed")?;
     let occupancy = source.occupancy().context("reading the scheduler maps failed")?;
     drop(source);

@@ -80,6 +80,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         targets: selection.needs_maintenance(),
         off_cpu: config.sampling.off_cpu.then_some(OffCpuOptions {
             min_block_ns: config.sampling.off_cpu_min_block.0.as_nanos() as u64,
+            sample_every: config.sampling.off_cpu_sample,
             force_raw_tracepoints: false,
         }),
         unwind: (config.sampling.unwinder == Unwinder::Cfi)
@@ -124,7 +125,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Threads blocked since before now are counted from now, and every
     // process's tables load in the background (see `record`).
     let found = if config.sampling.off_cpu {
-        let found = crate::offcpu::begin_window(&mut source, crate::bpf::monotonic_ns())
+        let sampled = config.sampling.off_cpu_sample > 1;
+        let found = crate::offcpu::begin_window(&mut source, crate::bpf::monotonic_ns(), sampled)
             .context("scanning for blocked threads failed")?;
         if let (Some((_, feed)), true) = (&tables, config.sampling.pids.is_empty()) {
             feed.load_in_background(crate::offcpu::running_processes());

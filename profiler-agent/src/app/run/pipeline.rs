@@ -117,8 +117,20 @@ pub fn sample_intervals<S: SampleSource>(
             // the cut (and from it in the next interval), so a hung thread
             // shows in every interval and no time is counted twice.
             found.store(source, last);
-            let mut off_cpu = source.cut_still_blocked(crate::bpf::monotonic_ns())?;
+            let at = crate::bpf::monotonic_ns();
+            if last {
+                // The last cut counts every block still going on, sampled
+                // or not (see `offcpu::cut`).
+                source.close_window(at)?;
+            }
+            let mut off_cpu = crate::offcpu::cut(source, at)?;
             off_cpu.extend(source.take_off_cpu()?);
+            // Sampled mode: each thread's stacks scaled to its exact total.
+            let totals = source.take_thread_totals()?;
+            if !totals.is_empty() {
+                let c = crate::offcpu::sampled::calibrate(&mut off_cpu, &totals.into());
+                log::debug!("sampled off-CPU scaled to exact totals: {c:?}");
+            }
             if let Some(feed) = feed {
                 // Threads that only block are never sampled on-CPU: their
                 // processes are loaded from the off-CPU records.

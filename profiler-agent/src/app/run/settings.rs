@@ -21,6 +21,9 @@ pub fn resolve(args: &RunArgs, env: impl Fn(&str) -> Option<String>) -> Result<C
     if args.off_cpu {
         config.sampling.off_cpu = true;
     }
+    if let Some(n) = args.off_cpu_sample {
+        config.sampling.off_cpu_sample = n;
+    }
     if !args.pids.is_empty() {
         config.sampling.pids = args.pids.clone();
     }

@@ -39,6 +39,21 @@ impl EbpfSource {
         Ok(())
     }
 
+    /// Reads and clears a map keyed by tid (`BLOCKED_REGS`,
+    /// `THREAD_TOTALS`).
+    pub(super) fn drain_by_tid<V: aya::Pod>(&mut self, name: &'static str) -> Result<Vec<(u32, V)>, BpfError> {
+        let mut m: HashMap<_, u32, V> = map_mut(&mut self.ebpf, name)?;
+        let tids: Vec<u32> = m.keys().filter_map(Result::ok).collect();
+        let mut out = Vec::with_capacity(tids.len());
+        for tid in tids {
+            if let Ok(v) = m.get(&tid, 0) {
+                out.push((tid, v));
+            }
+            let _ = m.remove(&tid);
+        }
+        Ok(out)
+    }
+
     /// Reads and clears an aggregate map (`OFFCPU`, `STILL_BLOCKED`), stacks
     /// resolved.
     pub(super) fn take_aggregate(
