@@ -42,12 +42,12 @@
 //! scales the thread's stacks to, so per-thread time stays exact. What it
 //! saves is the fingerprint, the site search and the `OFFCPU` update on
 //! N-1 blocks in N; `cargo xtask bench offcpu --off-cpu-sample N` measures
-//! it. 2-CPU VM, Linux 6.18.44, 2 rounds of 10 s, exact then N = 8 in one
-//! session: (sched_switch + sched_wakeup) ns per switch 363 -> 237 on the
-//! one-site ping-pong and 468 -> 310 on the multi-site load, ping-pong
-//! throughput 0.77x -> 0.80x of the baseline, overhead run (99 Hz plus
-//! off-CPU over a CPU-bound process and the multi-site service) 0.87 ->
-//! 0.65 % of a core. What is left per switch is the unsampled path itself
+//! it. 2-CPU VM, Linux 6.18.44, three runs of 2 rounds of 10 s, exact and
+//! N = 8 in each: (sched_switch + sched_wakeup) ns per switch 361-371 ->
+//! 235-240 on the one-site ping-pong and 460-486 -> 283-310 on the
+//! multi-site load, ping-pong throughput 0.75-0.79x -> 0.80-0.81x of the
+//! baseline, overhead run (99 Hz plus off-CPU over a CPU-bound process and
+//! the multi-site service) 0.84-1.02 -> 0.63-0.78 % of a core. What is left per switch is the unsampled path itself
 //! (thread lookups, clocks, the latency histograms' hash lookup); the
 //! price is per-stack time as an estimate (see `offcpu::sampled` in the
 //! agent).
