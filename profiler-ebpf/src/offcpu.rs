@@ -62,9 +62,8 @@ use aya_ebpf::{
 };
 use profiler_common::{
     offcpu::{
-        hist_bucket, BlockSite, BlockedRegs, Histogram, OffCpuKey, OffCpuValue, ProcessHistograms, ProcessNotice,
-        StackTrace, ThreadState, ThreadTotal, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_SLOTS,
-        SCAN_WINDOW_END, SCAN_WINDOW_START,
+        BlockSite, BlockedRegs, OffCpuKey, OffCpuValue, ProcessNotice, StackTrace, BLOCK_SITES, HIST_OFFCPU, HIST_RUNQ,
+        NOTICE_NO_TABLES, SCAN_SLOTS, SCAN_WINDOW_END, SCAN_WINDOW_START,
     },
     Stat, SAMPLE_FLAG_USER_PARTIAL,
 };
@@ -76,14 +75,18 @@ use crate::{
 
 mod clock;
 mod fingerprint;
+mod histograms;
 mod scan;
 mod stacks;
 mod threads;
+mod totals;
 
 use clock::{ktime, rq_now};
 use fingerprint::fingerprint;
+use histograms::{process_histograms, record_latency};
 use stacks::{capture, STACK_LOST};
-use threads::{find_thread, forget, thread};
+use threads::{find_thread, thread};
+use totals::{flush_total, retire};
 
 /// Set by the agent: blocks shorter than this are not recorded.
 #[no_mangle]
@@ -143,21 +146,10 @@ static OFFCPU: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(32_76
 /// stacks actually seen.
 #[map]
 static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(32_768, BPF_F_NO_PREALLOC);
-/// Preallocated (2 MiB): a histogram is created at a process's first event,
-/// often in the same program run as a stack insert, and on-demand
-/// allocation from the tracepoint context fails when its per-CPU cache is
-/// empty.
-#[map]
-static HISTOGRAMS: HashMap<u32, ProcessHistograms> = HashMap::with_max_entries(2_048, 0);
 /// Blocked time of threads still blocked at an interval cut, up to the cut
 /// (keyed like `OFFCPU`). Written by the task iterator, cleared by the agent.
 #[map]
 static STILL_BLOCKED: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(16_384, 0);
-/// Exact blocked time per thread in sampled mode (see [`ThreadTotal`]).
-/// Read and cleared by the agent at every read of `OFFCPU`; a thread
-/// that exits leaves its last total here until then.
-#[map]
-static THREAD_TOTALS: HashMap<u32, ThreadTotal> = HashMap::with_max_entries(32_768, 0);
 /// Registers of threads the start scan found blocked (or a cut found in a
 /// long unsampled block), by tid, for the agent to unwind their user stacks.
 #[map]
@@ -253,49 +245,6 @@ pub fn sched_process_exit_raw(_ctx: RawTracePointContext) -> i32 {
     let ids = bpf_get_current_pid_tgid();
     retire(ids as u32, (ids >> 32) as u32);
     0
-}
-
-/// A thread's entry is dropped; in sampled mode its pending total is
-/// added to `THREAD_TOTALS` first.
-#[inline(always)]
-fn retire(tid: u32, tgid: u32) {
-    if sample_every() > 1 {
-        if let Some(t) = find_thread(tid) {
-            flush_total(unsafe { &mut *t }, tgid);
-        }
-    }
-    forget(tid);
-}
-
-/// Adds a thread's pending blocks and time to its `THREAD_TOTALS` entry.
-/// Left pending when the map is full (counted), for a later flush once the
-/// agent has emptied it. The cut flushes from the task iterator, possibly
-/// while the thread's switch-in adds on another CPU: a block ending in
-/// those few instructions can be lost from the total (BPF has no
-/// compare-and-swap at this program's instruction set level).
-#[inline(always)]
-fn flush_total(t: &mut ThreadState, tgid: u32) {
-    let (ns, blocks) = (t.pending_ns, t.pending_blocks as u64);
-    if ns == 0 && blocks == 0 {
-        return;
-    }
-    let tid = t.tid;
-    let added = match THREAD_TOTALS.get_ptr_mut(&tid) {
-        Some(v) => {
-            unsafe {
-                atomic_add(&mut (*v).ns, ns);
-                atomic_add(&mut (*v).blocks, blocks);
-            }
-            true
-        }
-        None => THREAD_TOTALS.insert(&tid, &ThreadTotal { tgid, _pad: 0, ns, blocks }, BPF_NOEXIST).is_ok(),
-    };
-    if added {
-        t.pending_ns = 0;
-        t.pending_blocks = 0;
-    } else {
-        count(Stat::ThreadTotalsFull);
-    }
 }
 
 #[inline(always)]
@@ -629,41 +578,6 @@ fn add_blocked(map: &HashMap<OffCpuKey, OffCpuValue>, key: &OffCpuKey, ns: u64) 
         }
     }
 }
-
-/// The histograms of `tgid`, created on first use.
-#[inline(always)]
-fn process_histograms(tgid: u32) -> Option<*mut ProcessHistograms> {
-    let mut h = HISTOGRAMS.get_ptr_mut(&tgid);
-    if h.is_none() {
-        if let Some(empty) = SCRATCH_HIST.get_ptr(0) {
-            let _ = HISTOGRAMS.insert(&tgid, unsafe { &*empty }, BPF_NOEXIST);
-        }
-        h = HISTOGRAMS.get_ptr_mut(&tgid);
-    }
-    if h.is_none() {
-        count(Stat::HistogramMapFull);
-    }
-    h
-}
-
-#[inline(always)]
-fn record_latency(hists: Option<*mut ProcessHistograms>, kind: u32, ns: u64) {
-    let Some(all) = hists else { return };
-    let h: *mut Histogram = unsafe { &mut (*all).kinds[kind as usize & 1] };
-    let b = hist_bucket(ns);
-    unsafe {
-        atomic_add(&mut (*h).buckets[b], 1);
-        // A racy max is fine: a lost update can only under-report by one
-        // concurrent sample of the same process.
-        if ns > (*h).max_ns {
-            (*h).max_ns = ns;
-        }
-    }
-}
-
-/// A zeroed histogram used as the initial value (too big for the stack).
-#[map]
-static SCRATCH_HIST: PerCpuArray<ProcessHistograms> = PerCpuArray::with_max_entries(1, 0);
 
 /// An atomic add (BPF_ATOMIC | BPF_ADD). `core::sync::atomic` offers no
 /// read-modify-write on the BPF target, so the intrinsic is used directly.

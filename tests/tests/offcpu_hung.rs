@@ -47,7 +47,8 @@ fn thread_ns(p: &pprof::Profile, tid: u32) -> (u64, u64) {
 /// One thread blocks in `read()` on a pipe nobody writes, from
 /// `wait_for_input`, through glibc (no frame pointers: CFI unwinding);
 /// main ticks every 2 ms. counters[2]: the hung thread's tid, counters[0]:
-/// ticks.
+/// ticks. Built with `-DHANG_LATER`, the thread blocks in `read()` only once
+/// the test sets counters[3] (polling every 5 ms until then).
 const HUNG_C: &str = r#"
 static int fds[2];
 
@@ -60,6 +61,10 @@ __attribute__((noinline)) void wait_for_input(void) {
 static void *hung(void *arg) {
     (void)arg;
     counters[2] = (uint64_t)syscall(SYS_gettid);
+#ifdef HANG_LATER
+    while (counters[3] == 0)
+        usleep(5000);
+#endif
     wait_for_input();
     return 0;
 }
@@ -208,44 +213,8 @@ fn daemon_shows_a_hung_thread_in_every_interval_once() {
     );
 }
 
-/// Like `HUNG_C`, but the thread blocks in `read()` only once the test sets
-/// counters[3] (polling every 5 ms until then): its block starts inside
-/// the recording, so the start scan does not find it.
-const HUNG_LATER_C: &str = r#"
-static int fds[2];
-
-__attribute__((noinline)) void wait_for_input(void) {
-    char c;
-    volatile ssize_t r = read(fds[0], &c, 1);
-    (void)r;
-}
-
-static void *hung(void *arg) {
-    (void)arg;
-    counters[2] = (uint64_t)syscall(SYS_gettid);
-    while (counters[3] == 0)
-        usleep(5000);
-    wait_for_input();
-    return 0;
-}
-
-__attribute__((noinline)) void tick(void) {
-    usleep(2000);
-    counters[0]++;
-}
-
-int main(int argc, char **argv) {
-    (void)argc;
-    counters_open(argv[0]);
-    if (pipe(fds) != 0) return 3;
-    pthread_t t;
-    if (pthread_create(&t, 0, hung, 0) != 0) return 4;
-    for (;;)
-        tick();
-}
-"#;
-
-/// Sampled mode (`--off-cpu-sample 1024`): a block that starts during the
+/// Sampled mode (`--off-cpu-sample 1024`), `HUNG_C` built to hang on the
+/// test's signal: a block that starts during the
 /// recording is almost surely left unsampled by the coin (1023 in 1024),
 /// yet once it has lasted a second the cut takes its stacks, so the hung
 /// thread still shows under its blocking function, labelled, for nearly
@@ -254,8 +223,8 @@ int main(int argc, char **argv) {
 fn sampled_mode_still_shows_a_thread_that_hangs_during_the_recording() {
     require_root();
     let mut flags = C_FP_FLAGS.to_vec();
-    flags.push("-pthread");
-    let mut w = Workload::c("offcpu_hung_later", &format!("{COUNTERS_C}{HUNG_LATER_C}"), &flags);
+    flags.extend(["-pthread", "-DHANG_LATER"]);
+    let mut w = Workload::c("offcpu_hung_later", &format!("{COUNTERS_C}{HUNG_C}"), &flags);
     w.warm_up();
     let counters = Counters::open(&w);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -120,7 +120,7 @@ pub fn sample_intervals<S: SampleSource>(
             let at = crate::bpf::monotonic_ns();
             if last {
                 // The last cut counts every block still going on, sampled
-                // or not (see `offcpu::cut`).
+                // or not (the kernel side's `scan::cut`).
                 source.close_window(at)?;
             }
             let mut off_cpu = crate::offcpu::cut(source, at)?;
