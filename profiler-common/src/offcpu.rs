@@ -124,17 +124,26 @@ pub struct ThreadState {
     /// (`--off-cpu-sample`), 0 for a block left unsampled.
     pub weight: u32,
     /// Blocks and blocked time not yet added to `THREAD_TOTALS` (sampled
-    /// mode only): added at the thread's next sampled block, at a cut, and
-    /// when it exits, so most blocks cost no hash update.
+    /// mode only): added at a cut (the agent reads the totals after one)
+    /// and when it exits, so no block costs a hash update.
     pub pending_blocks: u32,
     pub pending_ns: u64,
+    /// Latency histogram entries not yet added to the process's
+    /// `HISTOGRAMS` entry, per kind ([`HIST_RUNQ`], [`HIST_OFFCPU`]): up to
+    /// [`HIST_BATCH`] bucket indices packed a byte each ([`hist_batch_push`]),
+    /// their count and their largest value. Added when either kind holds
+    /// `HIST_BATCH`, when the agent reads the histograms ([`SCAN_FLUSH`])
+    /// and when the thread exits, so most events cost no hash lookup.
+    pub hist_pending: [u64; 2],
+    pub hist_max: [u64; 2],
+    pub hist_count: [u32; 2],
     pub comm: [u8; COMM_LEN],
     /// The thread that owns this slot; 0 for a free slot.
     pub tid: u32,
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ThreadState>() == 104 + 32 * BLOCK_SITES);
+const _: () = assert!(core::mem::size_of::<ThreadState>() == 144 + 32 * BLOCK_SITES);
 
 /// A thread's exact blocked time in the recording window, every block
 /// counted, sampled or not: what `--off-cpu-sample` scales the thread's
@@ -211,6 +220,10 @@ pub const SCAN_FIND_BLOCKED: u64 = 1;
 /// Cut: every thread still blocked has its blocked time up to `SCAN_TIME`
 /// added to `STILL_BLOCKED`, and counts from `SCAN_TIME` on.
 pub const SCAN_CUT: u64 = 2;
+/// Flush: every thread's batched latency histogram entries
+/// ([`ThreadState::hist_pending`]) are added to `HISTOGRAMS`, before the
+/// agent reads it.
+pub const SCAN_FLUSH: u64 = 3;
 
 /// A small ring buffer record: the switch program met a process whose
 /// unwind tables are not loaded. Told apart from samples by its size.
@@ -277,6 +290,25 @@ pub const fn hist_bucket(ns: u64) -> usize {
     }
 }
 
+/// Histogram entries a thread batches per kind before adding them to its
+/// process's histograms (one bucket index per byte of a `u64`).
+pub const HIST_BATCH: u32 = 8;
+
+/// `packed` (holding `count` < [`HIST_BATCH`] bucket indices) with
+/// `bucket` added as the next one.
+#[inline(always)]
+pub const fn hist_batch_push(packed: u64, count: u32, bucket: usize) -> u64 {
+    packed | ((bucket as u64 & 0xff) << (8 * (count & (HIST_BATCH - 1))))
+}
+
+/// The `i`-th bucket index of a packed batch.
+#[inline(always)]
+pub const fn hist_batch_get(packed: u64, i: u32) -> usize {
+    ((packed >> (8 * (i & (HIST_BATCH - 1)))) & (HIST_BUCKETS as u64 - 1)) as usize
+}
+
+const _: () = assert!(HIST_BUCKETS <= 256 && HIST_BUCKETS.is_power_of_two());
+
 /// The smallest value of a bucket.
 pub const fn hist_bucket_floor(bucket: usize) -> u64 {
     if bucket == 0 {
@@ -319,6 +351,28 @@ mod tests {
         for b in 1..HIST_BUCKETS - 1 {
             assert_eq!(hist_bucket(hist_bucket_floor(b)), b);
             assert_eq!(hist_bucket(hist_bucket_floor(b + 1) - 1), b);
+        }
+    }
+
+    /// A batch gives back every bucket pushed, in order, for any values.
+    #[test]
+    fn histogram_batches_keep_every_bucket() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1000 {
+            let mut packed = 0;
+            let mut want = [0usize; HIST_BATCH as usize];
+            for (i, w) in want.iter_mut().enumerate() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                // Values across the whole range, zero and the top bucket included.
+                let ns = seed >> (seed % 64);
+                *w = hist_bucket(ns);
+                packed = hist_batch_push(packed, i as u32, *w);
+            }
+            for (i, w) in want.iter().enumerate() {
+                assert_eq!(hist_batch_get(packed, i as u32), *w, "entry {i} of {packed:#x}");
+            }
         }
     }
 

@@ -48,7 +48,7 @@
 //! multi-site load, ping-pong throughput 0.75-0.79x -> 0.80-0.81x of the
 //! baseline, overhead run (99 Hz plus off-CPU over a CPU-bound process and
 //! the multi-site service) 0.84-1.02 -> 0.63-0.78 % of a core. What is left per switch is the unsampled path itself
-//! (thread lookups, clocks, the latency histograms' hash lookup); the
+//! (thread lookups, clocks, the coin); the
 //! price is per-stack time as an estimate (see `offcpu::sampled` in the
 //! agent).
 
@@ -83,10 +83,10 @@ mod totals;
 
 use clock::{ktime, rq_now};
 use fingerprint::fingerprint;
-use histograms::{process_histograms, record_latency};
+use histograms::{flush_latency, record_latency};
 use stacks::{capture, STACK_LOST};
-use threads::{find_thread, thread};
-use totals::{flush_total, retire};
+use threads::{find_thread, forget, thread};
+use totals::flush_total;
 
 /// Set by the agent: blocks shorter than this are not recorded.
 #[no_mangle]
@@ -245,6 +245,20 @@ pub fn sched_process_exit_raw(_ctx: RawTracePointContext) -> i32 {
     let ids = bpf_get_current_pid_tgid();
     retire(ids as u32, (ids >> 32) as u32);
     0
+}
+
+/// A thread's entry is dropped, what it still holds for the maps added
+/// first: its batched histogram entries and, in sampled mode, its pending
+/// exact total.
+#[inline(always)]
+fn retire(tid: u32, tgid: u32) {
+    let Some(t) = find_thread(tid) else { return };
+    let t = unsafe { &mut *t };
+    if sample_every() > 1 {
+        flush_total(t, tgid);
+    }
+    flush_latency(t, tgid);
+    forget(t);
 }
 
 #[inline(always)]
@@ -493,10 +507,8 @@ fn switch_in(now: u64, (tid, tgid): (u32, u32)) {
     }
     let Some(t) = find_thread(tid) else { return };
     let t = unsafe { &mut *t };
-    let mut hists = None;
     if t.runq_start_ns != 0 {
-        hists = process_histograms(tgid);
-        record_latency(hists, HIST_RUNQ, now.saturating_sub(t.runq_start_ns));
+        record_latency(t, tgid, HIST_RUNQ, now.saturating_sub(t.runq_start_ns));
         t.runq_start_ns = 0;
     }
     if t.block_start_ns == 0 {
@@ -517,10 +529,7 @@ fn switch_in(now: u64, (tid, tgid): (u32, u32)) {
         count(Stat::OffCpuShort);
         return;
     }
-    if hists.is_none() {
-        hists = process_histograms(tgid);
-    }
-    record_latency(hists, HIST_OFFCPU, whole);
+    record_latency(t, tgid, HIST_OFFCPU, whole);
     let mut weight = 1;
     if sample_every() > 1 {
         t.pending_ns += blocked;
@@ -528,8 +537,9 @@ fn switch_in(now: u64, (tid, tgid): (u32, u32)) {
         if t.weight == 0 {
             return; // unsampled: in the thread's total only
         }
+        // The total stays pending until the next cut (every read of the
+        // totals follows one) or the thread's exit.
         weight = t.weight as u64;
-        flush_total(t, tgid);
     }
     let key = OffCpuKey { tgid, tid, kernel_stack: t.kernel_stack, user_stack: t.user_stack, comm: t.comm };
     add_blocked(&OFFCPU, &key, blocked * weight);

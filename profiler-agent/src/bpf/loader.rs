@@ -17,7 +17,8 @@ use aya::{
 use profiler_common::{
     offcpu::{
         BlockedRegs, HistKey, Histogram, ProcessHistograms, ProcessNotice, StackTrace, ThreadState, ThreadTotal,
-        HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_WINDOW_END, SCAN_WINDOW_START,
+        HIST_OFFCPU, HIST_RUNQ, NOTICE_NO_TABLES, SCAN_CUT, SCAN_FIND_BLOCKED, SCAN_FLUSH, SCAN_WINDOW_END,
+        SCAN_WINDOW_START,
     },
     Sample, MAX_STACK_DEPTH, STAT_COUNT,
 };
@@ -492,6 +493,9 @@ impl SampleSource for EbpfSource {
         if !self.off_cpu {
             return Ok(Vec::new());
         }
+        // Threads batch their entries (the kernel side's `histograms`):
+        // added to the map first, so the read holds every event until now.
+        self.scan(SCAN_FLUSH, 0)?;
         let mut hists: HashMap<_, u32, ProcessHistograms> = map_mut(&mut self.ebpf, "HISTOGRAMS")?;
         let tgids: Vec<u32> = hists.keys().filter_map(Result::ok).collect();
         let mut out = Vec::with_capacity(tgids.len());

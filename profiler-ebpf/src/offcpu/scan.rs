@@ -1,6 +1,7 @@
 //! The task iterator the agent runs over every task: finding threads that
-//! were blocked before the programs attached, and cutting still-blocked
-//! threads at an interval boundary or the end of a recording.
+//! were blocked before the programs attached, cutting still-blocked
+//! threads at an interval boundary or the end of a recording, and flushing
+//! the threads' batched histogram entries before the agent reads them.
 
 use aya_ebpf::{
     helpers::{bpf_get_task_stack, bpf_probe_read_kernel, bpf_task_pt_regs},
@@ -10,15 +11,16 @@ use aya_ebpf::{
 use profiler_common::{
     offcpu::{
         found_blocked_stack_id, BlockedRegs, OffCpuKey, ThreadState, LONG_BLOCK_NS, SCAN_CUT, SCAN_FIND_BLOCKED,
-        SCAN_MODE, SCAN_TIME, THREAD_FOUND_BLOCKED,
+        SCAN_FLUSH, SCAN_MODE, SCAN_TIME, THREAD_FOUND_BLOCKED,
     },
     Stat, COMM_LEN, MAX_STACK_DEPTH,
 };
 
 use super::threads::{claim_thread, find_thread};
 use super::{
-    add_blocked, flush_total, read_u32, sample_every, stacks::store, task_ids, window, window_closed, BLOCKED_REGS,
-    SCAN, SCRATCH, STILL_BLOCKED, TASK_COMM_OFFSET, TASK_INTERRUPTIBLE, TASK_STATE_OFFSET, TASK_UNINTERRUPTIBLE,
+    add_blocked, flush_latency, flush_total, read_u32, sample_every, stacks::store, task_ids, window, window_closed,
+    BLOCKED_REGS, SCAN, SCRATCH, STILL_BLOCKED, TASK_COMM_OFFSET, TASK_INTERRUPTIBLE, TASK_STATE_OFFSET,
+    TASK_UNINTERRUPTIBLE,
 };
 use crate::maps::{count, wanted};
 
@@ -46,6 +48,10 @@ fn scan_task(task: *const u8) {
         cut(task, tid, tgid, time);
     } else if mode == SCAN_FIND_BLOCKED {
         find_blocked(task, tid, tgid, time);
+    } else if mode == SCAN_FLUSH {
+        if let Some(t) = find_thread(tid) {
+            flush_latency(unsafe { &mut *t }, tgid);
+        }
     }
 }
 

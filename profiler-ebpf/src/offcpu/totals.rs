@@ -1,6 +1,7 @@
 //! Sampled mode's exact per-thread totals: every block's time, sampled or
 //! not, kept pending in the thread's state and added to `THREAD_TOTALS` at
-//! its next sampled block, at a cut and when it exits.
+//! a cut and when it exits (`super::retire`). The agent reads the totals
+//! only after a cut, so no block pays for a hash update.
 
 use aya_ebpf::{macros::map, maps::HashMap};
 use profiler_common::{
@@ -8,11 +9,7 @@ use profiler_common::{
     Stat,
 };
 
-use super::{
-    atomic_add, sample_every,
-    threads::{find_thread, forget},
-    BPF_NOEXIST,
-};
+use super::{atomic_add, BPF_NOEXIST};
 use crate::maps::count;
 
 /// Exact blocked time per thread in sampled mode (see [`ThreadTotal`]).
@@ -20,18 +17,6 @@ use crate::maps::count;
 /// that exits leaves its last total here until then.
 #[map]
 static THREAD_TOTALS: HashMap<u32, ThreadTotal> = HashMap::with_max_entries(32_768, 0);
-
-/// A thread's entry is dropped; in sampled mode its pending total is
-/// added to `THREAD_TOTALS` first.
-#[inline(always)]
-pub(super) fn retire(tid: u32, tgid: u32) {
-    if sample_every() > 1 {
-        if let Some(t) = find_thread(tid) {
-            flush_total(unsafe { &mut *t }, tgid);
-        }
-    }
-    forget(tid);
-}
 
 /// Adds a thread's pending blocks and time to its `THREAD_TOTALS` entry.
 /// Left pending when the map is full (counted), for a later flush once the
