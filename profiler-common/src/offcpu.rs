@@ -93,6 +93,14 @@ pub const THREAD_FOUND_BLOCKED: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadState {
+    // What every scheduling event reads or writes comes first, within
+    // 88 bytes: a slot then spans two cache lines on most events rather
+    // than five, and after an idle period (a VM's vCPU descheduled) each
+    // line can be a miss. What only a captured block uses follows.
+    /// The thread that owns this slot; 0 for a free slot.
+    pub tid: u32,
+    /// `THREAD_*` bits.
+    pub flags: u32,
     /// When it started waiting on a run queue; 0 when it is not waiting.
     pub runq_start_ns: u64,
     /// When it blocked, or the last interval cut while it stayed blocked
@@ -101,24 +109,6 @@ pub struct ThreadState {
     /// When the current (or last) block began, for the minimum block
     /// duration and the histogram.
     pub blocked_since_ns: u64,
-    /// Stack ids of the current (or last) block.
-    pub kernel_stack: u64,
-    pub user_stack: u64,
-    /// Recent block sites, reused when the fingerprint matches.
-    pub sites: [BlockSite; BLOCK_SITES],
-    /// The slot the next new site replaces (round robin).
-    pub next_site: u32,
-    /// `THREAD_*` bits.
-    pub flags: u32,
-    /// The slot of the current block's site (BLOCK_SITES: none). Goes
-    /// through memory so the verifier sees one unknown index rather than
-    /// following each slot's path separately.
-    pub site: u32,
-    /// Non-zero when the thread's last capture found it running Python
-    /// code: its stacks are then never reused.
-    pub python: u32,
-    /// The current block's fingerprint, kept while its stacks are captured.
-    pub fingerprint: u64,
     /// What the current block's time is multiplied by in the aggregate:
     /// 1 when every block is recorded, N for a block sampled one in N
     /// (`--off-cpu-sample`), 0 for a block left unsampled.
@@ -134,16 +124,31 @@ pub struct ThreadState {
     /// their count and their largest value. Added when either kind holds
     /// `HIST_BATCH`, when the agent reads the histograms ([`SCAN_FLUSH`])
     /// and when the thread exits, so most events cost no hash lookup.
+    pub hist_count: [u32; 2],
     pub hist_pending: [u64; 2],
     pub hist_max: [u64; 2],
-    pub hist_count: [u32; 2],
-    pub comm: [u8; COMM_LEN],
-    /// The thread that owns this slot; 0 for a free slot.
-    pub tid: u32,
+    /// Stack ids of the current (or last) block.
+    pub kernel_stack: u64,
+    pub user_stack: u64,
+    /// The slot the next new site replaces (round robin).
+    pub next_site: u32,
+    /// The slot of the current block's site (BLOCK_SITES: none). Goes
+    /// through memory so the verifier sees one unknown index rather than
+    /// following each slot's path separately.
+    pub site: u32,
+    /// Non-zero when the thread's last capture found it running Python
+    /// code: its stacks are then never reused.
+    pub python: u32,
     pub _pad: u32,
+    /// The current block's fingerprint, kept while its stacks are captured.
+    pub fingerprint: u64,
+    pub comm: [u8; COMM_LEN],
+    /// Recent block sites, reused when the fingerprint matches.
+    pub sites: [BlockSite; BLOCK_SITES],
 }
 
 const _: () = assert!(core::mem::size_of::<ThreadState>() == 144 + 32 * BLOCK_SITES);
+const _: () = assert!(core::mem::offset_of!(ThreadState, hist_max) + 16 == 88);
 
 /// A thread's exact blocked time in the recording window, every block
 /// counted, sampled or not: what `--off-cpu-sample` scales the thread's

@@ -73,33 +73,10 @@ fn round_trips(stats: &Path) -> Result<u64> {
     Ok(u64::from_le_bytes(slot.try_into().expect("8 bytes")))
 }
 
-/// Context switches of `pid`'s threads, counted twice (out and back in):
-/// its own share of the machine's switches.
-fn own_switches(pid: u32) -> u64 {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    let mut n = 0;
-    for t in dir.flatten() {
-        let Ok(status) = fs::read_to_string(t.path().join("status")) else { continue };
-        for key in ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"] {
-            n += status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    2 * n
-}
-
 /// Runs the service on `cpu` for `d` (after a warm-up): the server sleeps
 /// 1, 2 and 3 `unit_us` before each wake-up (0: flat out, no sleeps).
-/// Returns the run (switches of the whole machine) and the service's own
-/// switches per second.
+/// Switches are those of the whole machine.
 pub fn run(bin: &Path, cpu: usize, unit_us: u64, d: Duration) -> Result<LoadRun> {
-    Ok(run_counting(bin, cpu, unit_us, d)?.0)
-}
-
-pub fn run_counting(bin: &Path, cpu: usize, unit_us: u64, d: Duration) -> Result<(LoadRun, f64)> {
     let child = spawn_pinned(bin, cpu, &[unit_us.to_string()])?;
     let mut running = Running(child);
     let stats = PathBuf::from(format!("{}.stats", bin.display()));
@@ -107,17 +84,66 @@ pub fn run_counting(bin: &Path, cpu: usize, unit_us: u64, d: Duration) -> Result
     if let Some(status) = running.0.try_wait()? {
         bail!("the multi-site workload exited early: {status}");
     }
-    let pid = running.0.id();
-    let (rt0, ctxt0, own0, start) = (round_trips(&stats)?, ctxt()?, own_switches(pid), Instant::now());
+    let (rt0, ctxt0, start) = (round_trips(&stats)?, ctxt()?, Instant::now());
     while start.elapsed() < d {
         if super::super::measure::interrupted() {
             bail!("interrupted");
         }
         thread::sleep(Duration::from_millis(50));
     }
-    let (rt1, ctxt1, own1, secs) = (round_trips(&stats)?, ctxt()?, own_switches(pid), start.elapsed().as_secs_f64());
-    let run = LoadRun { round_trips: rt1.saturating_sub(rt0), secs, switches: ctxt1.saturating_sub(ctxt0) };
-    Ok((run, own1.saturating_sub(own0) as f64 / secs))
+    let (rt1, ctxt1, secs) = (round_trips(&stats)?, ctxt()?, start.elapsed().as_secs_f64());
+    Ok(LoadRun { round_trips: rt1.saturating_sub(rt0), secs, switches: ctxt1.saturating_sub(ctxt0) })
+}
+
+/// Server sleep units the calibration may pick.
+const UNITS_US: std::ops::RangeInclusive<u64> = 20..=5_000;
+/// How long the calibration runs the service per unit it tries.
+const PROBE: Duration = Duration::from_millis(1_500);
+/// Close enough to the asked rate, as a fraction of it.
+const TOLERANCE: f64 = 0.05;
+
+/// The server sleep unit that gives the machine about `target` switches/s
+/// (`ctxt` of /proc/stat, the figure the report gives) with the service
+/// running and a CPU-bound process on `other_cpu`, as in the overhead run.
+/// Returns the unit and the rate it gave. The rate is not inversely
+/// proportional to the unit: scaling the unit from one probe of the
+/// service's own switches at 200 us asked 10k and the overhead run got
+/// 6.9-7.6k. So the unit is searched for, by the secant
+/// method on 1/rate (the time per switch, close to affine in the unit),
+/// from that inverse-scaling guess, for at most five probes.
+pub fn calibrate(bin: &Path, cpu: usize, other_cpu: Option<usize>, target: f64) -> Result<(u64, f64)> {
+    let _spinner = other_cpu.map(Spinner::start).transpose()?;
+    let probe = |unit: u64| -> Result<(u64, f64)> {
+        let rate = run(bin, cpu, unit, PROBE)?.switches_per_sec();
+        if rate <= 0.0 {
+            bail!("the multi-site workload did not switch at all in {PROBE:?} at a {unit} us unit");
+        }
+        Ok((unit, rate))
+    };
+    let clamp = |u: f64| (u.round().max(0.0) as u64).clamp(*UNITS_US.start(), *UNITS_US.end());
+    let close = |(_, rate): (u64, f64)| (rate - target).abs() <= target * TOLERANCE;
+    let mut a = probe(200)?;
+    if close(a) {
+        return Ok(a);
+    }
+    let mut b = probe(clamp(a.0 as f64 * a.1 / target))?;
+    for _ in 0..3 {
+        if close(b) || b.0 == a.0 {
+            break;
+        }
+        let (ga, gb) = (1.0 / a.1 - 1.0 / target, 1.0 / b.1 - 1.0 / target);
+        if (gb - ga).abs() < f64::EPSILON {
+            break;
+        }
+        let next = clamp(b.0 as f64 - gb * (b.0 as f64 - a.0 as f64) / (gb - ga));
+        if next == b.0 || next == a.0 {
+            break;
+        }
+        a = b;
+        b = probe(next)?;
+    }
+    let off = |(_, rate): (u64, f64)| (rate - target).abs();
+    Ok(if off(a) < off(b) { a } else { b })
 }
 
 /// A CPU-bound process pinned to `cpu` until dropped.
